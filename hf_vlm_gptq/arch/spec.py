@@ -1,0 +1,58 @@
+"""Architecture descriptions as data: which modules of a VLM are quantized, in which order.
+
+An `ArchSpec` lists components (vision encoder, bridge, language model) in execution order. Each
+component names the config flag that switches it, the option set it takes ("visual" or "llm" bits, RTN,
+clip, split), an optional conv stem (patch embedding), the module holding its blocks, and the sequential
+groups of linears inside one block. Linears in one group read the same input and share one Hessian.
+Paths are tried in order, so one spec covers checkpoints whose module layout moved between releases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One quantizable part of a VLM."""
+
+    name: str
+    """Short name used in reports: "vision", "merger", "projector", "llm"."""
+    flag: str
+    """VLMGPTQConfig field that switches this part on."""
+    part: str
+    """Which option set applies: "visual" or "llm"."""
+    blocks: tuple[str, ...]
+    """Candidate paths of the block container (a ModuleList), or of one module when `single`."""
+    sequential: tuple[tuple[str, ...], ...]
+    """Groups of linears (paths inside a block) in solve order; a group shares one input."""
+    stem: tuple[str, ...] = ()
+    """Candidate paths of a conv patch embedding quantized before the blocks."""
+    single: bool = False
+    """True when `blocks` is one module rather than a list of blocks."""
+    split_target: str | None = None
+    """The linear that `*_split` cuts into L1 (channel 0, full precision) + L2 (quantized)."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A model family: the `model_type`s it covers and its components in execution order."""
+
+    name: str
+    model_types: tuple[str, ...]
+    components: tuple[ComponentSpec, ...] = field(default_factory=tuple)
+
+    def flags(self) -> set[str]:
+        return {c.flag for c in self.components}
+
+
+def find_module(root: nn.Module, candidates: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    """The first candidate path that names a submodule of `root`, matched on module boundaries."""
+    for path in candidates:
+        try:
+            return path, root.get_submodule(path)
+        except AttributeError:
+            continue
+    return None

@@ -1,0 +1,229 @@
+"""`VLMGPTQConfig`: every option of the research code's GPTQ/RTN pipeline, validated up front.
+
+The config travels two ways: from the user into `from_pretrained(..., quantization_config=cfg)` (with
+calibration data and maybe a processor), and from `config.json` back into a loader (with the list of
+quantized modules and their stats). `to_dict` is what lands in `config.json`: it never contains the
+calibration data or the processor.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "vlm_gptq"
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+# Fields that are runtime-only: never serialized.
+_RUNTIME_FIELDS = ("dataset", "processor")
+
+_BOOL_FIELDS = (
+    "quant_visual_clip",
+    "quant_cross_attention",
+    "quant_visual_projector",
+    "quant_llm",
+    "visual_w_rtn",
+    "llm_w_rtn",
+    "act_order",
+    "visual_w_clip",
+    "llm_w_clip",
+    "visual_split",
+    "llm_split",
+    "sym",
+    "true_sequential",
+)
+
+
+class VLMGPTQConfig(QuantizationConfigMixin):
+    """Options for GPTQ / RTN quantization of a whole vision-language model.
+
+    Parts (each behind its flag): the vision encoder with its conv patch embedding (`quant_visual_clip`),
+    the bridge to the language model — Qwen2-VL's `visual.merger` (`quant_cross_attention`) or
+    VideoLLaMA3's projector (`quant_visual_projector`) — and the language model (`quant_llm`).
+
+    Args:
+        quant_visual_clip: quantize the vision encoder and its patch embedding.
+        quant_cross_attention: quantize Qwen2-VL's `visual.merger` (ignored on other architectures).
+        quant_visual_projector: quantize VideoLLaMA3's projector (ignored on other architectures).
+        quant_llm: quantize the language model's decoder layers.
+        visual_w_rtn / llm_w_rtn: round-to-nearest instead of GPTQ for the vision parts / the LLM.
+        visual_w_bits / llm_w_bits: weight bits, one of 2, 3, 4, 8.
+        w_groupsize: input columns per quantization group; -1 means one group per output channel.
+        percdamp: GPTQ damping, as a fraction of the mean Hessian diagonal.
+        act_order: solve columns in order of decreasing Hessian diagonal (stored with `g_idx`).
+        visual_w_clip / llm_w_clip: MSE search of the clipping range per row/group.
+        visual_split / llm_split: keep input channel 0 of `mlp.fc2` / `mlp.down_proj` in full precision
+            and quantize the other channels (the research code's ".L2" modules).
+        sym: symmetric grid (zero point 2**(bits-1)); False gives an asymmetric grid.
+        dataset: calibration samples (list of dicts, a `datasets.Dataset`, a folder of images);
+            None means the built-in synthetic set. Never serialized.
+        num_samples: how many calibration samples to use.
+        max_seq_len: longest calibration sequence in tokens.
+        processor: the processor to turn samples into model inputs; None loads the model's own.
+        block_size: GPTQ lazy-update block width.
+        true_sequential: solve the groups of a block one after the other, each on the outputs of the
+            already quantized groups before it (False: all groups of a block see float inputs).
+        calibration_device: device that runs one block at a time ("cuda", "cpu"); None picks CUDA when
+            present, else the model's device.
+        modules_to_not_convert: module paths (or path prefixes) to keep in full precision.
+        seed: seed of the built-in calibration set.
+    """
+
+    def __init__(
+        self,
+        quant_visual_clip: bool = True,
+        quant_cross_attention: bool = True,
+        quant_visual_projector: bool = True,
+        quant_llm: bool = True,
+        visual_w_rtn: bool = False,
+        llm_w_rtn: bool = False,
+        visual_w_bits: int = 4,
+        llm_w_bits: int = 4,
+        w_groupsize: int = 128,
+        percdamp: float = 0.01,
+        act_order: bool = False,
+        visual_w_clip: bool = True,
+        llm_w_clip: bool = True,
+        visual_split: bool = False,
+        llm_split: bool = False,
+        sym: bool = True,
+        dataset: Any = None,
+        num_samples: int = 128,
+        max_seq_len: int = 2048,
+        processor: Any = None,
+        block_size: int = 128,
+        true_sequential: bool = True,
+        calibration_device: str | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        seed: int = 0,
+        modules: dict[str, dict[str, Any]] | None = None,
+        stats: dict[str, dict[str, Any]] | None = None,
+        format_version: int = FORMAT_VERSION,
+        checkpoint_format: str = "gptq",
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.quant_visual_clip = quant_visual_clip
+        self.quant_cross_attention = quant_cross_attention
+        self.quant_visual_projector = quant_visual_projector
+        self.quant_llm = quant_llm
+        self.visual_w_rtn = visual_w_rtn
+        self.llm_w_rtn = llm_w_rtn
+        self.visual_w_bits = visual_w_bits
+        self.llm_w_bits = llm_w_bits
+        self.w_groupsize = w_groupsize
+        self.percdamp = percdamp
+        self.act_order = act_order
+        self.visual_w_clip = visual_w_clip
+        self.llm_w_clip = llm_w_clip
+        self.visual_split = visual_split
+        self.llm_split = llm_split
+        self.sym = sym
+        self.dataset = dataset
+        self.num_samples = num_samples
+        self.max_seq_len = max_seq_len
+        self.processor = processor
+        self.block_size = block_size
+        self.true_sequential = true_sequential
+        self.calibration_device = calibration_device
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.seed = seed
+        # Filled by quantization; read back by the loader.
+        self.modules = dict(modules or {})
+        self.stats = dict(stats or {})
+        self.format_version = format_version
+        self.checkpoint_format = checkpoint_format
+        kwargs.pop("quant_method", None)
+        if kwargs:
+            raise ValueError(
+                f"VLMGPTQConfig got unknown option(s) {sorted(kwargs)}; "
+                "see help(hf_vlm_gptq.VLMGPTQConfig) for the accepted fields."
+            )
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Check every field; raise ValueError naming the field, the bad value and what to pass instead."""
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"VLMGPTQConfig.{name} must be True or False, got {value!r}.")
+        for name in ("visual_w_bits", "llm_w_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value not in SUPPORTED_BITS:
+                raise ValueError(f"VLMGPTQConfig.{name} must be one of {SUPPORTED_BITS}, got {value!r}.")
+        gs = self.w_groupsize
+        if isinstance(gs, bool) or not isinstance(gs, int) or (gs <= 0 and gs != -1):
+            raise ValueError(
+                f"VLMGPTQConfig.w_groupsize must be a positive int or -1 (per output channel), got {gs!r}."
+            )
+        pd = self.percdamp
+        if isinstance(pd, bool) or not isinstance(pd, (int, float)) or not 0 <= pd < 1:
+            raise ValueError(f"VLMGPTQConfig.percdamp must be a number in [0, 1), got {pd!r}; 0.01 is usual.")
+        for name, low in (("num_samples", 1), ("max_seq_len", 16), ("block_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"VLMGPTQConfig.{name} must be an int >= {low}, got {value!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"VLMGPTQConfig.seed must be an int, got {self.seed!r}.")
+        if self.calibration_device is not None and not isinstance(self.calibration_device, str):
+            raise ValueError(
+                f"VLMGPTQConfig.calibration_device must be a device string such as 'cuda' or 'cpu', "
+                f"got {self.calibration_device!r}."
+            )
+        if not all(isinstance(m, str) for m in self.modules_to_not_convert):
+            raise ValueError(
+                "VLMGPTQConfig.modules_to_not_convert must be a list of module paths (strings), "
+                f"got {self.modules_to_not_convert!r}."
+            )
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint's quantization_config has format_version {self.format_version!r}; this "
+                f"hf_vlm_gptq reads format_version {FORMAT_VERSION}. Install the hf_vlm_gptq release that wrote it."
+            )
+        if self.checkpoint_format != "gptq":
+            raise ValueError(
+                f"VLMGPTQConfig.checkpoint_format must be 'gptq', got {self.checkpoint_format!r}."
+            )
+        if not (self.quant_visual_clip or self.quant_cross_attention or self.quant_visual_projector
+                or self.quant_llm):
+            raise ValueError(
+                "VLMGPTQConfig: every part is switched off (quant_visual_clip, quant_cross_attention, "
+                "quant_visual_projector, quant_llm are all False); switch at least one on."
+            )
+
+    # --- per-part views -------------------------------------------------------------------------
+    def part_options(self, part: str) -> dict[str, Any]:
+        """Bits, RTN switch, clip and split for a part kind: "visual" (encoder and bridge) or "llm"."""
+        if part not in ("visual", "llm"):
+            raise ValueError(f"part must be 'visual' or 'llm', got {part!r}")
+        return {
+            "bits": getattr(self, f"{part}_w_bits"),
+            "rtn": getattr(self, f"{part}_w_rtn"),
+            "clip": getattr(self, f"{part}_w_clip"),
+            "split": getattr(self, f"{part}_split"),
+        }
+
+    # --- serialization --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able options, quantized-module list and stats; never calibration data."""
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_FIELDS}
+        # GPTQ-style summary keys that other readers look for.
+        out["bits"] = self.llm_w_bits
+        out["group_size"] = self.w_groupsize
+        out["desc_act"] = self.act_order
+        return out
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Rebuild from `config.json`'s `quantization_config` (summary keys are derived, so dropped)."""
+        clean = {k: v for k, v in config_dict.items() if k not in ("bits", "group_size", "desc_act")}
+        return super().from_dict(clean, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()

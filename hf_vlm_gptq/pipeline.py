@@ -1,0 +1,325 @@
+"""The layerwise engine: walk an ArchSpec over a model, calibrate each block on real inputs, solve, swap.
+
+Per enabled component, in the spec's order (vision -> bridge -> LLM):
+  1. the conv stem, if any: its inputs are caught from a real forward pass, one Hessian, solve, swap;
+  2. the inputs (args and kwargs) of the first block are caught from a real forward pass of the model as
+     it is now, so a later component sees the outputs of the already quantized earlier ones;
+  3. per block: per sequential group, replay the block on every caught input with a hook that feeds the
+     group's Hessian, solve, swap in packed modules; then replay once more to get the next block's inputs.
+Only one block (and one group's Hessian) is on the calibration device at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, ComponentSpec, find_module, spec_for_model_type
+from .config import VLMGPTQConfig
+from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
+from .ops import HessianAccumulator, QuantResult, gptq_quantize_shared, rtn_quantize
+from .report import QuantRecord
+
+logger = logging.getLogger(__name__)
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the wanted inputs are caught."""
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested tuples / lists / dicts to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(move_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [move_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def resolve_device(config: VLMGPTQConfig, model: nn.Module) -> torch.device:
+    """The device that runs one block at a time: the config's, else CUDA when present, else the model's."""
+    if config.calibration_device is not None:
+        return torch.device(config.calibration_device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return next(model.parameters()).device
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def capture_calls(model: nn.Module, target: nn.Module, batches: list[dict], device: torch.device) -> list[Call]:
+    """Run the model on each batch and keep the (args, kwargs) `target` is called with, on `device`."""
+    calls: list[Call] = []
+
+    def pre_hook(_module, args, kwargs):
+        calls.append((move_to(args, device), move_to(kwargs, device)))
+        raise _StopForward
+
+    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model_device = _model_device(model)
+    try:
+        for batch in batches:
+            try:
+                model(**move_to(batch, model_device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return calls
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise TypeError(f"cannot find the hidden states in a block output of type {type(out).__name__}")
+
+
+def _with_hidden(call: Call, hidden: torch.Tensor) -> Call:
+    """The same call with its hidden-states input replaced (first positional, else `hidden_states=`)."""
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def replay(block: nn.Module, calls: list[Call], keep_outputs: bool) -> list[Call]:
+    """Run `block` on every caught call; with `keep_outputs`, return the calls for the next block."""
+    next_calls: list[Call] = []
+    for call in calls:
+        out = block(*call[0], **call[1])
+        if keep_outputs:
+            next_calls.append(_with_hidden(call, _first_output(out)))
+    return next_calls
+
+
+class _GroupInputs:
+    """Feeds one Hessian from the inputs of the first linear of a group (they all share that input)."""
+
+    def __init__(self, module: nn.Module, is_conv: bool, drop_first_channel: bool) -> None:
+        self.is_conv = is_conv
+        self.drop_first_channel = drop_first_channel
+        self.module = module
+        columns = module.weight[0].numel() - (1 if drop_first_channel else 0)
+        self.accumulator = HessianAccumulator(columns, device=module.weight.device)
+        self.samples = 0
+        self.tokens = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, _out):
+        x = args[0].detach()
+        if self.is_conv:
+            before = self.accumulator.nsamples
+            self.accumulator.add_conv_batch(x, module)
+            self.tokens += self.accumulator.nsamples - before
+        else:
+            if self.drop_first_channel:
+                x = x[..., 1:]
+            self.accumulator.add_batch(x)
+            self.tokens += x.reshape(-1, x.shape[-1]).shape[0]
+        self.samples += 1
+
+    def close(self) -> torch.Tensor:
+        self.handle.remove()
+        return self.accumulator.hessian
+
+
+def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts: dict,
+           config: VLMGPTQConfig) -> list[QuantResult]:
+    common = dict(bits=opts["bits"], group_size=config.w_groupsize, sym=config.sym, clip=opts["clip"])
+    if opts["rtn"]:
+        return [rtn_quantize(w, hessian=hessian, **common) for w in weights]
+    return gptq_quantize_shared(weights, hessian, act_order=config.act_order, percdamp=config.percdamp,
+                                block_size=config.block_size, nsamples=tokens, **common)
+
+
+class ComponentQuantizer:
+    """Quantizes one component of one model; results land in `records` and `entries`."""
+
+    def __init__(self, model: nn.Module, comp: ComponentSpec, config: VLMGPTQConfig, device: torch.device,
+                 records: dict[str, QuantRecord], entries: dict[str, dict], progress: bool) -> None:
+        self.model = model
+        self.comp = comp
+        self.config = config
+        self.opts = config.part_options(comp.part)
+        self.device = device
+        self.records = records
+        self.entries = entries
+        self.progress = progress
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _skipped(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + ".") for p in self.config.modules_to_not_convert)
+
+    def _record(self, path: str, kind: str, result: QuantResult, out_f: int, in_f: int, samples: int,
+                tokens: int, seconds: float) -> None:
+        self.records[path] = QuantRecord(
+            path=path, component=self.comp.name, kind=kind, method=result.method, bits=result.bits,
+            group_size=result.group_size, sym=result.sym, act_order=self.config.act_order and
+            result.method == "gptq", in_features=in_f, out_features=out_f, samples=samples, tokens=tokens,
+            damp=result.damp, loss=result.loss, fallback=result.fallback, seconds=seconds)
+
+    def _swap(self, root: nn.Module, root_path: str, name: str, module: nn.Module, result: QuantResult,
+              split: bool) -> None:
+        path = f"{root_path}.{name}" if root_path else name
+        new = build_split_linear(module, result) if split else make_quant_module(module, result)
+        set_submodule(root, name, new)
+        self.entries[path] = module_entry(new)
+
+    # --- the stem -----------------------------------------------------------------------------
+    def quantize_stem(self, batches: list[dict]) -> None:
+        found = find_module(self.model, self.comp.stem)
+        if found is None:
+            logger.warning("%s: no patch embedding found at %s; skipped", self.comp.name, self.comp.stem)
+            return
+        path, conv = found
+        if self._skipped(path):
+            return
+        start = time.perf_counter()
+        inputs = _GroupInputs(conv, is_conv=True, drop_first_channel=False)
+
+        def stop(*_):
+            raise _StopForward
+
+        stopper = conv.register_forward_hook(stop)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    try:
+                        self.model(**move_to(batch, _model_device(self.model)), use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            stopper.remove()
+        hessian = inputs.close().to(self.device)
+        weight = conv.weight.detach().reshape(conv.weight.shape[0], -1).to(self.device)
+        (result,) = _solve([weight], hessian, inputs.tokens, self.opts, self.config)
+        del hessian
+        parent_path, _, name = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        self._swap(parent, parent_path, name, conv, result, split=False)
+        self._record(path, "conv", result, weight.shape[0], weight.shape[1], inputs.samples, inputs.tokens,
+                     time.perf_counter() - start)
+
+    # --- the blocks ---------------------------------------------------------------------------
+    def _blocks(self) -> list[tuple[str, nn.Module]]:
+        found = find_module(self.model, self.comp.blocks)
+        if found is None:
+            raise ValueError(
+                f"{self.comp.name}: none of the module paths {list(self.comp.blocks)} exists in this model; "
+                f"switch `{self.comp.flag}` off or report the model's layout."
+            )
+        path, container = found
+        if self.comp.single:
+            return [(path, container)]
+        return [(f"{path}.{i}", block) for i, block in enumerate(container)]
+
+    def quantize_blocks(self, batches: list[dict]) -> None:
+        blocks = self._blocks()
+        calls = capture_calls(self.model, blocks[0][1], batches, self.device)
+        if not calls:
+            logger.warning("%s: no calibration sample reached this part (e.g. no image or video in the data); "
+                           "its linears get RTN and are flagged", self.comp.name)
+        bar = tqdm(blocks, desc=f"{self.comp.name}", unit="block", disable=not self.progress, leave=False)
+        for index, (path, block) in enumerate(bar):
+            home = next(block.parameters()).device
+            block.to(self.device)
+            self._quantize_block(path, block, calls)
+            if index + 1 < len(blocks):
+                calls = replay(block, calls, keep_outputs=True)
+            block.to(home)
+
+    def _stages(self, block: nn.Module) -> list[list[tuple[str, ...]]]:
+        groups = [tuple(n for n in g if _has(block, n)) for g in self.comp.sequential]
+        groups = [g for g in groups if g]
+        return [[g] for g in groups] if self.config.true_sequential else [groups]
+
+    def _quantize_block(self, path: str, block: nn.Module, calls: list[Call]) -> None:
+        for stage in self._stages(block):
+            watched = []
+            for group in stage:
+                names = [n for n in group if not self._skipped(f"{path}.{n}")]
+                if not names:
+                    continue
+                split = self.opts["split"] and self.comp.split_target in names
+                first = block.get_submodule(names[0])
+                watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split)))
+            start = time.perf_counter()
+            replay(block, calls, keep_outputs=False)
+            for names, split, inputs in watched:
+                hessian = inputs.close()
+                linears = [block.get_submodule(n) for n in names]
+                weights = [lin.weight.detach()[:, 1:] if split else lin.weight.detach() for lin in linears]
+                results = _solve(weights, hessian, inputs.tokens, self.opts, self.config)
+                del hessian
+                seconds = (time.perf_counter() - start) / len(names)
+                for name, lin, result in zip(names, linears, results):
+                    self._swap(block, path, name, lin, result, split=split)
+                    key = f"{path}.{name}.L2" if split else f"{path}.{name}"
+                    self._record(key, "split_linear" if split else "linear", result, lin.out_features,
+                                 result.codes.shape[1], inputs.samples, inputs.tokens, seconds)
+
+
+def _has(block: nn.Module, name: str) -> bool:
+    try:
+        block.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict], *, progress: bool = True,
+                   spec: ArchSpec | None = None) -> tuple[dict[str, QuantRecord], dict[str, dict]]:
+    """Quantize every enabled component of `model` in place on calibration `batches`.
+
+    Returns the per-module records (keyed by module path; split layers as `<path>.L2`) and the
+    `modules` entries the loader needs to rebuild the packed modules from a checkpoint.
+    """
+    spec = spec or spec_for_model_type(model.config.model_type)
+    log_ignored_flags(spec, config)
+    device = resolve_device(config, model)
+    records: dict[str, QuantRecord] = {}
+    entries: dict[str, dict] = {}
+    was_training = model.training
+    model.eval()
+    for comp in spec.components:
+        if not getattr(config, comp.flag):
+            continue
+        logger.info("quantizing %s (%s bits, %s)", comp.name, config.part_options(comp.part)["bits"],
+                    "RTN" if config.part_options(comp.part)["rtn"] else "GPTQ")
+        worker = ComponentQuantizer(model, comp, config, device, records, entries, progress)
+        if comp.stem:
+            worker.quantize_stem(batches)
+        worker.quantize_blocks(batches)
+    model.train(was_training)
+    return records, entries
+
+
+def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str] = (
+        "quant_cross_attention", "quant_visual_projector")) -> None:
+    """One log line for bridge flags that do not apply to this architecture."""
+    ignored = [f for f in flags if f not in spec.flags() and getattr(config, f)]
+    if ignored:
+        logger.info("%s has no part behind %s; ignored", spec.name, ", ".join(ignored))
+
+
+__all__ = ["SplitLinear", "capture_calls", "quantize_model", "replay"]

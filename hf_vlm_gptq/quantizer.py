@@ -1,0 +1,87 @@
+"""`VLMGPTQHfQuantizer`: the transformers lifecycle glue. No math and no model knowledge here.
+
+Fresh model (`quantization_config=VLMGPTQConfig(...)`):
+  before weights load: check the architecture and read the calibration samples (bad input fails fast);
+  after weights load: run the processor on the samples, run the layerwise pipeline, record the result.
+Pre-quantized checkpoint (`quant_method: "vlm_gptq"` in config.json):
+  before weights load: swap the listed modules for empty packed twins on the meta device;
+  after weights load: verify every packed tensor was really read.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+
+from .arch import spec_for_model_type
+from .calib import build_model_inputs, load_samples
+from .config import VLMGPTQConfig
+from .modules_swap import replace_with_quant_modules, verify_loaded
+from .pipeline import quantize_model
+from .report import QuantRecord, records_to_table
+
+logger = logging.getLogger(__name__)
+
+
+class VLMGPTQHfQuantizer(HfQuantizer):
+    """Quantizes a whole VLM with GPTQ / RTN during `from_pretrained`, or loads one that was."""
+
+    requires_calibration = False
+    quantization_config: VLMGPTQConfig
+
+    def __init__(self, quantization_config: VLMGPTQConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.samples: list[dict] | None = None
+        self.records: dict[str, QuantRecord] = {}
+        self.dtype: torch.dtype | None = None
+
+    def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype | None:
+        self.dtype = dtype
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, **kwargs: Any):
+        config = self.quantization_config
+        if self.pre_quantized:
+            if not config.modules:
+                raise ValueError(
+                    "this checkpoint's quantization_config (quant_method 'vlm_gptq') lists no quantized modules; "
+                    "it was not written by hf_vlm_gptq's save_pretrained."
+                )
+            dtype = self.dtype if isinstance(self.dtype, torch.dtype) else torch.float16
+            replace_with_quant_modules(model, config.modules, dtype)
+            return model
+        spec_for_model_type(model.config.model_type)  # unsupported architectures fail before loading weights
+        self.samples = load_samples(config.dataset, config.num_samples, seed=config.seed)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        config = self.quantization_config
+        if self.pre_quantized:
+            verify_loaded(model, config.modules)
+            return model
+        processor = config.processor
+        if processor is None:
+            from transformers import AutoProcessor
+
+            source = getattr(model, "name_or_path", None) or model.config._name_or_path
+            processor = AutoProcessor.from_pretrained(source)
+        batches = build_model_inputs(self.samples, processor, max_seq_len=config.max_seq_len)
+        if not batches:
+            raise ValueError("no calibration sample survived processing; pass more or shorter samples "
+                             "(see VLMGPTQConfig.dataset and max_seq_len).")
+        self.records, entries = quantize_model(model, config, batches)
+        config.modules = entries
+        config.stats = {path: rec.stats() for path, rec in self.records.items()}
+        self.samples = None
+        logger.info("quantization report\n%s", records_to_table(self.records))
+        return model
+
+    def is_serializable(self, safe_serialization: bool = True) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

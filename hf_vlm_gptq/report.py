@@ -1,0 +1,95 @@
+"""Per-module quantization records: what was done to each layer, readable as a table or as JSON.
+
+The record of one module is what the research code returned as its "quantizer" for that module path:
+bits, group size, grid, method, plus what the solve saw and reported (samples, damping, proxy loss,
+fallbacks). Records are keyed by the model's own module paths (`model.visual.blocks.0.attn.qkv`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class QuantRecord:
+    """What happened to one quantized module."""
+
+    path: str
+    component: str
+    kind: str  # "linear" | "conv" | "split_linear"
+    method: str  # "gptq" | "rtn"
+    bits: int
+    group_size: int
+    sym: bool
+    act_order: bool
+    in_features: int
+    out_features: int
+    samples: int = 0
+    tokens: int = 0
+    damp: float = float("nan")
+    loss: float = float("nan")
+    fallback: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stats(self) -> dict[str, Any]:
+        """The JSON-able stats saved in `quantization_config.stats` (NaN becomes None)."""
+        out = {
+            "component": self.component,
+            "method": self.method,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "damp": _finite_or_none(self.damp),
+            "loss": _finite_or_none(self.loss),
+            "fallback": self.fallback,
+            "seconds": round(self.seconds, 4),
+        }
+        out.update(self.extra)
+        return out
+
+
+def _finite_or_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def records_to_json(records: dict[str, QuantRecord]) -> str:
+    """All records as a JSON document (NaN as null)."""
+    rows = []
+    for rec in records.values():
+        row = asdict(rec)
+        row["damp"] = _finite_or_none(rec.damp)
+        row["loss"] = _finite_or_none(rec.loss)
+        rows.append(row)
+    return json.dumps({"modules": rows}, indent=2)
+
+
+def records_to_table(records: dict[str, QuantRecord]) -> str:
+    """A fixed-width table, one line per module, then a summary line per component."""
+    header = f"{'module':<48} {'method':<6} {'bits':>4} {'group':>5} {'shape':>11} {'samples':>7} " \
+             f"{'damp':>8} {'loss':>10} {'sec':>6}  note"
+    lines = [header, "-" * len(header)]
+    for rec in records.values():
+        shape = f"{rec.out_features}x{rec.in_features}"
+        damp = "-" if not math.isfinite(rec.damp) else f"{rec.damp:.3g}"
+        loss = "-" if not math.isfinite(rec.loss) else f"{rec.loss:.4g}"
+        note = rec.fallback or ""
+        lines.append(
+            f"{_shorten(rec.path, 48):<48} {rec.method:<6} {rec.bits:>4} {rec.group_size:>5} {shape:>11} "
+            f"{rec.samples:>7} {damp:>8} {loss:>10} {rec.seconds:>6.2f}  {note}"
+        )
+    lines.append("")
+    by_component: dict[str, list[QuantRecord]] = {}
+    for rec in records.values():
+        by_component.setdefault(rec.component, []).append(rec)
+    for comp, recs in by_component.items():
+        fallbacks = sum(1 for r in recs if r.fallback)
+        seconds = sum(r.seconds for r in recs)
+        lines.append(f"{comp}: {len(recs)} modules, {fallbacks} fallbacks, {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
