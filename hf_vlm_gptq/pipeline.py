@@ -147,7 +147,8 @@ def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts
            config: VLMGPTQConfig) -> list[QuantResult]:
     common = dict(bits=opts["bits"], group_size=config.w_groupsize, sym=config.sym, clip=opts["clip"])
     if opts["rtn"]:
-        return [rtn_quantize(w, hessian=hessian, **common) for w in weights]
+        seen = hessian if tokens > 0 else None  # RTN needs no data; the loss is reported when there was some
+        return [rtn_quantize(w, hessian=seen, **common) for w in weights]
     return gptq_quantize_shared(weights, hessian, act_order=config.act_order, percdamp=config.percdamp,
                                 block_size=config.block_size, nsamples=tokens, **common)
 
@@ -236,7 +237,7 @@ class ComponentQuantizer:
     def quantize_blocks(self, batches: list[dict]) -> None:
         blocks = self._blocks()
         calls = capture_calls(self.model, blocks[0][1], batches, self.device)
-        if not calls:
+        if not calls and not self.opts["rtn"]:
             logger.warning("%s: no calibration sample reached this part (e.g. no image or video in the data); "
                            "its linears get RTN and are flagged", self.comp.name)
         bar = tqdm(blocks, desc=f"{self.comp.name}", unit="block", disable=not self.progress, leave=False)
@@ -288,28 +289,37 @@ def _has(block: nn.Module, name: str) -> bool:
 
 
 def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict], *, progress: bool = True,
-                   spec: ArchSpec | None = None) -> tuple[dict[str, QuantRecord], dict[str, dict]]:
+                   spec: ArchSpec | None = None, select: dict[str, str] | None = None,
+                   ) -> tuple[dict[str, QuantRecord], dict[str, dict]]:
     """Quantize every enabled component of `model` in place on calibration `batches`.
 
+    `select` limits the run to some components and, per component, to "stem", "blocks" or "all"
+    (the research code's per-component entry points); None runs every component its flag enables.
     Returns the per-module records (keyed by module path; split layers as `<path>.L2`) and the
     `modules` entries the loader needs to rebuild the packed modules from a checkpoint.
     """
     spec = spec or spec_for_model_type(model.config.model_type)
     log_ignored_flags(spec, config)
+    unknown = set(select or ()) - {c.name for c in spec.components}
+    if unknown:
+        raise ValueError(f"{spec.name} has no part named {sorted(unknown)}; its parts are "
+                         f"{[c.name for c in spec.components]} (is this function meant for another model?)")
     device = resolve_device(config, model)
     records: dict[str, QuantRecord] = {}
     entries: dict[str, dict] = {}
     was_training = model.training
     model.eval()
     for comp in spec.components:
-        if not getattr(config, comp.flag):
+        if not getattr(config, comp.flag) or (select is not None and comp.name not in select):
             continue
+        which = "all" if select is None else select[comp.name]
         logger.info("quantizing %s (%s bits, %s)", comp.name, config.part_options(comp.part)["bits"],
                     "RTN" if config.part_options(comp.part)["rtn"] else "GPTQ")
         worker = ComponentQuantizer(model, comp, config, device, records, entries, progress)
-        if comp.stem:
+        if comp.stem and which in ("all", "stem"):
             worker.quantize_stem(batches)
-        worker.quantize_blocks(batches)
+        if which in ("all", "blocks"):
+            worker.quantize_blocks(batches)
     model.train(was_training)
     return records, entries
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .qwen2_vl import QWEN2_VL
 from .spec import ArchSpec, ComponentSpec, find_module
+from .video_llama_3 import VIDEO_LLAMA_3
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (QWEN2_VL,)
+ARCHITECTURES: tuple[ArchSpec, ...] = (QWEN2_VL, VIDEO_LLAMA_3)
 
 
 def supported_model_types() -> list[str]:

@@ -1,0 +1,49 @@
+"""VideoLLaMA3 (transformers' native `VideoLlama3ForConditionalGeneration`, model_type `video_llama_3`).
+
+Remote-code checkpoints name the parts `vision_encoder` / `mm_projector`; those paths are listed second.
+"""
+
+from .spec import ArchSpec, ComponentSpec
+
+VIDEO_LLAMA_3 = ArchSpec(
+    name="video_llama_3",
+    model_types=("video_llama_3",),
+    components=(
+        ComponentSpec(
+            name="vision",
+            flag="quant_visual_clip",
+            part="visual",
+            stem=("model.vision_model.embeddings.patch_embedding",
+                  "model.vision_encoder.embeddings.patch_embedding"),
+            blocks=("model.vision_model.encoder.layers", "model.vision_encoder.encoder.layers"),
+            sequential=(
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.out_proj",),
+                ("mlp.fc1",),
+                ("mlp.fc2",),
+            ),
+            split_target="mlp.fc2",
+        ),
+        ComponentSpec(
+            name="projector",
+            flag="quant_visual_projector",
+            part="visual",
+            blocks=("model.projector", "model.mm_projector"),
+            single=True,
+            sequential=(("readout.0",), ("readout.2",)),
+        ),
+        ComponentSpec(
+            name="llm",
+            flag="quant_llm",
+            part="llm",
+            blocks=("model.language_model.layers", "model.model.layers"),
+            sequential=(
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                ("self_attn.o_proj",),
+                ("mlp.up_proj", "mlp.gate_proj"),
+                ("mlp.down_proj",),
+            ),
+            split_target="mlp.down_proj",
+        ),
+    ),
+)

@@ -1,0 +1,148 @@
+"""`hf-vlm-gptq`: quantize a VLM from the shell, or run the offline demo.
+
+    hf-vlm-gptq quantize MODEL OUT [--llm-w-bits 4 --w-groupsize 128 --act-order ...]
+    hf-vlm-gptq demo [--arch qwen2_vl]
+
+The options of `quantize` mirror VLMGPTQConfig's fields (`--no-quant-llm`, `--visual-w-rtn`, ...).
+Output is written to a temporary folder beside OUT and renamed into place at the end, so an interrupted
+run never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import VLMGPTQConfig
+
+logger = logging.getLogger("hf_vlm_gptq.cli")
+
+# Config fields that are not command-line options (data objects, or written by quantization).
+_NOT_OPTIONS = {"dataset", "processor", "modules", "stats", "format_version", "checkpoint_format", "kwargs",
+                "self", "modules_to_not_convert", "calibration_device"}
+
+
+def _config_options() -> list[tuple[str, Any]]:
+    params = inspect.signature(VLMGPTQConfig.__init__).parameters.values()
+    return [(p.name, p.default) for p in params if p.name not in _NOT_OPTIONS]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization options (VLMGPTQConfig fields)")
+    for name, default in _config_options():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            group.add_argument(flag, type=type(default), default=default, metavar=type(default).__name__.upper())
+    group.add_argument("--dataset", default=None,
+                       help="folder of images to calibrate on (default: the built-in synthetic set)")
+    group.add_argument("--skip", action="append", default=[], metavar="MODULE_PATH",
+                       help="module path (or prefix) to keep in full precision; repeatable")
+    group.add_argument("--device", default=None, help="device that runs one block at a time (default: cuda if present)")
+
+
+def _config_from_args(args: argparse.Namespace) -> VLMGPTQConfig:
+    values = {name: getattr(args, name) for name, _ in _config_options()}
+    return VLMGPTQConfig(dataset=args.dataset, modules_to_not_convert=args.skip,
+                         calibration_device=args.device, **values)
+
+
+def atomic_save(model, out_dir: str | Path, processor=None, overwrite: bool = False) -> Path:
+    """Save `model` (and `processor`) into `out_dir` via a temporary sibling folder and a rename."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite (or choose another OUT) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from . import quantization_report
+
+    config = _config_from_args(args)  # bad options fail here, before any loading
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} exists; pass --overwrite or choose another OUT")
+    processor = AutoProcessor.from_pretrained(args.model)
+    config.processor = processor
+    start = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.model, quantization_config=config, dtype=getattr(torch, args.dtype))
+    elapsed = time.perf_counter() - start
+    config.processor = None
+    atomic_save(model, out, processor=processor, overwrite=args.overwrite)
+    (out / "quantization_report.json").write_text(quantization_report(model, as_json=True))
+    print(quantization_report(model))
+    print(f"\nquantized in {elapsed:.1f} s; saved to {out} (report: {out / 'quantization_report.json'})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(arch=args.arch, out_dir=args.out, num_samples=args.num_samples)
+    print(report["table"])
+    print()
+    for key in ("checkpoint", "quantize_seconds", "reload_logits_max_abs_diff", "generated"):
+        print(f"{key}: {report[key]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-vlm-gptq", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize MODEL (folder or hub id) into OUT")
+    q.add_argument("model")
+    q.add_argument("out")
+    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    q.add_argument("--overwrite", action="store_true")
+    _add_config_arguments(q)
+    q.set_defaults(func=cmd_quantize)
+
+    d = sub.add_parser("demo", help="build a tiny VLM offline, quantize, save, reload, generate")
+    d.add_argument("--arch", default="qwen2_vl", choices=["qwen2_vl"])
+    d.add_argument("--out", default=None, help="where to keep the quantized checkpoint (default: a temp folder)")
+    d.add_argument("--num-samples", type=int, default=16)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The research code's function-level API, as thin wrappers over the same pipeline.
+
+For people coming from `fake_quant.gptq.qwen2vl_gptq_plus` / `videollama3_gptq_plus`: the same names and
+arguments `(model, dataset, dev, dataset_name, args)`, with `args` an argparse-style namespace carrying the
+research code's flag names. They return the dict of per-module records keyed by module path (the
+research code's "quantizers" dict). Unlike the research code, the modules are really packed (not
+simulated), and `model.save_pretrained` then writes a loadable low-bit checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .api import quantize
+from .config import VLMGPTQConfig
+from .report import QuantRecord
+
+logger = logging.getLogger(__name__)
+
+# Research-code flag name -> VLMGPTQConfig field (same name unless listed).
+_RENAMED = {"nsamples": "num_samples", "seqlen": "max_seq_len"}
+_FIELDS = (
+    "quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm", "visual_w_rtn",
+    "llm_w_rtn", "visual_w_bits", "llm_w_bits", "w_groupsize", "percdamp", "act_order", "visual_w_clip",
+    "llm_w_clip", "visual_split", "llm_split", "sym", "num_samples", "max_seq_len", "seed",
+)
+
+
+def config_from_args(args: Any, dev: Any = None, **overrides: Any) -> VLMGPTQConfig:
+    """A VLMGPTQConfig from an argparse-style namespace (unknown attributes are ignored)."""
+    values: dict[str, Any] = {}
+    for name, value in vars(args).items() if args is not None else ():
+        field = _RENAMED.get(name, name)
+        if field in _FIELDS:
+            values[field] = value
+        elif name == "w_asym":
+            values["sym"] = not value
+    if dev is not None:
+        values["calibration_device"] = str(dev)
+    values.update(overrides)
+    return VLMGPTQConfig(**values)
+
+
+def _run(model, dataset, dev, dataset_name, args, select: dict[str, str], **overrides) -> dict[str, QuantRecord]:
+    config = config_from_args(args, dev, **overrides)
+    logger.info("calibrating on %s", dataset_name or "the given samples")
+    return quantize(model, config, data=dataset, select=select)
+
+
+def _make(select: dict[str, str], doc: str, **overrides: Any):
+    def entry(model, dataset=None, dev=None, dataset_name=None, args=None) -> dict[str, QuantRecord]:
+        return _run(model, dataset, dev, dataset_name, args, select, **overrides)
+
+    entry.__doc__ = doc
+    return entry
+
+
+# --- Qwen2-VL -------------------------------------------------------------------------------------
+qwen2vl_rtn_gptq_fwrd_plus = _make(
+    {"vision": "all", "merger": "all", "llm": "all"},
+    "Quantize every part of a Qwen2-VL the flags enable (vision, merger, LLM); GPTQ or RTN per *_w_rtn.")
+gptq_qwen2vl_fwrd_visual_clip_conv1 = _make(
+    {"vision": "stem"}, "GPTQ of Qwen2-VL's Conv3d patch embedding.", visual_w_rtn=False, quant_visual_clip=True)
+gptq_qwen2vl_fwrd_visual_clip_resblocks = _make(
+    {"vision": "blocks"}, "GPTQ of Qwen2-VL's vision blocks.", visual_w_rtn=False, quant_visual_clip=True)
+qwen2vl_visual_clip_rtn = _make(
+    {"vision": "all"}, "RTN of Qwen2-VL's patch embedding and vision blocks.", visual_w_rtn=True,
+    quant_visual_clip=True)
+gptq_qwen2vl_fwrd_visual_clip_cross_attention = _make(
+    {"merger": "all"}, "GPTQ of Qwen2-VL's visual.merger.", visual_w_rtn=False, quant_cross_attention=True)
+qwen2vl_visual_cross_attention_rtn = _make(
+    {"merger": "all"}, "RTN of Qwen2-VL's visual.merger.", visual_w_rtn=True, quant_cross_attention=True)
+gptq_qwen2vl_fwrd_llm = _make(
+    {"llm": "all"}, "GPTQ of Qwen2-VL's language model.", llm_w_rtn=False, quant_llm=True)
+qwen2vl_llm_rtn = _make(
+    {"llm": "all"}, "RTN of Qwen2-VL's language model.", llm_w_rtn=True, quant_llm=True)
+
+# --- VideoLLaMA3 ----------------------------------------------------------------------------------
+videollama3_rtn_gptq_fwrd_plus = _make(
+    {"vision": "all", "projector": "all", "llm": "all"},
+    "Quantize every part of a VideoLLaMA3 the flags enable (encoder, projector, LLM); GPTQ or RTN per *_w_rtn.")
+gptq_videollama3_fwrd_visual_encoder_patch_embedding = _make(
+    {"vision": "stem"}, "GPTQ of VideoLLaMA3's Conv2d patch embedding.", visual_w_rtn=False,
+    quant_visual_clip=True)
+gptq_videollama3_fwrd_visual_encoder_layers = _make(
+    {"vision": "blocks"}, "GPTQ of VideoLLaMA3's vision encoder layers.", visual_w_rtn=False,
+    quant_visual_clip=True)
+videollama3_visual_encoder_rtn = _make(
+    {"vision": "all"}, "RTN of VideoLLaMA3's patch embedding and encoder layers.", visual_w_rtn=True,
+    quant_visual_clip=True)
+gptq_videollama3_fwrd_visual_projector = _make(
+    {"projector": "all"}, "GPTQ of VideoLLaMA3's projector.", visual_w_rtn=False, quant_visual_projector=True)
+videollama3_visual_projector_rtn = _make(
+    {"projector": "all"}, "RTN of VideoLLaMA3's projector.", visual_w_rtn=True, quant_visual_projector=True)
+gptq_videollama3_fwrd_llm = _make(
+    {"llm": "all"}, "GPTQ of VideoLLaMA3's language model.", llm_w_rtn=False, quant_llm=True)
+videollama3_llm_rtn = _make(
+    {"llm": "all"}, "RTN of VideoLLaMA3's language model.", llm_w_rtn=True, quant_llm=True)
+
+__all__ = [name for name in dir() if "fwrd" in name or name.endswith("_rtn")] + ["config_from_args"]
