@@ -156,6 +156,14 @@ def test_deterministic_by_seed(builder, tmp_path):
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "c" / "tokenizer.json").read_text()
 
 
+def test_building_leaves_the_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_videollama3(tmp_path / "v")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_overrides_reach_the_configs(tmp_path):
     path = build_tiny_qwen2vl(tmp_path / "q", num_llm_layers=1, text_config={"intermediate_size": 96},
                               vision_config={"mlp_ratio": 2}, max_pixels=56 * 56)

@@ -74,6 +74,22 @@ def _init_weights(model: nn.Module, seed: int, logit_scale: float) -> None:
                 normal_(module.bias, 0.02)
 
 
+def _heads(hidden_size: int, head_dim: int = 16) -> tuple[int, int]:
+    """(attention heads, key/value heads) for 16-wide heads, with grouped-query attention when possible."""
+    if hidden_size % head_dim:
+        raise ValueError(f"hidden_size must be a multiple of {head_dim}, got {hidden_size}")
+    heads = hidden_size // head_dim
+    return heads, heads // 2 if heads % 2 == 0 else heads
+
+
+def _build_model(model_cls: type, config: Any, seed: int, logit_scale: float) -> nn.Module:
+    """Instantiate and seed-initialize a model without disturbing the caller's global torch RNG."""
+    with torch.random.fork_rng(devices=[]):
+        model = model_cls(config).eval()
+    _init_weights(model, seed, logit_scale)
+    return model
+
+
 def _generation_config(tokenizer: Any):
     """Greedy generation config with the Qwen-style stop tokens (<|im_end|> and <|endoftext|>)."""
     from transformers import GenerationConfig
@@ -127,14 +143,14 @@ def build_tiny_qwen2vl(
     top, text_over, vision_over, opts = _split_overrides(dict(overrides))
     tokenizer = train_tiny_tokenizer(opts.get("vocab_size", 640))
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.extra_special_tokens}
-    head_dim = 16
+    heads, kv_heads = _heads(hidden_size)
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": num_llm_layers,
-        "num_attention_heads": max(1, hidden_size // head_dim),
-        "num_key_value_heads": max(1, hidden_size // (2 * head_dim)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "max_window_layers": num_llm_layers,
@@ -169,8 +185,7 @@ def build_tiny_qwen2vl(
         tie_word_embeddings=False,
         **top,
     )
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    _init_weights(model, seed, opts.get("logit_scale", 3.0))
+    model = _build_model(Qwen2VLForConditionalGeneration, config, seed, opts.get("logit_scale", 3.0))
 
     pixels = {"min_pixels": opts.get("min_pixels", _MIN_PIXELS), "max_pixels": opts.get("max_pixels", _MAX_PIXELS)}
     geometry = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
@@ -220,15 +235,15 @@ def build_tiny_videollama3(
     top, text_over, vision_over, opts = _split_overrides(dict(overrides))
     tokenizer = train_tiny_tokenizer(opts.get("vocab_size", 640))
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.extra_special_tokens}
-    head_dim = 16
+    heads, kv_heads = _heads(hidden_size)
     text_config = {
         "model_type": "qwen2",
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
         "intermediate_size": 2 * hidden_size,
         "num_hidden_layers": num_llm_layers,
-        "num_attention_heads": max(1, hidden_size // head_dim),
-        "num_key_value_heads": max(1, hidden_size // (2 * head_dim)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "max_window_layers": num_llm_layers,
@@ -258,8 +273,7 @@ def build_tiny_videollama3(
         tie_word_embeddings=False,
         **top,
     )
-    model = VideoLlama3ForConditionalGeneration(config).eval()
-    _init_weights(model, seed, opts.get("logit_scale", 3.0))
+    model = _build_model(VideoLlama3ForConditionalGeneration, config, seed, opts.get("logit_scale", 3.0))
 
     pixels = {"min_pixels": opts.get("min_pixels", _MIN_PIXELS), "max_pixels": opts.get("max_pixels", _MAX_PIXELS)}
     processor = VideoLlama3Processor(
