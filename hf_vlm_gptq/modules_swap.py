@@ -118,6 +118,19 @@ def _packed_parts(module: nn.Module, path: str) -> list[tuple[str, QuantLinear |
     return [(path, module)]
 
 
+def check_packed(module: QuantLinear | QuantConv, path: str) -> None:
+    """Sanity of loaded packed tensors: g_idx names existing groups, scales are finite."""
+    groups = module.scales.shape[0]
+    g_idx = module.g_idx
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise ValueError(
+            f"corrupt quantized tensor '{path}.g_idx': group indices must lie in [0, {groups}), found "
+            f"[{int(g_idx.min())}, {int(g_idx.max())}]. Re-save the quantized model."
+        )
+    if not torch.isfinite(module.scales).all():
+        raise ValueError(f"corrupt quantized tensor '{path}.scales': it holds NaN or inf values.")
+
+
 def verify_loaded(model: nn.Module, modules: dict[str, dict[str, Any]]) -> None:
     """Fail, naming the tensor, when a packed tensor was not read from the checkpoint or is corrupt."""
     for path, _entry in modules.items():
@@ -131,6 +144,6 @@ def verify_loaded(model: nn.Module, modules: dict[str, dict[str, Any]]) -> None:
                         f"checkpoint is missing the quantized tensor {full!r}; the files are incomplete or "
                         "were not written by hf_vlm_gptq. Re-save the quantized model."
                     )
-            part.check_packed(part_path)
+            check_packed(part, part_path)
         if isinstance(module, SplitLinear) and not getattr(module.L1.weight, "_is_hf_initialized", False):
             raise ValueError(f"checkpoint is missing the full-precision tensor '{path}.L1.weight'.")
