@@ -1,0 +1,318 @@
+"""GPTQ: quantize a weight column by column, feeding each column's error forward through the inverse Hessian.
+
+Standard algorithm (Frantar et al.; IST-DASLab reference): dead columns (``diag(H) == 0``) get ``H_ii = 1``
+and weight 0; optional act-order permutes columns by ``diag(H)`` descending; damping
+``percdamp * mean(diag H)``; ``U`` = upper Cholesky factor of ``H^-1``; blocks of ``block_size`` columns with
+lazy updates of the rest of the matrix. Group parameters are computed from the (already error-updated)
+columns of a group when its first column is reached.
+
+Implementation notes (same math, less work):
+
+* ``U`` comes from one Cholesky of the index-reversed ``H`` and one triangular inverse: if
+  ``J H J = L L^T`` (``J`` reverses indices) then ``H^-1 = U^T U`` with ``U = J L^-1 J`` upper triangular.
+* The weight is kept transposed (``[in, out]``) so that a column is a contiguous row.
+* Blocks hold whole groups, and inside a block columns go in sub-blocks (cut at group starts) with their
+  own lazy update, so rank-1 updates only touch a few columns.
+
+Faults: a failed Cholesky is retried with damping x10 (up to ``MAX_REL_DAMP``); if it still fails, or the
+Hessian carries no samples, the result is RTN with ``fallback`` saying why. Non-finite inputs raise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import torch
+
+from .grid import find_params, num_groups
+from .result import QuantResult, all_finite, check_common, check_hessian, check_weight, compute_dtype
+from .rtn import rtn_core
+
+__all__ = ["MAX_REL_DAMP", "QuantResult", "gptq_quantize", "gptq_quantize_shared", "upper_inverse_cholesky"]
+
+logger = logging.getLogger(__name__)
+
+# relative damping limit: at damping = mean(diag H) any PSD Hessian factors; past it the input is no Hessian
+MAX_REL_DAMP = 1.0
+_SUB_BLOCK = 16  # columns per rank-1-updated sub-block inside a block
+NO_CALIBRATION = "no calibration input"
+
+
+def upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
+    """Upper-triangular ``U`` with ``U^T U = h^-1``, or None when ``h`` is not (numerically) positive definite."""
+    n = h.shape[0]
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+    if int(info) != 0:
+        return None
+    pivots = lower.diagonal()
+    tol = n * torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
+    if float(pivots.min()) ** 2 <= tol:  # numerically singular: its inverse would be noise
+        return None
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    return u if all_finite(u) else None
+
+
+def _damping_steps(percdamp: float) -> list[float]:
+    steps = [percdamp]
+    d = max(percdamp, 1e-5) * 10
+    while d <= MAX_REL_DAMP * (1 + 1e-9):
+        steps.append(d)
+        d *= 10
+    return steps
+
+
+def _cut_points(start: int, stop: int, step: int, group_size: int) -> list[int]:
+    """Sub-block boundaries in [start, stop]: multiples of ``step`` from start, plus every group start."""
+    points = set(range(start, stop, step)) | {stop}
+    if group_size > 0:
+        points |= set(range(-(-start // group_size) * group_size, stop, group_size))
+    return sorted(points)
+
+
+def _gptq_columns(
+    w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GPTQ sweep over ``w[out, n]`` (columns in processing order; not modified).
+
+    Returns ``codes uint8 [out, n]``, ``scales [out, G]``, ``zeros [out, G]`` (float, w's dtype) and the
+    dequantized weight transposed, ``q_t [n, out]``.
+    """
+    out_f, n = w.shape
+    maxq = 2**bits - 1
+    # private transposed copy (row j = column j). Row j is dead once column j is quantized, so it is
+    # overwritten with the dequantized column: at the end wt holds Q^T.
+    wt = torch.empty(n, out_f, dtype=w.dtype, device=w.device).copy_(w.t())
+    codes_t = torch.empty(n, out_f, dtype=torch.uint8, device=wt.device)
+    n_groups = num_groups(n, group_size)
+    scales = torch.empty(n_groups, out_f, dtype=wt.dtype, device=wt.device)
+    zeros = torch.empty_like(scales)
+    if group_size == -1:
+        scale, zero = find_params(wt.t(), bits, sym, clip)
+        scales[0], zeros[0] = scale, zero
+    block = block_size if group_size == -1 else group_size * max(1, block_size // group_size)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
+        err1 = torch.empty_like(w1)
+        cuts = _cut_points(i1, i2, _SUB_BLOCK, group_size)
+        for s1, s2 in itertools.pairwise(cuts):
+            if group_size > 0 and s1 % group_size == 0:
+                gi = s1 // group_size
+                scale, zero = find_params(wt[s1 : min(s1 + group_size, n)].t(), bits, sym, clip)
+                scales[gi], zeros[gi] = scale, zero
+            a, b = s1 - i1, s2 - i1
+            for j in range(a, b):
+                col = w1[j]
+                code = torch.clamp(torch.round(col / scale) + zero, 0, maxq)
+                codes_t[i1 + j] = code
+                q = (code - zero).mul_(scale)
+                torch.sub(col, q, out=err1[j]).div_(u1[j, j])
+                col.copy_(q)
+                if j + 1 < b:
+                    w1[j + 1 : b].addr_(u1[j, j + 1 : b], err1[j], alpha=-1)
+            if b < i2 - i1:
+                w1[b:].addmm_(u1[a:b, b:].t(), err1[a:b], alpha=-1)
+        if i2 < n:
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
+    return codes_t.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), wt
+
+
+def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Per-row ``d H d^T`` for ``D = w - q_t^T`` (``h`` symmetric); summing rows gives the proxy loss."""
+    d_t = w.t() - q_t
+    return (h @ d_t).mul_(d_t).sum(0)
+
+
+def _solve(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    act_order: bool,
+    percdamp: float,
+    block_size: int,
+    clip: bool,
+    nsamples: int | None,
+) -> tuple:
+    """Solve the stacked problem ``w[out, n]`` (compute dtype; not modified).
+
+    Returns ``codes, scales, zeros, g_idx, row_losses, damp, method, fallback``; ``row_losses[out]`` are
+    measured against the caller's (undamped) Hessian.
+    """
+    n = w.shape[1]
+    h = hessian.to(device=w.device, dtype=w.dtype)
+    h = (h + h.t()).mul_(0.5)  # exact symmetry: float matmuls need not give it, and we read one triangle
+
+    def rtn(reason: str, damp: float) -> tuple:
+        logger.warning("GPTQ falls back to RTN: %s", reason)
+        codes, scale, zero, g_idx = rtn_core(w, bits, group_size, sym, clip)
+        g = g_idx.long()
+        q_t = (scale[:, g] * (codes.to(w.dtype) - zero[:, g])).t()
+        h_orig = hessian.to(device=w.device, dtype=w.dtype)
+        return codes, scale, zero, g_idx, _row_losses(w, q_t, (h_orig + h_orig.t()) / 2), damp, "rtn", reason
+
+    if nsamples == 0 or not bool((h != 0).any()):
+        return rtn(NO_CALIBRATION, 0.0)
+    diag = h.diagonal()
+    dead = diag == 0
+    diag[dead] = 1
+    perm = None
+    if act_order:
+        perm = torch.argsort(diag, descending=True, stable=True)
+        w_p, h, dead = w[:, perm], h[perm][:, perm], dead[perm]
+    else:
+        w_p = w
+    work = w_p.clone() if bool(dead.any()) else w_p
+    work[:, dead] = 0
+    mean_diag = float(h.diagonal().mean())
+    u, used = None, percdamp
+    for used in _damping_steps(percdamp):
+        hd = h.clone()
+        hd.diagonal().add_(used * mean_diag)
+        u = upper_inverse_cholesky(hd) if mean_diag > 0 else None
+        del hd
+        if u is not None:
+            break
+        logger.warning("Cholesky failed at relative damping %g; retrying with more", used)
+    if u is None:
+        del h
+        return rtn(f"cholesky failed up to relative damping {used:g}", used)
+    codes_p, scales, zeros, q_t = _gptq_columns(work, u, bits, group_size, sym, clip, block_size)
+    del u, work
+    h.diagonal()[dead] = 0  # back to the caller's Hessian (permuted) for the loss
+    row_losses = _row_losses(w_p, q_t, h)
+    del h, q_t
+    positions = torch.arange(n, device=w.device, dtype=torch.int32)
+    group_of_pos = torch.zeros_like(positions) if group_size == -1 else positions // group_size
+    if perm is None:
+        return codes_p, scales, zeros, group_of_pos, row_losses, used, "gptq", None
+    codes = torch.empty_like(codes_p).index_copy_(1, perm, codes_p)
+    g_idx = torch.empty_like(group_of_pos).index_copy_(0, perm, group_of_pos)
+    return codes, scales, zeros, g_idx, row_losses, used, "gptq", None
+
+
+def _check_solver_args(percdamp: object, block_size: object, act_order: object, nsamples: object) -> None:
+    if (
+        isinstance(percdamp, bool)
+        or not isinstance(percdamp, (int, float))
+        or not math.isfinite(percdamp)
+        or percdamp < 0
+    ):
+        raise ValueError(f"percdamp must be a finite number >= 0, got percdamp={percdamp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
+    if not isinstance(act_order, bool):
+        raise ValueError(f"act_order must be a bool, got act_order={act_order!r}")
+    if nsamples is not None and (isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 0):
+        raise ValueError(f"nsamples must be an int >= 0 or None, got nsamples={nsamples!r}")
+
+
+def _results(
+    weights: list[torch.Tensor], solved: tuple, bits: int, group_size: int, sym: bool, nsamples: int | None
+) -> list[QuantResult]:
+    """Split the stacked solution back into one result per layer."""
+    codes, scales, zeros, g_idx, row_losses, damp, method, fallback = solved
+    results, row = [], 0
+    for weight in weights:
+        rows = slice(row, row + weight.shape[0])
+        row += weight.shape[0]
+        results.append(
+            QuantResult(
+                codes=codes[rows].contiguous(),
+                scales=scales[rows].float().contiguous(),
+                zeros=zeros[rows].to(torch.int32).contiguous(),
+                g_idx=g_idx.clone(),
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+                loss=float(row_losses[rows].sum()),
+                damp=float(damp),
+                method=method,
+                fallback=fallback,
+                nsamples=int(nsamples or 0),
+            )
+        )
+    return results
+
+
+def gptq_quantize_shared(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int = -1,
+    sym: bool = True,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    clip: bool = False,
+    nsamples: int | None = None,
+) -> list[QuantResult]:
+    """GPTQ for several layers fed the same input (q/k/v, gate/up): one damping and one Cholesky, the
+    weights solved as one problem stacked along the output dim, results split back per layer."""
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ValueError(f"weights must be a non-empty list of 2-D tensors, got {type(weights).__name__}")
+    check_common(bits, group_size, sym, clip)
+    _check_solver_args(percdamp, block_size, act_order, nsamples)
+    for i, wi in enumerate(weights):
+        check_weight(wi, f"weights[{i}]")
+        if wi.shape[1] != weights[0].shape[1]:
+            raise ValueError(
+                f"weights[{i}] has {wi.shape[1]} input columns, weights[0] has {weights[0].shape[1]}"
+            )
+    check_hessian(hessian, weights[0].shape[1])
+    dtype = compute_dtype(hessian, *weights)
+    device = weights[0].device
+    stacked = torch.cat([wi.detach().to(device=device, dtype=dtype) for wi in weights], 0)
+    solved = _solve(
+        stacked,
+        hessian,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        act_order=act_order,
+        percdamp=float(percdamp),
+        block_size=block_size,
+        clip=clip,
+        nsamples=nsamples,
+    )
+    return _results(list(weights), solved, bits, group_size, sym, nsamples)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int = -1,
+    sym: bool = True,
+    act_order: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    clip: bool = False,
+    nsamples: int | None = None,
+) -> QuantResult:
+    """GPTQ-quantize ``weight[out, in]`` given the layer Hessian ``[in, in]`` (see the module docstring).
+
+    ``nsamples``: rows behind the Hessian; 0 means no calibration input (RTN fallback), None means unknown
+    (then only an all-zero Hessian counts as no input). Computes in float64 when an input is float64,
+    else float32. The caller's tensors are never modified.
+    """
+    check_weight(weight)
+    return gptq_quantize_shared(
+        [weight],
+        hessian,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        act_order=act_order,
+        percdamp=percdamp,
+        block_size=block_size,
+        clip=clip,
+        nsamples=nsamples,
+    )[0]

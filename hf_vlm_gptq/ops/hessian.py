@@ -1,0 +1,145 @@
+"""Streaming layer Hessians ``H = 2/n * sum_i x_i x_i^T`` for GPTQ.
+
+Rows ``x_i`` are the inputs a layer sees: one per token for a Linear, one per input patch for a conv (the
+patch flattened in ``conv.weight.reshape(out, -1)`` column order). ``n`` counts those rows. The running
+mean is updated in place per batch (as in the IST-DASLab reference), so accumulating in chunks gives the
+same matrix as one pass, up to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .result import all_finite
+
+
+def _as_tuple(v: int | tuple[int, ...], n: int, name: str) -> tuple[int, ...]:
+    t = (v,) * n if isinstance(v, int) else tuple(v)
+    if len(t) != n:
+        raise ValueError(f"{name} must have {n} entries, got {name}={v!r}")
+    return t
+
+
+def _conv_geometry(conv: nn.Module) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(spatial dims, kernel, stride, dilation) of a Conv2d / Conv3d, rejecting grouped convs."""
+    if isinstance(conv, nn.Conv3d):
+        nd = 3
+    elif isinstance(conv, nn.Conv2d):
+        nd = 2
+    else:
+        nd = len(getattr(conv, "kernel_size", ()))
+        if nd not in (2, 3):
+            raise ValueError(f"conv must be a Conv2d or Conv3d, got {type(conv).__name__}")
+    if getattr(conv, "groups", 1) != 1:
+        raise ValueError(f"grouped convolutions are not supported, got groups={conv.groups}")
+    return (
+        nd,
+        _as_tuple(conv.kernel_size, nd, "kernel_size"),
+        _as_tuple(conv.stride, nd, "stride"),
+        _as_tuple(getattr(conv, "dilation", 1), nd, "dilation"),
+    )
+
+
+def _pad_input(
+    x: torch.Tensor, conv: nn.Module, kernel: tuple[int, ...], dilation: tuple[int, ...]
+) -> torch.Tensor:
+    """Apply the conv's padding (numeric, 'valid' or 'same'; any padding_mode) explicitly."""
+    nd = len(kernel)
+    padding = getattr(conv, "padding", 0)
+    if padding == "valid":
+        pads = [(0, 0)] * nd
+    elif padding == "same":
+        pads = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+    else:
+        pads = [(p, p) for p in _as_tuple(padding, nd, "padding")]
+    if not any(a or b for a, b in pads):
+        return x
+    flat = [v for pair in reversed(pads) for v in pair]  # F.pad wants the last dim first
+    mode = getattr(conv, "padding_mode", "zeros")
+    return F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
+
+
+def unfold_conv_input(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """Input patches of a Conv2d / Conv3d as rows ``[N, in_channels * prod(kernel)]``.
+
+    Column order matches ``conv.weight.reshape(out, -1)`` (channel, then kernel positions row-major), so
+    ``patches @ weight.reshape(out, -1).T`` equals the conv output. A 2-D input whose width already equals
+    ``in_channels * prod(kernel)`` is taken as ready-made patch rows (Qwen2-VL's patch embedding).
+    """
+    nd, kernel, stride, dilation = _conv_geometry(conv)
+    width = conv.in_channels * math.prod(kernel)
+    if x.dim() == 2:
+        if x.shape[1] != width:
+            raise ValueError(
+                f"2-D conv input must have width in_channels*prod(kernel)={width}, got {tuple(x.shape)}"
+            )
+        return x
+    if x.dim() == nd + 1:
+        x = x.unsqueeze(0)
+    if x.dim() != nd + 2 or x.shape[1] != conv.in_channels:
+        raise ValueError(
+            f"conv input must be [batch, {conv.in_channels}, *{nd} spatial dims], got shape {tuple(x.shape)}"
+        )
+    x = _pad_input(x, conv, kernel, dilation)
+    spatial = x.shape[2:]
+    # one patch per sample (Qwen2-VL reshapes its pixels into patches before the conv)
+    if tuple(spatial) == kernel and all(d == 1 for d in dilation):
+        return x.reshape(x.shape[0], width)
+    for dim, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        span = d * (k - 1) + 1
+        x = x.unfold(2 + dim, span, s)  # appends a window dim of size `span`
+        if d > 1:
+            x = x[..., ::d]
+    # x: [B, C, *out_spatial, *kernel] -> [B, *out_spatial, C, *kernel]
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    return x.permute(perm).reshape(-1, width)
+
+
+class HessianAccumulator:
+    """Accumulates ``2/n * X^T X`` over batches of layer inputs (fp32 unless told otherwise)."""
+
+    def __init__(
+        self, columns: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ):
+        if isinstance(columns, bool) or not isinstance(columns, int) or columns <= 0:
+            raise ValueError(f"columns must be a positive int, got columns={columns!r}")
+        self.columns = columns
+        self._h = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The accumulated matrix ``[columns, columns]`` (zeros before any input)."""
+        return self._h
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add Linear inputs ``x[..., columns]`` (every leading index is one sample row)."""
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"x must end in {self.columns} features, got shape {tuple(x.shape)}")
+        self._add_rows(x.reshape(-1, self.columns))
+
+    def add_conv_batch(self, x: torch.Tensor, conv_module: nn.Module) -> None:
+        """Add Conv2d / Conv3d inputs; see :func:`unfold_conv_input` for the accepted shapes."""
+        self._add_rows(unfold_conv_input(x, conv_module))
+
+    def _add_rows(self, rows: torch.Tensor) -> None:
+        if rows.shape[-1] != self.columns:
+            raise ValueError(f"input rows must have {self.columns} columns, got {rows.shape[-1]}")
+        n = rows.shape[0]
+        if n == 0:
+            return
+        rows = rows.to(device=self._h.device, dtype=self._h.dtype)
+        if not all_finite(rows):
+            raise ValueError("x contains non-finite values (inf or nan)")
+        total = self.nsamples + n
+        self._h.mul_(self.nsamples / total)
+        rows = rows * math.sqrt(2.0 / total)
+        self._h.addmm_(rows.t(), rows)
+        self.nsamples = total

@@ -1,0 +1,173 @@
+"""GPTQ checkpoint layout ("gptq" format, v1 zeros) <-> codes / scales / zeros / g_idx.
+
+Tensors written by :func:`pack_gptq` (``n_groups = scales.shape[1]``):
+
+* ``qweight`` int32 ``[in_pad * bits / 32, out]``: codes packed along the input dim;
+* ``qzeros``  int32 ``[n_groups, out_pad * bits / 32]``: ``(zero - 1) mod 2**bits`` packed along the output
+  dim (v1 convention: readers add 1 back);
+* ``scales``  float16 ``[n_groups, out]``;
+* ``g_idx``   int32 ``[in]``: group of each input column.
+
+Bit order: values form one little-endian bit stream per packed column, value ``j`` at bits
+``[j*bits, (j+1)*bits)``, word ``k`` holding stream bits ``[32k, 32k+32)``. For 2/4/8 bits that is
+"low bits first within each int32"; for 3 bits, 32 values fill 3 words and values 10 and 21 straddle word
+boundaries (the GPTQ reference packing).
+
+Padding: ``in_pad`` / ``out_pad`` round ``in`` / ``out`` up to a multiple of ``32 / bits`` (bits 2, 4, 8)
+or of 32 (bits 3). Padded qweight entries hold code 0 and padded qzeros entries hold stored value 0
+(i.e. zero point 1); :func:`unpack_gptq` drops them.
+
+v1 caveat: an asymmetric zero point of 0 is stored as ``2**bits - 1``; :func:`unpack_gptq` restores 0 by
+wrapping modulo ``2**bits`` (readers that add 1 without wrapping see ``2**bits``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .grid import check_bits
+
+logger = logging.getLogger(__name__)
+
+_MASK32 = 0xFFFFFFFF
+
+
+def pack_unit(bits: int) -> tuple[int, int]:
+    """(values, words) of one packing unit: 32/bits values per word, or 32 values in 3 words for 3 bits."""
+    check_bits(bits)
+    return (32, 3) if bits == 3 else (32 // bits, 1)
+
+
+def padded_size(n: int, bits: int) -> int:
+    """``n`` rounded up to a whole packing unit."""
+    vals, _ = pack_unit(bits)
+    return -(-n // vals) * vals
+
+
+def packed_rows(n: int, bits: int) -> int:
+    """Number of int32 words holding ``n`` values (after padding)."""
+    return padded_size(n, bits) * bits // 32
+
+
+def _slots(bits: int) -> list[tuple[int, int, int]]:
+    """(word, shift, spill) for each value of a unit; spill > 0 means the top bits go to the next word."""
+    vals, _ = pack_unit(bits)
+    out = []
+    for j in range(vals):
+        word, shift = divmod(j * bits, 32)
+        out.append((word, shift, max(0, shift + bits - 32)))
+    return out
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``values[n, m]`` (ints in ``[0, 2**bits)``) along dim 0 into int32 ``[packed_rows(n), m]``."""
+    vals, words = pack_unit(bits)
+    n, m = values.shape
+    v = torch.zeros(padded_size(n, bits), m, dtype=torch.int64, device=values.device)
+    v[:n] = values.to(torch.int64)
+    v = v.view(-1, vals, m)
+    acc = torch.zeros(v.shape[0], words, m, dtype=torch.int64, device=values.device)
+    for j, (word, shift, spill) in enumerate(_slots(bits)):
+        acc[:, word] |= (v[:, j] << shift) & _MASK32
+        if spill:
+            acc[:, word + 1] |= v[:, j] >> (bits - spill)
+    acc = acc.view(-1, m)
+    acc = torch.where(acc >= 2**31, acc - 2**32, acc)  # two's complement wrap into int32
+    return acc.to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: int32 ``[words, m]`` -> uint8 values ``[n, m]``."""
+    vals, words = pack_unit(bits)
+    mask = 2**bits - 1
+    if words == 1:  # fast path: plain shifts of int32 (arithmetic shift is harmless after masking)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device).view(1, -1, 1)
+        out = (packed.unsqueeze(1) >> shifts) & mask
+        return out.reshape(-1, packed.shape[1])[:n].to(torch.uint8)
+    p = (packed.to(torch.int64) & _MASK32).view(-1, words, packed.shape[1])
+    out = torch.empty(p.shape[0], vals, packed.shape[1], dtype=torch.int64, device=packed.device)
+    for j, (word, shift, spill) in enumerate(_slots(bits)):
+        v = p[:, word] >> shift
+        if spill:
+            v = v | (p[:, word + 1] << (bits - spill))
+        out[:, j] = v & mask
+    return out.reshape(-1, packed.shape[1])[:n].to(torch.uint8)
+
+
+def _check_int_range(t: torch.Tensor, name: str, hi: int) -> None:
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > hi):
+        raise ValueError(f"{name} values must lie in [0, {hi}], got range [{int(t.min())}, {int(t.max())}]")
+
+
+def pack_gptq(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, bits: int
+) -> dict[str, torch.Tensor]:
+    """Pack ``codes[out, in]``, ``scales[out, G]``, ``zeros[out, G]``, ``g_idx[in]`` into the GPTQ tensors."""
+    check_bits(bits)
+    maxq = 2**bits - 1
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
+    out_f, in_f = codes.shape
+    if scales.dim() != 2 or scales.shape[0] != out_f or scales.shape[1] < 1:
+        raise ValueError(f"scales must be [out={out_f}, n_groups], got shape {tuple(scales.shape)}")
+    n_groups = scales.shape[1]
+    if tuple(zeros.shape) != tuple(scales.shape):
+        raise ValueError(
+            f"zeros must have the shape of scales {tuple(scales.shape)}, got {tuple(zeros.shape)}"
+        )
+    if tuple(g_idx.shape) != (in_f,):
+        raise ValueError(f"g_idx must be [in={in_f}], got shape {tuple(g_idx.shape)}")
+    _check_int_range(codes, "codes", maxq)
+    _check_int_range(zeros, "zeros", maxq)
+    _check_int_range(g_idx, "g_idx", n_groups - 1)
+    if not scales.is_floating_point() or not torch.isfinite(scales).all():
+        raise ValueError("scales must be a finite floating tensor")
+    scales16 = scales.t().to(torch.float16).contiguous()
+    if not torch.isfinite(scales16).all():
+        raise ValueError(f"scales overflow float16 (max |scale| = {scales.abs().max().item():.4g})")
+    if bool(((scales16 == 0) & (scales.t() != 0)).any()):
+        logger.warning("some scales underflow to 0 in float16; those groups dequantize to 0")
+    stored_zeros = (zeros.to(torch.int64) - 1) & maxq  # v1: zero - 1, wrapped to the code range
+    return {
+        "qweight": pack_rows(codes.t(), bits),
+        "qzeros": pack_rows(stored_zeros, bits).t().contiguous(),  # packed along out
+        "scales": scales16,
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq(
+    tensors: dict[str, torch.Tensor], in_features: int, out_features: int, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_gptq`: ``(codes uint8 [out, in], scales fp32 [out, G], zeros int32 [out, G],
+    g_idx int32 [in])``."""
+    check_bits(bits)
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        if name not in tensors:
+            raise ValueError(f"tensors is missing {name!r}")
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
+    qweight, qzeros, scales, g_idx = (tensors[k] for k in ("qweight", "qzeros", "scales", "g_idx"))
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (packed_rows(in_features, bits), out_features):
+        raise ValueError(
+            f"qweight must be int32 [{packed_rows(in_features, bits)}, {out_features}], "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    if scales.dim() != 2 or scales.shape[1] != out_features or scales.shape[0] < 1:
+        raise ValueError(f"scales must be [n_groups, {out_features}], got shape {tuple(scales.shape)}")
+    n_groups = scales.shape[0]
+    zshape = (n_groups, packed_rows(out_features, bits))
+    if qzeros.dtype != torch.int32 or tuple(qzeros.shape) != zshape:
+        raise ValueError(f"qzeros must be int32 {list(zshape)}, got {qzeros.dtype} {tuple(qzeros.shape)}")
+    if tuple(g_idx.shape) != (in_features,):
+        raise ValueError(f"g_idx must be [{in_features}], got shape {tuple(g_idx.shape)}")
+    _check_int_range(g_idx, "g_idx", n_groups - 1)
+    codes = unpack_rows(qweight, bits, in_features).t().contiguous()
+    stored = unpack_rows(qzeros.t().contiguous(), bits, out_features)  # [out, G]
+    zeros = (stored.to(torch.int32) + 1) & (2**bits - 1)
+    return codes, scales.t().float().contiguous(), zeros, g_idx.to(torch.int32)

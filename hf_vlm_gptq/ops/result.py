@@ -1,0 +1,100 @@
+"""``QuantResult`` (what a solve returns) and the shared argument checks and proxy loss.
+
+Re-exported by ``ops/gptq.py`` (where the contract names it) and ``ops/rtn.py``; it lives here so the two
+solvers can share it without importing each other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .grid import check_bits, check_group_size, dequantize
+
+
+@dataclass
+class QuantResult:
+    """One quantized weight: codes and grid per group, plus how it was obtained.
+
+    ``codes`` uint8 [out, in]; ``scales`` fp32 [out, n_groups]; ``zeros`` int32 [out, n_groups];
+    ``g_idx`` int32 [in] (group of each original column); ``loss`` is ``tr((W-Q) H (W-Q)^T)`` against the
+    caller's Hessian (NaN without one); ``damp`` the relative damping actually used; ``fallback`` says why
+    GPTQ was not used (None when it was); ``nsamples`` the Hessian's sample rows (0 when unknown).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool
+    loss: float
+    damp: float
+    method: str
+    fallback: str | None
+    nsamples: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        """The quantized weight ``scale * (code - zero)`` as float32 [out, in]."""
+        g = self.g_idx.long()
+        return dequantize(self.codes, self.scales[:, g].float(), self.zeros[:, g].float())
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` holds no inf / nan (one fused min/max pass; much cheaper than ``isfinite().all()``)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64 (exact tests), float32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.numel() == 0:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{name} must be a non-empty 2-D tensor [out, in], got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got dtype {weight.dtype}")
+    if not all_finite(weight):
+        raise ValueError(f"{name} contains non-finite values (inf or nan)")
+    return weight
+
+
+def check_hessian(hessian: object, columns: int) -> torch.Tensor:
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (columns, columns):
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(f"hessian must be [{columns}, {columns}] to match the weight, got {shape}")
+    if not hessian.is_floating_point():
+        raise ValueError(f"hessian must be floating point, got dtype {hessian.dtype}")
+    if not all_finite(hessian):
+        raise ValueError("hessian contains non-finite values (inf or nan)")
+    return hessian
+
+
+def check_common(bits: object, group_size: object, sym: object, clip: object) -> None:
+    check_bits(bits)
+    check_group_size(group_size)
+    for name, v in (("sym", sym), ("clip", clip)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be a bool, got {name}={v!r}")
+
+
+def proxy_loss(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """``tr((W - Q) H (W - Q)^T)`` in the wider of the inputs' dtypes; NaN without a Hessian."""
+    if hessian is None:
+        return math.nan
+    dtype = compute_dtype(weight, hessian)
+    d = weight.to(dtype) - quantized.to(device=weight.device, dtype=dtype)
+    h = hessian.to(device=weight.device, dtype=dtype)
+    return float(((d @ h) * d).sum())
