@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .calib import builtin_samples, build_model_inputs
+from .calib import build_model_inputs, builtin_samples
 from .config import VLMGPTQConfig
 from .report import records_to_table
 

@@ -118,6 +118,50 @@ def _packed_parts(module: nn.Module, path: str) -> list[tuple[str, QuantLinear |
     return [(path, module)]
 
 
+def _packed_tensors(module: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """Full name -> (meta) tensor of every packed buffer of a rebuilt module."""
+    return {f"{part_path}.{name}": getattr(part, name)
+            for part_path, part in _packed_parts(module, path) for name in PACKED_BUFFERS}
+
+
+def check_checkpoint_files(model: nn.Module, modules: dict[str, dict[str, Any]], checkpoint_files: list[str],
+                           checkpoint_names) -> None:
+    """Before loading: every packed tensor the config lists is in the files with the right shape and dtype.
+
+    `checkpoint_names(name)` gives the keys a tensor may be saved under (transformers' legacy layouts).
+    Only safetensors headers are read, so this costs milliseconds and fails before any weight is loaded.
+    """
+    from safetensors import safe_open
+
+    found: dict[str, tuple[list[int], str]] = {}
+    for file in checkpoint_files or []:
+        if not str(file).endswith(".safetensors"):
+            return  # pickle checkpoints: left to the post-load verification
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key.rpartition(".")[2] in PACKED_BUFFERS:
+                    sl = handle.get_slice(key)
+                    found[key] = (list(sl.get_shape()), sl.get_dtype())
+    expected_dtype = {"qweight": "I32", "qzeros": "I32", "g_idx": "I32"}
+    for path in modules:
+        for name, tensor in _packed_tensors(model.get_submodule(path), path).items():
+            key = next((k for k in checkpoint_names(name) if k in found), None)
+            if key is None:
+                raise ValueError(
+                    f"checkpoint is missing the quantized tensor {name!r} (looked for "
+                    f"{checkpoint_names(name)}); the files are incomplete. Re-save the quantized model."
+                )
+            shape, dtype = found[key]
+            if shape != list(tensor.shape):
+                raise ValueError(
+                    f"quantized tensor {key!r} has shape {shape} in the checkpoint but the config's module "
+                    f"entry needs {list(tensor.shape)}; the checkpoint is corrupt or its config was edited."
+                )
+            want = expected_dtype.get(name.rpartition(".")[2])
+            if want is not None and dtype != want:
+                raise ValueError(f"quantized tensor {key!r} is stored as {dtype}, expected int32 ({want}).")
+
+
 def check_packed(module: QuantLinear | QuantConv, path: str) -> None:
     """Sanity of loaded packed tensors: g_idx names existing groups, scales are finite."""
     groups = module.scales.shape[0]

@@ -19,7 +19,7 @@ from transformers.quantizers.base import HfQuantizer
 from .arch import spec_for_model_type
 from .calib import build_model_inputs, load_samples
 from .config import VLMGPTQConfig
-from .modules_swap import replace_with_quant_modules, verify_loaded
+from .modules_swap import check_checkpoint_files, replace_with_quant_modules, verify_loaded
 from .pipeline import quantize_model
 from .report import QuantRecord, records_to_table
 
@@ -52,6 +52,8 @@ class VLMGPTQHfQuantizer(HfQuantizer):
                 )
             dtype = self.dtype if isinstance(self.dtype, torch.dtype) else torch.float16
             replace_with_quant_modules(model, config.modules, dtype)
+            spec = spec_for_model_type(model.config.model_type)
+            check_checkpoint_files(model, config.modules, kwargs.get("checkpoint_files"), spec.checkpoint_names)
             return model
         spec_for_model_type(model.config.model_type)  # unsupported architectures fail before loading weights
         self.samples = load_samples(config.dataset, config.num_samples, seed=config.seed)

@@ -5,6 +5,8 @@ from .spec import ArchSpec, ComponentSpec
 QWEN2_VL = ArchSpec(
     name="qwen2_vl",
     model_types=("qwen2_vl",),
+    # transformers 5.x saves Qwen2-VL as model.layers.N.* / visual.* and maps the keys back on load.
+    saved_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
     components=(
         ComponentSpec(
             name="vision",

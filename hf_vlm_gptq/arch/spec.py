@@ -43,6 +43,16 @@ class ArchSpec:
     name: str
     model_types: tuple[str, ...]
     components: tuple[ComponentSpec, ...] = field(default_factory=tuple)
+    saved_prefixes: tuple[tuple[str, str], ...] = ()
+    """(module-path prefix, checkpoint-key prefix) pairs where `save_pretrained` writes a legacy layout."""
+
+    def checkpoint_names(self, name: str) -> list[str]:
+        """The keys a module tensor may have in a checkpoint: its own name, then the legacy one."""
+        names = [name]
+        for runtime, saved in self.saved_prefixes:
+            if name.startswith(runtime):
+                names.append(saved + name[len(runtime):])
+        return names
 
     def flags(self) -> set[str]:
         return {c.flag for c in self.components}

@@ -1,0 +1,132 @@
+"""Quality: relative logit error against the unquantized model, RTN vs GPTQ, per part switched on.
+
+    python bench/quality.py [--archs qwen2_vl,video_llama_3] [--samples 32] [--quick]
+
+Builds a model of a few million parameters offline (random weights, real processor), calibrates on the
+built-in set, and evaluates on held-out built-in samples (another seed: images, clips, text). Every row is
+measured in the same run against the same float logits. Writes bench/results/quality.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import hf_vlm_gptq  # noqa: F401
+from hf_vlm_gptq import VLMGPTQConfig
+from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
+from hf_vlm_gptq.testing import build_tiny_qwen2vl, build_tiny_videollama3
+
+RESULTS = Path(__file__).parent / "results"
+
+BRIDGE = {"qwen2_vl": "quant_cross_attention", "video_llama_3": "quant_visual_projector"}
+PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
+
+
+def build(arch: str, root: Path) -> Path:
+    """A few-million-parameter model of `arch` (widths that group size 128 divides, some it does not)."""
+    if arch == "qwen2_vl":
+        return build_tiny_qwen2vl(root / arch, seed=0, num_llm_layers=4, vision_depth=4, hidden_size=256,
+                                  vision_embed_dim=128)
+    return build_tiny_videollama3(root / arch, seed=0, num_llm_layers=4, vision_depth=4, hidden_size=256,
+                                  vision_hidden_size=128, vision_intermediate_size=432)
+
+
+def parts(arch: str) -> dict[str, dict[str, bool]]:
+    """Row name -> flags: each part alone, then everything."""
+    off = dict.fromkeys(PART_FLAGS, False)
+    return {
+        "vision": {**off, "quant_visual_clip": True},
+        "bridge": {**off, BRIDGE[arch]: True},
+        "llm": {**off, "quant_llm": True},
+        "all": {**off, "quant_visual_clip": True, BRIDGE[arch]: True, "quant_llm": True},
+    }
+
+
+def rel_error(model, reference: list[torch.Tensor], inputs: list[dict]) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for ref, batch in zip(reference, inputs):
+            out = model(**batch).logits
+            num += (out - ref).pow(2).sum().item()
+            den += ref.pow(2).sum().item()
+    return (num / den) ** 0.5
+
+
+def run(archs: list[str], num_samples: int, quick: bool) -> list[dict]:
+    rows = []
+    root = Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    for arch in archs:
+        path = build(arch, root)
+        processor = AutoProcessor.from_pretrained(path)
+        float_model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        held_out = build_model_inputs(builtin_samples(12, seed=777), processor, max_seq_len=1024)
+        with torch.no_grad():
+            reference = [float_model(**b).logits for b in held_out]
+        n_params = sum(p.numel() for p in float_model.parameters())
+        del float_model
+        settings = [(4, 128), (3, 128)] if not quick else [(4, 128)]
+        variants = [("split", {"visual_split": True, "llm_split": True})] if not quick else []
+        for bits, group in settings:
+            for part, flags in parts(arch).items():
+                for method in ("rtn", "gptq"):
+                    rows.append(measure(arch, path, n_params, part, flags, method, bits, group, num_samples,
+                                        reference, held_out, {}))
+        for name, extra in variants:
+            for method in ("rtn", "gptq"):
+                rows.append(measure(arch, path, n_params, f"all+{name}", parts(arch)["all"], method, 4, 128,
+                                    num_samples, reference, held_out, extra))
+    return rows
+
+
+def measure(arch, path, n_params, part, flags, method, bits, group, num_samples, reference, held_out, extra):
+    rtn = method == "rtn"
+    cfg = VLMGPTQConfig(num_samples=num_samples, w_groupsize=group, visual_w_bits=bits, llm_w_bits=bits,
+                        visual_w_rtn=rtn, llm_w_rtn=rtn, **flags, **extra)
+    start = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
+    seconds = time.perf_counter() - start
+    err = rel_error(model.eval(), reference, held_out)
+    row = {"arch": arch, "params_M": round(n_params / 1e6, 2), "part": part, "method": method, "bits": bits,
+           "group": group, "rel_logit_error": err, "quantize_s": round(seconds, 2)}
+    print(f"{arch:<14} {part:<10} w{bits}g{group} {method:<4} rel.err {err:.4f}  ({seconds:.1f} s)", flush=True)
+    return row
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| arch | part | bits/group | RTN rel. err | GPTQ rel. err | GPTQ / RTN |", "|---|---|---|---|---|---|"]
+    keyed = {(r["arch"], r["part"], r["bits"], r["group"], r["method"]): r for r in rows}
+    for (arch, part, bits, group, method), r in keyed.items():
+        if method != "gptq":
+            continue
+        rtn = keyed[(arch, part, bits, group, "rtn")]["rel_logit_error"]
+        g = r["rel_logit_error"]
+        lines.append(f"| {arch} ({r['params_M']} M) | {part} | w{bits} g{group} | {rtn:.4f} | {g:.4f} | {g / rtn:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default="qwen2_vl,video_llama_3")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="4-bit only, no split rows")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = run(args.archs.split(","), args.samples, args.quick)
+    table = to_markdown(rows)
+    print("\n" + table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / "quality.md").write_text(
+        f"# bench/quality.py ({time.strftime('%Y-%m-%d')}, CPU, calibration {args.samples} built-in samples, "
+        f"12 held-out samples of another seed)\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
