@@ -5,11 +5,14 @@ from .gptq import QuantResult, gptq_quantize, gptq_quantize_shared
 from .grid import QuantGrid, dequantize, find_params, quantize_codes
 from .hessian import HessianAccumulator, unfold_conv_input
 from .packing import pack_gptq, unpack_gptq
+from .qmodules import QuantConv, QuantLinear, set_dequant_cache
 from .rtn import rtn_quantize
 
 __all__ = [
     "HessianAccumulator",
+    "QuantConv",
     "QuantGrid",
+    "QuantLinear",
     "QuantResult",
     "dequantize",
     "find_params",
@@ -18,6 +21,7 @@ __all__ = [
     "pack_gptq",
     "quantize_codes",
     "rtn_quantize",
+    "set_dequant_cache",
     "unfold_conv_input",
     "unpack_gptq",
 ]
