@@ -139,8 +139,11 @@ class _GroupInputs:
         self.samples += 1
 
     def close(self) -> torch.Tensor:
+        """Stop listening and hand over the Hessian (dropping our reference, so the caller's `del` frees it)."""
         self.handle.remove()
-        return self.accumulator.hessian
+        hessian = self.accumulator.hessian
+        self.accumulator = None
+        return hessian
 
 
 def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts: dict,
