@@ -42,15 +42,16 @@ NO_CALIBRATION = "no calibration input"
 
 def upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
     """Upper-triangular ``U`` with ``U^T U = h^-1``, or None when ``h`` is not (numerically) positive definite."""
-    n = h.shape[0]
     lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info) != 0:
         return None
     pivots = lower.diagonal()
-    tol = n * torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
-    if float(pivots.min()) ** 2 <= tol:  # numerically singular: its inverse would be noise
+    # numerically singular (e.g. percdamp=0 on a rank-deficient H): the inverse would be rounding noise.
+    # A damped Hessian has pivots^2 >= damp * mean(diag), far above this unless max/mean diag > damp / eps.
+    tol = torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
+    if float(pivots.min()) ** 2 <= tol:
         return None
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
     return u if all_finite(u) else None
 

@@ -44,7 +44,7 @@ def _conv_geometry(conv: nn.Module) -> tuple[int, tuple[int, ...], tuple[int, ..
     )
 
 
-def _pad_input(
+def pad_conv_input(
     x: torch.Tensor, conv: nn.Module, kernel: tuple[int, ...], dilation: tuple[int, ...]
 ) -> torch.Tensor:
     """Apply the conv's padding (numeric, 'valid' or 'same'; any padding_mode) explicitly."""
@@ -87,7 +87,7 @@ def unfold_conv_input(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
         raise ValueError(
             f"conv input must be [batch, {conv.in_channels}, *{nd} spatial dims], got shape {tuple(x.shape)}"
         )
-    x = _pad_input(x, conv, kernel, dilation)
+    x = pad_conv_input(x, conv, kernel, dilation)
     spatial = x.shape[2:]
     # one patch per sample (Qwen2-VL reshapes its pixels into patches before the conv)
     if tuple(spatial) == kernel and all(d == 1 for d in dilation):

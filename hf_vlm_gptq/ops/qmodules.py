@@ -21,208 +21,20 @@ model stays in the checkpoint format; the compute dtype (``weight_dtype``) follo
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grid import check_bits, check_group_size, num_groups
-from .hessian import _pad_input
-from .kernels import (
-    Int4Weights,
-    build_int4,
-    dequantize_packed,
-    group_permutation,
-    int4_matmul,
-    int4_max_batch,
-    int4_unavailable_reason,
-    unpack_codes,
-    unpack_zeros,
-)
-from .packing import pack_gptq, packed_rows
+from .hessian import pad_conv_input
+from .qbase import KERNEL_MODES, PackedWeightModule, check_positive_int
 from .result import QuantResult
 
-logger = logging.getLogger(__name__)
-
-KERNEL_MODES = ("auto", "int4", "dequant")
-_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+__all__ = ["KERNEL_MODES", "QuantConv", "QuantLinear", "set_dequant_cache"]
 
 
-def _check_positive_int(name: str, v: object) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
-    return v
-
-
-class _PackedWeight(nn.Module):
-    """Shared buffer set, caches and matmul path selection for QuantLinear / QuantConv."""
-
-    cache_dequantized: bool = False
-
-    def _init_packed(
-        self,
-        in_features: int,
-        out_features: int,
-        bits: int,
-        group_size: int,
-        bias: bool,
-        dtype: torch.dtype,
-        device: torch.device | str | None,
-    ) -> None:
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
-        self.bits = check_bits(bits)
-        self.group_size = check_group_size(group_size)
-        if not isinstance(bias, bool):
-            raise ValueError(f"bias must be a bool, got bias={bias!r}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch.dtype, got dtype={dtype!r}")
-        self.weight_dtype = dtype
-        self.kernel = "auto"
-        self._cache: dict = {}
-        n_groups = num_groups(in_features, group_size)
-        cols = torch.arange(in_features, dtype=torch.int32, device=device)
-        i32 = {"dtype": torch.int32, "device": device}
-        self.register_buffer("qweight", torch.zeros(packed_rows(in_features, bits), out_features, **i32))
-        self.register_buffer("qzeros", torch.zeros(n_groups, packed_rows(out_features, bits), **i32))
-        self.register_buffer(
-            "scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
-        )
-        self.register_buffer("g_idx", torch.zeros_like(cols) if group_size == -1 else cols // group_size)
-        if bias:
-            self.bias = nn.Parameter(
-                torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False
-            )
-        else:
-            self.register_parameter("bias", None)
-
-    @property
-    def n_groups(self) -> int:
-        return int(self.scales.shape[0])
-
-    def _load_result(self, result: QuantResult, bias: torch.Tensor | None) -> None:
-        if result.shape != (self.out_features, self.in_features):
-            raise ValueError(
-                f"result shape {result.shape} does not match ({self.out_features}, {self.in_features})"
-            )
-        for name, tensor in pack_gptq(
-            result.codes, result.scales, result.zeros, result.g_idx, result.bits
-        ).items():
-            getattr(self, name).copy_(tensor)
-        if bias is not None:
-            if self.bias is None or tuple(bias.shape) != (self.out_features,):
-                raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
-            self.bias.data.copy_(bias.detach())
-
-    # -- caches ---------------------------------------------------------------------------------------
-    def _stamp(self) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.device) for t in (getattr(self, n) for n in _BUFFERS))
-
-    def _cached(self, key: tuple, build):
-        stamp = self._stamp()
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
-        value = build()
-        self._cache[key] = (stamp, value)
-        return value
-
-    def clear_cache(self) -> None:
-        """Drop derived weights (kernel formats, dequantized copies)."""
-        self._cache = {}
-
-    def _apply(self, fn, recurse: bool = True):
-        self.clear_cache()
-        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.qweight.device))
-        scales = self._buffers.get("scales")
-        keep = scales is not None and scales.is_floating_point() and scales.element_size() in _INT_VIEW
-        if keep:  # a bit-cast integer view is moved by fn but never cast
-            self._buffers["scales"] = scales.view(_INT_VIEW[scales.element_size()])
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            if keep:
-                self._buffers["scales"] = self._buffers["scales"].view(scales.dtype)
-        if probe.dtype.is_floating_point:
-            self.weight_dtype = probe.dtype
-        return self
-
-    # -- weights --------------------------------------------------------------------------------------
-    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight ``[out, in]`` as ``scale * (code - zero)`` in ``dtype`` (default ``weight_dtype``)."""
-        dtype = dtype or self.weight_dtype
-        if self.qweight.is_meta:
-            return torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta")
-        if not self.cache_dequantized:
-            return self._dequantize(dtype)
-        return self._cached(("dense", dtype), lambda: self._dequantize(dtype))
-
-    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_packed(
-            self.qweight,
-            self.qzeros,
-            self.scales,
-            self.g_idx,
-            bits=self.bits,
-            in_features=self.in_features,
-            out_features=self.out_features,
-            group_size=self.group_size,
-            dtype=dtype,
-        )
-
-    def _int4(self, x2: torch.Tensor) -> Int4Weights | str:
-        """Kernel-format weights for inputs like ``x2``, or why the kernel cannot be used."""
-        reason = int4_unavailable_reason(
-            self.bits, self.group_size, self.in_features, self.out_features, x2.dtype, x2.device
-        )
-        if reason is not None:
-            return reason
-        return self._cached(("int4", x2.device, x2.dtype), lambda: self._build_int4(x2))
-
-    def _build_int4(self, x2: torch.Tensor) -> Int4Weights | str:
-        perm, ok = group_permutation(self.g_idx, self.group_size)
-        if not ok:
-            return "g_idx groups are not equal-sized blocks of group_size columns"
-        codes = unpack_codes(self.qweight, self.bits, self.in_features)
-        zeros = unpack_zeros(self.qzeros, self.bits, self.out_features)
-        w = build_int4(codes, zeros, self.scales, perm, self.group_size, x2.device)
-        if x2.device.type != "cpu":  # the CUDA layout is not testable on CPU hosts: verify once per module
-            probe = torch.randn(4, self.in_features, dtype=x2.dtype, device=x2.device)
-            ref = F.linear(probe, self._dequantize(x2.dtype)).float()
-            err = (int4_matmul(probe, w).float() - ref).abs().max()
-            if not bool(err <= 0.02 * ref.abs().max() + 1e-3):
-                logger.warning("int4 kernel self-check failed (max err %.3g); using dequantize + matmul", err)
-                return "int4 kernel self-check failed"
-        return w
-
-    def _matmul(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x2[M, in] @ W^T + bias`` through the chosen path."""
-        if self.kernel not in KERNEL_MODES:
-            raise ValueError(f"kernel must be one of {KERNEL_MODES}, got kernel={self.kernel!r}")
-        if bias is not None:
-            bias = bias.to(x2.dtype)
-        if self.kernel != "dequant":
-            w = self._int4(x2)
-            if isinstance(w, Int4Weights):
-                if self.kernel == "int4" or x2.shape[0] <= int4_max_batch(
-                    x2.device.type, self.cache_dequantized
-                ):
-                    y = int4_matmul(x2, w)
-                    return y if bias is None else y.add_(bias)
-            elif self.kernel == "int4":
-                raise ValueError(f"kernel='int4' is unavailable for this layer / input: {w}")
-        return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
-
-    def forward_reference(self, x2: torch.Tensor) -> torch.Tensor:
-        """Reference ``x2 @ dequantize(W)^T + bias`` in x's dtype (what every path must match)."""
-        bias = None if self.bias is None else self.bias.to(x2.dtype)
-        return F.linear(x2, self._dequantize(x2.dtype), bias)
-
-
-class QuantLinear(_PackedWeight):
+class QuantLinear(PackedWeightModule):
     """A Linear layer with a GPTQ-packed weight; ``forward`` picks the int4 kernel or dequantize + matmul."""
 
     def __init__(
@@ -275,7 +87,7 @@ def _tuple(v: object, n: int, name: str) -> tuple[int, ...]:
     return tuple(t)
 
 
-class QuantConv(_PackedWeight):
+class QuantConv(PackedWeightModule):
     """A Conv2d / Conv3d with a GPTQ-packed weight flattened to ``(out, in * prod(kernel))``.
 
     ``forward``: when stride == kernel, no padding and no dilation (patch embeddings), input patches are
@@ -308,8 +120,8 @@ class QuantConv(_PackedWeight):
             raise ValueError(f"conv_kind must be 'conv2d' or 'conv3d', got conv_kind={conv_kind!r}")
         nd = 2 if conv_kind == "conv2d" else 3
         self.conv_kind = conv_kind
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.out_channels = _check_positive_int("out_channels", out_channels)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
         self.kernel_size = _tuple(kernel_size, nd, "kernel_size")
         if min(self.kernel_size) < 1:
             raise ValueError(f"kernel_size must be positive, got kernel_size={kernel_size!r}")
@@ -383,7 +195,7 @@ class QuantConv(_PackedWeight):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             conv = F.conv2d if nd == 2 else F.conv3d
             if self.padding_mode != "zeros":
-                x = _pad_input(x, self, self.kernel_size, self.dilation)
+                x = pad_conv_input(x, self, self.kernel_size, self.dilation)
                 y = conv(x, w, bias, self.stride, 0, self.dilation)
             else:
                 y = conv(x, w, bias, self.stride, self.padding, self.dilation)
@@ -414,7 +226,7 @@ def set_dequant_cache(module: nn.Module, enabled: bool) -> int:
     """Turn the dequantized-weight cache on / off for every Quant* module under ``module``; returns how many."""
     count = 0
     for m in module.modules():
-        if isinstance(m, _PackedWeight):
+        if isinstance(m, PackedWeightModule):
             m.cache_dequantized = bool(enabled)
             m.clear_cache()
             count += 1

@@ -156,9 +156,14 @@ def test_upper_inverse_cholesky_is_the_upper_factor_of_the_inverse():
     assert torch.allclose(u, expected, rtol=1e-9, atol=1e-12)
 
 
-def test_singular_hessian_without_damping_retries_with_more():
-    h = torch.ones(32, 32, dtype=torch.float64)  # rank 1: Cholesky breaks down without damping
-    res = gptq_quantize(weight(4, 32, seed=17), h, bits=4, percdamp=0.0)
+@pytest.mark.parametrize("kind", ["rank1", "few_samples"])
+def test_singular_hessian_without_damping_retries_with_more(kind):
+    if kind == "rank1":
+        h = torch.ones(32, 32, dtype=torch.float64)
+    else:  # 16 samples for 32 columns
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+        h = 2 / 16 * x.T @ x
+    res = gptq_quantize(weight(4, 32, seed=17, dtype=h.dtype), h, bits=4, percdamp=0.0)
     assert res.method == "gptq" and res.fallback is None
     assert res.damp > 0.0
 
@@ -225,3 +230,14 @@ def test_shape_mismatches_raise():
         gptq_quantize(torch.randn(16), torch.eye(16), bits=4)
     with pytest.raises(ValueError, match=r"weights\[1\]"):
         gptq_quantize_shared([torch.randn(4, 16), torch.randn(4, 15)], torch.eye(16), bits=4)
+
+
+def test_default_damping_is_enough_for_rank_deficient_outlier_hessians():
+    """Fewer samples than columns and one massive-activation channel (300x): 1% damping must factor in
+    fp32 without a spurious retry (which would silently weaken the solve)."""
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(256, 512, generator=g)
+    x[:, 3] *= 300
+    h = 2 / 256 * x.T @ x
+    res = gptq_quantize(torch.randn(8, 512, generator=g), h, bits=4, group_size=64)
+    assert res.method == "gptq" and res.damp == 0.01

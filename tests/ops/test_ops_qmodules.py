@@ -11,7 +11,7 @@ from torch import nn
 
 from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize, set_dequant_cache
 from hf_vlm_gptq.ops import kernels as K
-from hf_vlm_gptq.ops import qmodules as Q
+from hf_vlm_gptq.ops import qbase as Q
 
 from .helpers import correlated_hessian
 
@@ -298,3 +298,11 @@ def test_quant_conv_rejects_bad_arguments(change, name):
         QuantConv(**args)
     with pytest.raises(ValueError, match="groups"):
         QuantConv.from_result(_result(4, 18), nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_loading_a_result_with_other_bits_or_groups_raises():
+    m = QuantLinear(64, 32, 4, 32, False)
+    with pytest.raises(ValueError, match="bits"):
+        m._load_result(_result(32, 64, bits=3, group_size=32), None)
+    with pytest.raises(ValueError, match="group_size"):
+        m._load_result(_result(32, 64, bits=4, group_size=16), None)
