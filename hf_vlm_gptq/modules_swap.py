@@ -73,11 +73,16 @@ def module_entry(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, QuantConv):
         return {"kind": "conv", "conv_kind": module.conv_kind, "in_channels": module.in_channels,
                 "out_channels": module.out_channels, "kernel_size": list(module.kernel_size),
-                "stride": list(module.stride), "padding": list(module.padding), **common}
+                "stride": list(module.stride), "padding": _padding_entry(module.padding), **common}
     if isinstance(module, QuantLinear):
         return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 **common}
     raise TypeError(f"no checkpoint entry for a {type(module).__name__}")
+
+
+def _padding_entry(padding: Any, kind: type = list) -> Any:
+    """Conv padding as stored: "valid" / "same" stay strings (VideoLLaMA3's stem), numbers become a list."""
+    return padding if isinstance(padding, str) else kind(padding)
 
 
 def build_from_entry(entry: dict[str, Any], dtype: torch.dtype) -> nn.Module:
@@ -88,7 +93,7 @@ def build_from_entry(entry: dict[str, Any], dtype: torch.dtype) -> nn.Module:
         return QuantLinear(entry["in_features"], entry["out_features"], bits, group, bias=bias, dtype=dtype)
     if kind == "conv":
         return QuantConv(entry["conv_kind"], entry["in_channels"], entry["out_channels"],
-                         tuple(entry["kernel_size"]), tuple(entry["stride"]), tuple(entry["padding"]),
+                         tuple(entry["kernel_size"]), tuple(entry["stride"]), _padding_entry(entry["padding"], tuple),
                          bits, group, bias=bias, dtype=dtype)
     if kind == "split_linear":
         l1 = nn.Linear(1, entry["out_features"], bias=False, dtype=dtype)

@@ -11,9 +11,10 @@ Only one block (and one group's Hessian) is on the calibration device at a time.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -61,23 +62,51 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+CallsPerBatch = Callable[[dict], int]
+
+
 @torch.no_grad()
-def capture_calls(model: nn.Module, target: nn.Module, batches: list[dict], device: torch.device) -> list[Call]:
-    """Run the model on each batch and keep the (args, kwargs) `target` is called with, on `device`."""
-    calls: list[Call] = []
+def run_batches(model: nn.Module, watched: nn.Module, batches: list[dict],
+                calls_per_batch: CallsPerBatch | None = None) -> None:
+    """Run the model on each batch, ending each pass once `watched` has finished its expected calls.
 
-    def pre_hook(_module, args, kwargs):
-        calls.append((move_to(args, device), move_to(kwargs, device)))
-        raise _StopForward
+    `calls_per_batch(batch)` says how often `watched` runs in one pass (a vision tower runs once for the
+    images and once more for the videos of a sample); batches where it never runs are not run at all.
+    """
+    remaining = [0]
 
-    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    def count(*_):
+        remaining[0] -= 1
+        if remaining[0] <= 0:
+            raise _StopForward
+
+    handle = watched.register_forward_hook(count)
     model_device = _model_device(model)
     try:
         for batch in batches:
+            remaining[0] = calls_per_batch(batch) if calls_per_batch is not None else 1
+            if remaining[0] <= 0:
+                continue
             try:
                 model(**move_to(batch, model_device), use_cache=False)
             except _StopForward:
                 pass
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def capture_calls(model: nn.Module, target: nn.Module, batches: list[dict], device: torch.device,
+                  calls_per_batch: CallsPerBatch | None = None) -> list[Call]:
+    """Run the model on each batch and keep every (args, kwargs) `target` is called with, on `device`."""
+    calls: list[Call] = []
+
+    def pre_hook(_module, args, kwargs):
+        calls.append((move_to(args, device), move_to(kwargs, device)))
+
+    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        run_batches(model, target, batches, calls_per_batch)
     finally:
         handle.remove()
     return calls
@@ -148,7 +177,12 @@ class _GroupInputs:
 
 def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts: dict,
            config: VLMGPTQConfig) -> list[QuantResult]:
-    common = dict(bits=opts["bits"], group_size=config.w_groupsize, sym=config.sym, clip=opts["clip"])
+    group_size = config.w_groupsize
+    if group_size > weights[0].shape[1]:
+        # One group covers the whole row either way; -1 says so (and ops' dequantize rejects a group wider
+        # than the layer).
+        group_size = -1
+    common = dict(bits=opts["bits"], group_size=group_size, sym=config.sym, clip=opts["clip"])
     if opts["rtn"]:
         seen = hessian if tokens > 0 else None  # RTN needs no data; the loss is reported when there was some
         return [rtn_quantize(w, hessian=seen, **common) for w in weights]
@@ -159,10 +193,12 @@ def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts
 class ComponentQuantizer:
     """Quantizes one component of one model; results land in `records` and `entries`."""
 
-    def __init__(self, model: nn.Module, comp: ComponentSpec, config: VLMGPTQConfig, device: torch.device,
-                 records: dict[str, QuantRecord], entries: dict[str, dict], progress: bool) -> None:
+    def __init__(self, model: nn.Module, spec: ArchSpec, comp: ComponentSpec, config: VLMGPTQConfig,
+                 device: torch.device, records: dict[str, QuantRecord], entries: dict[str, dict],
+                 progress: bool) -> None:
         self.model = model
         self.comp = comp
+        self.calls_per_batch: CallsPerBatch = lambda batch: spec.calls_per_batch(comp, batch)
         self.config = config
         self.opts = config.part_options(comp.part)
         self.device = device
@@ -200,21 +236,11 @@ class ComponentQuantizer:
             return
         start = time.perf_counter()
         inputs = _GroupInputs(conv, is_conv=True, drop_first_channel=False)
-
-        def stop(*_):
-            raise _StopForward
-
-        stopper = conv.register_forward_hook(stop)
         try:
-            with torch.no_grad():
-                for batch in batches:
-                    try:
-                        self.model(**move_to(batch, _model_device(self.model)), use_cache=False)
-                    except _StopForward:
-                        pass
+            run_batches(self.model, conv, batches, self.calls_per_batch)
         finally:
-            stopper.remove()
-        hessian = inputs.close().to(self.device)
+            hessian = inputs.close()
+        hessian = hessian.to(self.device)
         weight = conv.weight.detach().reshape(conv.weight.shape[0], -1).to(self.device)
         (result,) = _solve([weight], hessian, inputs.tokens, self.opts, self.config)
         del hessian
@@ -239,7 +265,7 @@ class ComponentQuantizer:
 
     def quantize_blocks(self, batches: list[dict]) -> None:
         blocks = self._blocks()
-        calls = capture_calls(self.model, blocks[0][1], batches, self.device)
+        calls = capture_calls(self.model, blocks[0][1], batches, self.device, self.calls_per_batch)
         if not calls and not self.opts["rtn"]:
             logger.warning("%s: no calibration sample reached this part (e.g. no image or video in the data); "
                            "its linears get RTN and are flagged", self.comp.name)
@@ -302,6 +328,7 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     `modules` entries the loader needs to rebuild the packed modules from a checkpoint.
     """
     spec = spec or spec_for_model_type(model.config.model_type)
+    check_part_flags(spec, config)
     log_ignored_flags(spec, config)
     unknown = set(select or ()) - {c.name for c in spec.components}
     if unknown:
@@ -318,7 +345,7 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
         which = "all" if select is None else select[comp.name]
         logger.info("quantizing %s (%s bits, %s)", comp.name, config.part_options(comp.part)["bits"],
                     "RTN" if config.part_options(comp.part)["rtn"] else "GPTQ")
-        worker = ComponentQuantizer(model, comp, config, device, records, entries, progress)
+        worker = ComponentQuantizer(model, spec, comp, config, device, records, entries, progress)
         if comp.stem and which in ("all", "stem"):
             worker.quantize_stem(batches)
         if which in ("all", "blocks"):
@@ -327,12 +354,32 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     return records, entries
 
 
-def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str] = (
-        "quant_cross_attention", "quant_visual_projector")) -> None:
-    """One log line for bridge flags that do not apply to this architecture."""
-    ignored = [f for f in flags if f not in spec.flags() and getattr(config, f)]
-    if ignored:
-        logger.info("%s has no part behind %s; ignored", spec.name, ", ".join(ignored))
+PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
+
+
+def check_part_flags(spec: ArchSpec, config: VLMGPTQConfig) -> None:
+    """Fail before any work when none of the parts this architecture has is switched on."""
+    if not any(getattr(config, flag) for flag in sorted(spec.flags())):
+        others = [f for f in PART_FLAGS if f not in spec.flags()]
+        raise ValueError(
+            f"nothing to quantize: {spec.name}'s parts are switched by {', '.join(sorted(spec.flags()))}, and all "
+            f"are False ({', '.join(others)} do not apply to {spec.name}); switch one of its parts on."
+        )
+
+
+def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str] = PART_FLAGS) -> None:
+    """One log line for part flags that do not apply to this architecture.
+
+    INFO when the user changed such a flag from its default (they meant something by it), DEBUG otherwise:
+    `quant_cross_attention` / `quant_visual_projector` both default to True, so each architecture has one.
+    """
+    defaults = inspect.signature(VLMGPTQConfig.__init__).parameters
+    ignored = [f for f in flags if f not in spec.flags()]
+    if not ignored:
+        return
+    changed = any(getattr(config, f) != defaults[f].default for f in ignored)
+    logger.log(logging.INFO if changed else logging.DEBUG, "%s has no part behind %s; ignored", spec.name,
+               ", ".join(f"{f}={getattr(config, f)}" for f in ignored))
 
 
 __all__ = ["SplitLinear", "capture_calls", "quantize_model", "replay"]

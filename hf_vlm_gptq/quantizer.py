@@ -20,7 +20,7 @@ from .arch import spec_for_model_type
 from .calib import build_model_inputs, load_samples
 from .config import VLMGPTQConfig
 from .modules_swap import check_checkpoint_files, replace_with_quant_modules, verify_loaded
-from .pipeline import quantize_model
+from .pipeline import check_part_flags, quantize_model
 from .report import QuantRecord, records_to_table
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class VLMGPTQHfQuantizer(HfQuantizer):
             spec = spec_for_model_type(model.config.model_type)
             check_checkpoint_files(model, config.modules, kwargs.get("checkpoint_files"), spec.checkpoint_names)
             return model
-        spec_for_model_type(model.config.model_type)  # unsupported architectures fail before loading weights
+        # Unsupported architectures and flags that leave nothing to do fail before loading weights.
+        check_part_flags(spec_for_model_type(model.config.model_type), config)
         self.samples = load_samples(config.dataset, config.num_samples, seed=config.seed)
         return model
 

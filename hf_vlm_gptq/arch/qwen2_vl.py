@@ -16,6 +16,7 @@ QWEN2_VL = ArchSpec(
             blocks=("model.visual.blocks", "visual.blocks"),
             sequential=(("attn.qkv",), ("attn.proj",), ("mlp.fc1",), ("mlp.fc2",)),
             split_target="mlp.fc2",
+            calls_per_media=True,
         ),
         ComponentSpec(
             name="merger",
@@ -23,6 +24,7 @@ QWEN2_VL = ArchSpec(
             part="visual",
             blocks=("model.visual.merger", "visual.merger"),
             single=True,
+            calls_per_media=True,
             sequential=(("mlp.0",), ("mlp.2",)),
         ),
         ComponentSpec(

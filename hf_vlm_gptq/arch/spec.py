@@ -34,6 +34,9 @@ class ComponentSpec:
     """True when `blocks` is one module rather than a list of blocks."""
     split_target: str | None = None
     """The linear that `*_split` cuts into L1 (channel 0, full precision) + L2 (quantized)."""
+    calls_per_media: bool = False
+    """True when the part runs once per kind of media in a batch (the vision tower and bridge run for the
+    images, then again for the videos) and not at all on text-only batches; False: once per batch."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class ArchSpec:
     components: tuple[ComponentSpec, ...] = field(default_factory=tuple)
     saved_prefixes: tuple[tuple[str, str], ...] = ()
     """(module-path prefix, checkpoint-key prefix) pairs where `save_pretrained` writes a legacy layout."""
+    media_inputs: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
+    """Model-input keys that each send one batch of media through the vision tower."""
 
     def checkpoint_names(self, name: str) -> list[str]:
         """The keys a module tensor may have in a checkpoint: its own name, then the legacy one."""
@@ -56,6 +61,12 @@ class ArchSpec:
 
     def flags(self) -> set[str]:
         return {c.flag for c in self.components}
+
+    def calls_per_batch(self, comp: ComponentSpec, batch: dict) -> int:
+        """How many times `comp`'s first block runs in one forward pass on `batch` (0: never)."""
+        if not comp.calls_per_media:
+            return 1
+        return sum(1 for key in self.media_inputs if batch.get(key) is not None)
 
 
 def find_module(root: nn.Module, candidates: tuple[str, ...]) -> tuple[str, nn.Module] | None:

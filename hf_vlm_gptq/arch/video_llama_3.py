@@ -23,6 +23,7 @@ VIDEO_LLAMA_3 = ArchSpec(
                 ("mlp.fc2",),
             ),
             split_target="mlp.fc2",
+            calls_per_media=True,
         ),
         ComponentSpec(
             name="projector",
@@ -30,6 +31,7 @@ VIDEO_LLAMA_3 = ArchSpec(
             part="visual",
             blocks=("model.projector", "model.mm_projector"),
             single=True,
+            calls_per_media=True,
             sequential=(("readout.0",), ("readout.2",)),
         ),
         ComponentSpec(
