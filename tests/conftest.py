@@ -33,3 +33,31 @@ def builtin_samples_small():
     from hf_vlm_gptq.calib import builtin_samples
 
     return builtin_samples(12, seed=0)
+
+
+def _write_video(path, frames, fps: int = 4):
+    """Encode RGB uint8 frames [H, W, 3] into a video file with PyAV (skips the test when PyAV is missing)."""
+    av = pytest.importorskip("av")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def video_file(tmp_path_factory):
+    """A 6-frame 64x48 mp4 clip (a square moving right at 4 fps) written with PyAV."""
+    import numpy as np
+
+    frames = []
+    for t in range(6):
+        frame = np.full((48, 64, 3), 40, np.uint8)
+        frame[10:26, 4 + 6 * t: 20 + 6 * t] = (230, 200, 40)
+        frames.append(frame)
+    return _write_video(tmp_path_factory.mktemp("video") / "clip.mp4", frames)
