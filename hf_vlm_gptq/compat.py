@@ -42,14 +42,32 @@ def config_from_args(args: Any, dev: Any = None, **overrides: Any) -> VLMGPTQCon
     return VLMGPTQConfig(**values)
 
 
+# model_type -> (family name, the family's whole-model entry point)
+_FAMILIES = {"qwen2_vl": ("Qwen2-VL", "qwen2vl_rtn_gptq_fwrd_plus"),
+             "video_llama_3": ("VideoLLaMA3", "videollama3_rtn_gptq_fwrd_plus")}
+
+
+def _check_family(name: str, family: str, model) -> None:
+    """The research code had one module per model family; calling the wrong one fails here, by name."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == family:
+        return
+    other = _FAMILIES.get(model_type)
+    hint = (f"use the {other[0]} functions ({other[1]} and its per-part siblings)" if other
+            else "use hf_vlm_gptq.api.quantize, which reads the architecture from the model")
+    raise ValueError(f"{name}() is for {_FAMILIES[family][0]} models (model_type {family!r}) but got a model "
+                     f"of model_type {model_type!r}; {hint}.")
+
+
 def _run(model, dataset, dev, dataset_name, args, select: dict[str, str], **overrides) -> dict[str, QuantRecord]:
     config = config_from_args(args, dev, **overrides)
     logger.info("calibrating on %s", dataset_name or "the given samples")
     return quantize(model, config, data=dataset, select=select)
 
 
-def _make(select: dict[str, str], doc: str, **overrides: Any):
+def _make(family: str, select: dict[str, str], doc: str, **overrides: Any):
     def entry(model, dataset=None, dev=None, dataset_name=None, args=None) -> dict[str, QuantRecord]:
+        _check_family(entry.__name__, family, model)
         return _run(model, dataset, dev, dataset_name, args, select, **overrides)
 
     entry.__doc__ = doc
@@ -58,44 +76,55 @@ def _make(select: dict[str, str], doc: str, **overrides: Any):
 
 # --- Qwen2-VL -------------------------------------------------------------------------------------
 qwen2vl_rtn_gptq_fwrd_plus = _make(
-    {"vision": "all", "merger": "all", "llm": "all"},
+    "qwen2_vl", {"vision": "all", "merger": "all", "llm": "all"},
     "Quantize every part of a Qwen2-VL the flags enable (vision, merger, LLM); GPTQ or RTN per *_w_rtn.")
 gptq_qwen2vl_fwrd_visual_clip_conv1 = _make(
-    {"vision": "stem"}, "GPTQ of Qwen2-VL's Conv3d patch embedding.", visual_w_rtn=False, quant_visual_clip=True)
+    "qwen2_vl", {"vision": "stem"}, "GPTQ of Qwen2-VL's Conv3d patch embedding.",
+    visual_w_rtn=False, quant_visual_clip=True)
 gptq_qwen2vl_fwrd_visual_clip_resblocks = _make(
-    {"vision": "blocks"}, "GPTQ of Qwen2-VL's vision blocks.", visual_w_rtn=False, quant_visual_clip=True)
+    "qwen2_vl", {"vision": "blocks"}, "GPTQ of Qwen2-VL's vision blocks.",
+    visual_w_rtn=False, quant_visual_clip=True)
 qwen2vl_visual_clip_rtn = _make(
-    {"vision": "all"}, "RTN of Qwen2-VL's patch embedding and vision blocks.", visual_w_rtn=True,
+    "qwen2_vl", {"vision": "all"}, "RTN of Qwen2-VL's patch embedding and vision blocks.", visual_w_rtn=True,
     quant_visual_clip=True)
 gptq_qwen2vl_fwrd_visual_clip_cross_attention = _make(
-    {"merger": "all"}, "GPTQ of Qwen2-VL's visual.merger.", visual_w_rtn=False, quant_cross_attention=True)
+    "qwen2_vl", {"merger": "all"}, "GPTQ of Qwen2-VL's visual.merger.",
+    visual_w_rtn=False, quant_cross_attention=True)
 qwen2vl_visual_cross_attention_rtn = _make(
-    {"merger": "all"}, "RTN of Qwen2-VL's visual.merger.", visual_w_rtn=True, quant_cross_attention=True)
+    "qwen2_vl", {"merger": "all"}, "RTN of Qwen2-VL's visual.merger.",
+    visual_w_rtn=True, quant_cross_attention=True)
 gptq_qwen2vl_fwrd_llm = _make(
-    {"llm": "all"}, "GPTQ of Qwen2-VL's language model.", llm_w_rtn=False, quant_llm=True)
+    "qwen2_vl", {"llm": "all"}, "GPTQ of Qwen2-VL's language model.", llm_w_rtn=False, quant_llm=True)
 qwen2vl_llm_rtn = _make(
-    {"llm": "all"}, "RTN of Qwen2-VL's language model.", llm_w_rtn=True, quant_llm=True)
+    "qwen2_vl", {"llm": "all"}, "RTN of Qwen2-VL's language model.", llm_w_rtn=True, quant_llm=True)
 
 # --- VideoLLaMA3 ----------------------------------------------------------------------------------
 videollama3_rtn_gptq_fwrd_plus = _make(
-    {"vision": "all", "projector": "all", "llm": "all"},
+    "video_llama_3", {"vision": "all", "projector": "all", "llm": "all"},
     "Quantize every part of a VideoLLaMA3 the flags enable (encoder, projector, LLM); GPTQ or RTN per *_w_rtn.")
 gptq_videollama3_fwrd_visual_encoder_patch_embedding = _make(
-    {"vision": "stem"}, "GPTQ of VideoLLaMA3's Conv2d patch embedding.", visual_w_rtn=False,
+    "video_llama_3", {"vision": "stem"}, "GPTQ of VideoLLaMA3's Conv2d patch embedding.", visual_w_rtn=False,
     quant_visual_clip=True)
 gptq_videollama3_fwrd_visual_encoder_layers = _make(
-    {"vision": "blocks"}, "GPTQ of VideoLLaMA3's vision encoder layers.", visual_w_rtn=False,
+    "video_llama_3", {"vision": "blocks"}, "GPTQ of VideoLLaMA3's vision encoder layers.", visual_w_rtn=False,
     quant_visual_clip=True)
 videollama3_visual_encoder_rtn = _make(
-    {"vision": "all"}, "RTN of VideoLLaMA3's patch embedding and encoder layers.", visual_w_rtn=True,
+    "video_llama_3", {"vision": "all"}, "RTN of VideoLLaMA3's patch embedding and encoder layers.",
+    visual_w_rtn=True,
     quant_visual_clip=True)
 gptq_videollama3_fwrd_visual_projector = _make(
-    {"projector": "all"}, "GPTQ of VideoLLaMA3's projector.", visual_w_rtn=False, quant_visual_projector=True)
+    "video_llama_3", {"projector": "all"}, "GPTQ of VideoLLaMA3's projector.",
+    visual_w_rtn=False, quant_visual_projector=True)
 videollama3_visual_projector_rtn = _make(
-    {"projector": "all"}, "RTN of VideoLLaMA3's projector.", visual_w_rtn=True, quant_visual_projector=True)
+    "video_llama_3", {"projector": "all"}, "RTN of VideoLLaMA3's projector.",
+    visual_w_rtn=True, quant_visual_projector=True)
 gptq_videollama3_fwrd_llm = _make(
-    {"llm": "all"}, "GPTQ of VideoLLaMA3's language model.", llm_w_rtn=False, quant_llm=True)
+    "video_llama_3", {"llm": "all"}, "GPTQ of VideoLLaMA3's language model.", llm_w_rtn=False, quant_llm=True)
 videollama3_llm_rtn = _make(
-    {"llm": "all"}, "RTN of VideoLLaMA3's language model.", llm_w_rtn=True, quant_llm=True)
+    "video_llama_3", {"llm": "all"}, "RTN of VideoLLaMA3's language model.", llm_w_rtn=True, quant_llm=True)
 
-__all__ = [name for name in dir() if "fwrd" in name or name.endswith("_rtn")] + ["config_from_args"]
+_ENTRY_POINTS = [name for name in dir() if "fwrd" in name or name.endswith("_rtn")]
+for _name in _ENTRY_POINTS:
+    globals()[_name].__name__ = globals()[_name].__qualname__ = _name
+
+__all__ = [*_ENTRY_POINTS, "config_from_args"]
