@@ -1,7 +1,7 @@
 """`hf-vlm-gptq`: quantize a VLM from the shell, or run the offline demo.
 
     hf-vlm-gptq quantize MODEL OUT [--llm-w-bits 4 --w-groupsize 128 --act-order ...]
-    hf-vlm-gptq demo [--arch qwen2_vl]
+    hf-vlm-gptq demo [--arch qwen2_vl|video_llama_3]
 
 The options of `quantize` mirror VLMGPTQConfig's fields (`--no-quant-llm`, `--visual-w-rtn`, ...).
 Output is written to a temporary folder beside OUT and renamed into place at the end, so an interrupted
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import VLMGPTQConfig
+from .demo import DEMO_ARCHS
 
 logger = logging.getLogger("hf_vlm_gptq.cli")
 
@@ -56,8 +57,10 @@ def _config_from_args(args: argparse.Namespace) -> VLMGPTQConfig:
                          calibration_device=args.device, **values)
 
 
-def atomic_save(model, out_dir: str | Path, processor=None, overwrite: bool = False) -> Path:
-    """Save `model` (and `processor`) into `out_dir` via a temporary sibling folder and a rename."""
+def atomic_save(model, out_dir: str | Path, processor=None, overwrite: bool = False,
+                extra_files: dict[str, str] | None = None) -> Path:
+    """Save `model` (and `processor`, and `extra_files` name -> text) into `out_dir` via a temporary sibling
+    folder and a rename, so `out_dir` appears complete or not at all."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite (or choose another OUT) to replace it")
@@ -67,6 +70,8 @@ def atomic_save(model, out_dir: str | Path, processor=None, overwrite: bool = Fa
         model.save_pretrained(tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -93,8 +98,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.model, quantization_config=config, dtype=getattr(torch, args.dtype))
     elapsed = time.perf_counter() - start
     config.processor = None
-    atomic_save(model, out, processor=processor, overwrite=args.overwrite)
-    (out / "quantization_report.json").write_text(quantization_report(model, as_json=True))
+    atomic_save(model, out, processor=processor, overwrite=args.overwrite,
+                extra_files={"quantization_report.json": quantization_report(model, as_json=True)})
     print(quantization_report(model))
     print(f"\nquantized in {elapsed:.1f} s; saved to {out} (report: {out / 'quantization_report.json'})")
     return 0
@@ -106,7 +111,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(arch=args.arch, out_dir=args.out, num_samples=args.num_samples)
     print(report["table"])
     print()
-    for key in ("checkpoint", "quantize_seconds", "reload_logits_max_abs_diff", "generated"):
+    for key in ("checkpoint", "quantize_seconds", "reload_logits_max_abs_diff", "generated_image",
+                "generated_video"):
         print(f"{key}: {report[key]}")
     return 0
 
@@ -125,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("demo", help="build a tiny VLM offline, quantize, save, reload, generate")
-    d.add_argument("--arch", default="qwen2_vl", choices=["qwen2_vl"])
+    d.add_argument("--arch", default="qwen2_vl", choices=sorted(DEMO_ARCHS))
     d.add_argument("--out", default=None, help="where to keep the quantized checkpoint (default: a temp folder)")
     d.add_argument("--num-samples", type=int, default=16)
     d.set_defaults(func=cmd_demo)

@@ -1,4 +1,4 @@
-"""The offline demo: tiny VLM -> quantize on the built-in set -> save -> reload -> generate.
+"""The offline demo: tiny VLM -> quantize on the built-in set -> save -> reload -> generate (image, video).
 
 Everything is built on the spot (config, random weights, a tokenizer trained here, the real processor),
 so it runs with no network. It exercises the same public path a user takes.
@@ -17,7 +17,16 @@ from .calib import build_model_inputs, builtin_samples
 from .config import VLMGPTQConfig
 from .report import records_to_table
 
-_BUILDERS = {"qwen2_vl": "build_tiny_qwen2vl"}
+_BUILDERS = {"qwen2_vl": "build_tiny_qwen2vl", "video_llama_3": "build_tiny_videollama3"}
+DEMO_ARCHS = tuple(_BUILDERS)
+
+
+def _prompts(processor) -> dict[str, dict]:
+    """Held-out prompts (no answer, so they end in a generation prompt): one picture and one clip."""
+    samples = builtin_samples(12, seed=1234)
+    picked = {kind: next(s for s in samples if kind in s) for kind in ("image", "video")}
+    return {kind: build_model_inputs([{k: v for k, v in s.items() if k != "answer"}], processor,
+                                     max_seq_len=2048)[0] for kind, s in picked.items()}
 
 
 def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samples: int = 16) -> dict[str, Any]:
@@ -32,7 +41,7 @@ def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samp
         raise ValueError(f"demo arch must be one of {sorted(_BUILDERS)}, got {arch!r}")
     work = Path(tempfile.mkdtemp(prefix="hf_vlm_gptq_demo_"))
     source = getattr(tiny_models, _BUILDERS[arch])(work / "tiny-float")
-    out = Path(out_dir) if out_dir is not None else work / "tiny-w4g128"
+    out = Path(out_dir) if out_dir is not None else work / "tiny-w4g32"
 
     processor = AutoProcessor.from_pretrained(source)
     config = VLMGPTQConfig(num_samples=num_samples, w_groupsize=32)
@@ -43,11 +52,13 @@ def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samp
     atomic_save(model, out, processor=processor, overwrite=True)
 
     reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
-    sample = builtin_samples(1, seed=1234, with_video=False)
-    inputs = build_model_inputs(sample, processor, max_seq_len=512)[0]
-    with torch.no_grad():
-        diff = (model(**inputs).logits - reloaded(**inputs).logits).abs().max().item()
-        generated = reloaded.generate(**inputs, max_new_tokens=8, do_sample=False)
-    text = processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    return {"table": table, "checkpoint": str(out), "quantize_seconds": round(quantize_seconds, 2),
-            "reload_logits_max_abs_diff": diff, "generated": repr(text)}
+    report: dict[str, Any] = {"table": table, "checkpoint": str(out), "quantize_seconds": round(quantize_seconds, 2),
+                              "reload_logits_max_abs_diff": 0.0}
+    for kind, inputs in _prompts(processor).items():
+        with torch.no_grad():
+            diff = (model(**inputs).logits - reloaded(**inputs).logits).abs().max().item()
+            generated = reloaded.generate(**inputs, max_new_tokens=8, do_sample=False)
+        report["reload_logits_max_abs_diff"] = max(report["reload_logits_max_abs_diff"], diff)
+        new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+        report[f"generated_{kind}"] = repr(processor.batch_decode(new_tokens, skip_special_tokens=True)[0])
+    return report
