@@ -24,6 +24,7 @@ from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
 from hf_vlm_gptq.testing import build_tiny_qwen2vl, build_tiny_videollama3
 
 RESULTS = Path(__file__).parent / "results"
+HELD_OUT = 24  # held-out built-in samples (another seed): 18 pictures, 4 clips, 2 text-only turns
 
 BRIDGE = {"qwen2_vl": "quant_cross_attention", "video_llama_3": "quant_visual_projector"}
 PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
@@ -49,14 +50,22 @@ def parts(arch: str) -> dict[str, dict[str, bool]]:
     }
 
 
-def rel_error(model, reference: list[torch.Tensor], inputs: list[dict]) -> float:
-    num = den = 0.0
+def kind_of(batch: dict) -> str:
+    """Which held-out modality a processed sample is: "video", "image" or "text"."""
+    return "video" if "pixel_values_videos" in batch else "image" if "pixel_values" in batch else "text"
+
+
+def rel_errors(model, reference: list[torch.Tensor], inputs: list[dict]) -> dict[str, float]:
+    """||logits - float logits|| / ||float logits|| over all held-out samples, and per modality."""
+    sums: dict[str, list[float]] = {}
     with torch.no_grad():
         for ref, batch in zip(reference, inputs):
             out = model(**batch).logits
-            num += (out - ref).pow(2).sum().item()
-            den += ref.pow(2).sum().item()
-    return (num / den) ** 0.5
+            for key in ("all", kind_of(batch)):
+                num_den = sums.setdefault(key, [0.0, 0.0])
+                num_den[0] += (out - ref).pow(2).sum().item()
+                num_den[1] += ref.pow(2).sum().item()
+    return {key: (num / den) ** 0.5 for key, (num, den) in sums.items()}
 
 
 def run(archs: list[str], num_samples: int, quick: bool) -> list[dict]:
@@ -66,7 +75,7 @@ def run(archs: list[str], num_samples: int, quick: bool) -> list[dict]:
         path = build(arch, root)
         processor = AutoProcessor.from_pretrained(path)
         float_model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-        held_out = build_model_inputs(builtin_samples(12, seed=777), processor, max_seq_len=1024)
+        held_out = build_model_inputs(builtin_samples(HELD_OUT, seed=777), processor, max_seq_len=1024)
         with torch.no_grad():
             reference = [float_model(**b).logits for b in held_out]
         n_params = sum(p.numel() for p in float_model.parameters())
@@ -92,22 +101,34 @@ def measure(arch, path, n_params, part, flags, method, bits, group, num_samples,
     start = time.perf_counter()
     model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
     seconds = time.perf_counter() - start
-    err = rel_error(model.eval(), reference, held_out)
+    errors = rel_errors(model.eval(), reference, held_out)
+    err = errors["all"]
     row = {"arch": arch, "params_M": round(n_params / 1e6, 2), "part": part, "method": method, "bits": bits,
-           "group": group, "rel_logit_error": err, "quantize_s": round(seconds, 2)}
-    print(f"{arch:<14} {part:<10} w{bits}g{group} {method:<4} rel.err {err:.4f}  ({seconds:.1f} s)", flush=True)
+           "group": group, "rel_logit_error": err,
+           **{f"rel_logit_error_{kind}": errors[kind] for kind in ("image", "video", "text") if kind in errors},
+           "quantize_s": round(seconds, 2)}
+    per_kind = "  ".join(f"{k} {v:.4f}" for k, v in errors.items() if k != "all")
+    print(f"{arch:<14} {part:<10} w{bits}g{group} {method:<4} rel.err {err:.4f}  ({per_kind})  ({seconds:.1f} s)",
+          flush=True)
     return row
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| arch | part | bits/group | RTN rel. err | GPTQ rel. err | GPTQ / RTN |", "|---|---|---|---|---|---|"]
+    """One line per (arch, part, bits, group): RTN and GPTQ errors, and GPTQ / RTN overall and per modality."""
+    lines = ["| arch | part | bits/group | RTN rel. err | GPTQ rel. err | GPTQ / RTN | image | video | text |",
+             "|---|---|---|---|---|---|---|---|---|"]
     keyed = {(r["arch"], r["part"], r["bits"], r["group"], r["method"]): r for r in rows}
     for (arch, part, bits, group, method), r in keyed.items():
         if method != "gptq":
             continue
-        rtn = keyed[(arch, part, bits, group, "rtn")]["rel_logit_error"]
-        g = r["rel_logit_error"]
-        lines.append(f"| {arch} ({r['params_M']} M) | {part} | w{bits} g{group} | {rtn:.4f} | {g:.4f} | {g / rtn:.2f} |")
+        rtn = keyed[(arch, part, bits, group, "rtn")]
+        ratios = []
+        for kind in ("image", "video", "text"):
+            key = f"rel_logit_error_{kind}"
+            ratios.append(f"{r[key] / rtn[key]:.2f}" if key in r and rtn.get(key) else "-")
+        g, base = r["rel_logit_error"], rtn["rel_logit_error"]
+        lines.append(f"| {arch} ({r['params_M']} M) | {part} | w{bits} g{group} | {base:.4f} | {g:.4f} | "
+                     f"{g / base:.2f} | {' | '.join(ratios)} |")
     return "\n".join(lines)
 
 
@@ -125,7 +146,7 @@ def main() -> None:
     (RESULTS / "quality.json").write_text(json.dumps(rows, indent=2))
     (RESULTS / "quality.md").write_text(
         f"# bench/quality.py ({time.strftime('%Y-%m-%d')}, CPU, calibration {args.samples} built-in samples, "
-        f"12 held-out samples of another seed)\n\n{table}\n")
+        f"{HELD_OUT} held-out samples of another seed)\n\n{table}\n")
 
 
 if __name__ == "__main__":
