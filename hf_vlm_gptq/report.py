@@ -27,8 +27,8 @@ class QuantRecord:
     act_order: bool
     in_features: int
     out_features: int
-    samples: int = 0
-    tokens: int = 0
+    samples: int = 0  # calibration inputs that reached the layer (vision parts: one per picture set or clip)
+    tokens: int = 0  # rows behind its Hessian (tokens, patches, or unfolded conv windows)
     damp: float = float("nan")
     loss: float = float("nan")
     fallback: str | None = None
