@@ -28,7 +28,7 @@ logger = logging.getLogger("hf_vlm_gptq.cli")
 
 # Config fields that are not command-line options (data objects, or written by quantization).
 _NOT_OPTIONS = {"dataset", "processor", "modules", "stats", "format_version", "checkpoint_format", "kwargs",
-                "self", "modules_to_not_convert", "calibration_device"}
+                "self", "modules_to_not_convert", "calibration_device", "calibration_offload"}
 
 
 def _config_options() -> list[tuple[str, Any]]:
@@ -49,12 +49,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--skip", action="append", default=[], metavar="MODULE_PATH",
                        help="module path (or prefix) to keep in full precision; repeatable")
     group.add_argument("--device", default=None, help="device that runs one block at a time (default: cuda if present)")
+    group.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                       help="run calibration passes on --device module by module, weights left in place "
+                            "(default: when the weights are on another device)")
 
 
 def _config_from_args(args: argparse.Namespace) -> VLMGPTQConfig:
     values = {name: getattr(args, name) for name, _ in _config_options()}
     return VLMGPTQConfig(dataset=args.dataset, modules_to_not_convert=args.skip,
-                         calibration_device=args.device, **values)
+                         calibration_device=args.device, calibration_offload=args.offload, **values)
 
 
 def atomic_save(model, out_dir: str | Path, processor=None, overwrite: bool = False,

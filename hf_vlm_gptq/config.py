@@ -68,6 +68,9 @@ class VLMGPTQConfig(QuantizationConfigMixin):
             already quantized groups before it (False: all groups of a block see float inputs).
         calibration_device: device that runs one block at a time ("cuda", "cpu"); None picks CUDA when
             present, else the model's device.
+        calibration_offload: run the calibration forward passes on `calibration_device` one module at a
+            time, leaving the weights where they are (for models larger than the GPU); None does so when
+            the weights are on another device than `calibration_device`.
         modules_to_not_convert: module paths (or path prefixes) to keep in full precision.
         seed: seed of the built-in calibration set.
     """
@@ -97,6 +100,7 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         block_size: int = 128,
         true_sequential: bool = True,
         calibration_device: str | None = None,
+        calibration_offload: bool | None = None,
         modules_to_not_convert: list[str] | None = None,
         seed: int = 0,
         modules: dict[str, dict[str, Any]] | None = None,
@@ -129,6 +133,7 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         self.block_size = block_size
         self.true_sequential = true_sequential
         self.calibration_device = calibration_device
+        self.calibration_offload = calibration_offload
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.seed = seed
         # Filled by quantization; read back by the loader.
@@ -173,6 +178,9 @@ class VLMGPTQConfig(QuantizationConfigMixin):
                 f"VLMGPTQConfig.calibration_device must be a device string such as 'cuda' or 'cpu', "
                 f"got {self.calibration_device!r}."
             )
+        if self.calibration_offload is not None and not isinstance(self.calibration_offload, bool):
+            raise ValueError(f"VLMGPTQConfig.calibration_offload must be True, False or None (automatic), "
+                             f"got {self.calibration_offload!r}.")
         if not all(isinstance(m, str) for m in self.modules_to_not_convert):
             raise ValueError(
                 "VLMGPTQConfig.modules_to_not_convert must be a list of module paths (strings), "

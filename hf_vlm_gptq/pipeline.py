@@ -6,11 +6,14 @@ Per enabled component, in the spec's order (vision -> bridge -> LLM):
      it is now, so a later component sees the outputs of the already quantized earlier ones;
   3. per block: per sequential group, replay the block on every caught input with a hook that feeds the
      group's Hessian, solve, swap in packed modules; then replay once more to get the next block's inputs.
-Only one block (and one group's Hessian) is on the calibration device at a time.
+Only one block (and one group's Hessian) is on the calibration device at a time. When the weights live
+elsewhere (a model larger than the GPU, kept on CPU), the calibration passes of steps 1-2 run module by module
+on the calibration device (offload.py); the caught inputs stay there, one copy at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 from .arch import ArchSpec, ComponentSpec, find_module, spec_for_model_type
 from .config import VLMGPTQConfig
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
+from .offload import ExecutionOffload, move_to, same_device
 from .ops import HessianAccumulator, QuantResult, gptq_quantize_shared, rtn_quantize
 from .report import QuantRecord
 
@@ -34,19 +38,6 @@ Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass once the wanted inputs are caught."""
-
-
-def move_to(obj: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples / lists / dicts to `device`."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(move_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [move_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: move_to(v, device) for k, v in obj.items()}
-    return obj
 
 
 def resolve_device(config: VLMGPTQConfig, model: nn.Module) -> torch.device:
@@ -62,16 +53,28 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def use_offload(config: VLMGPTQConfig, model: nn.Module, device: torch.device) -> bool:
+    """Whether calibration passes bring each module to `device` in turn (see offload.py): the config's
+    `calibration_offload`, else when the weights are elsewhere and accelerate has not dispatched the model."""
+    if config.calibration_offload is not None:
+        return config.calibration_offload
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        logger.info("the model is dispatched by accelerate; calibration passes run through its hooks")
+        return False
+    return not same_device(_model_device(model), device)
+
+
 CallsPerBatch = Callable[[dict], int]
 
 
 @torch.no_grad()
 def run_batches(model: nn.Module, watched: nn.Module, batches: list[dict],
-                calls_per_batch: CallsPerBatch | None = None) -> None:
+                calls_per_batch: CallsPerBatch | None = None, input_device: torch.device | None = None) -> None:
     """Run the model on each batch, ending each pass once `watched` has finished its expected calls.
 
     `calls_per_batch(batch)` says how often `watched` runs in one pass (a vision tower runs once for the
     images and once more for the videos of a sample); batches where it never runs are not run at all.
+    Batches are moved to `input_device` (default: the model's device) one at a time.
     """
     remaining = [0]
 
@@ -81,14 +84,14 @@ def run_batches(model: nn.Module, watched: nn.Module, batches: list[dict],
             raise _StopForward
 
     handle = watched.register_forward_hook(count)
-    model_device = _model_device(model)
+    input_device = input_device or _model_device(model)
     try:
         for batch in batches:
             remaining[0] = calls_per_batch(batch) if calls_per_batch is not None else 1
             if remaining[0] <= 0:
                 continue
             try:
-                model(**move_to(batch, model_device), use_cache=False)
+                model(**move_to(batch, input_device), use_cache=False)
             except _StopForward:
                 pass
     finally:
@@ -97,7 +100,8 @@ def run_batches(model: nn.Module, watched: nn.Module, batches: list[dict],
 
 @torch.no_grad()
 def capture_calls(model: nn.Module, target: nn.Module, batches: list[dict], device: torch.device,
-                  calls_per_batch: CallsPerBatch | None = None) -> list[Call]:
+                  calls_per_batch: CallsPerBatch | None = None, input_device: torch.device | None = None,
+                  ) -> list[Call]:
     """Run the model on each batch and keep every (args, kwargs) `target` is called with, on `device`."""
     calls: list[Call] = []
 
@@ -106,7 +110,7 @@ def capture_calls(model: nn.Module, target: nn.Module, batches: list[dict], devi
 
     handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        run_batches(model, target, batches, calls_per_batch)
+        run_batches(model, target, batches, calls_per_batch, input_device)
     finally:
         handle.remove()
     return calls
@@ -141,15 +145,24 @@ def replay(block: nn.Module, calls: list[Call], keep_outputs: bool) -> list[Call
     return next_calls
 
 
+@torch.no_grad()
+def advance(block: nn.Module, calls: list[Call]) -> None:
+    """Replace each caught call by the next block's (this block's output), in place: one copy of the
+    activations is alive at a time."""
+    for i, call in enumerate(calls):
+        calls[i] = _with_hidden(call, _first_output(block(*call[0], **call[1])))
+
+
 class _GroupInputs:
     """Feeds one Hessian from the inputs of the first linear of a group (they all share that input)."""
 
-    def __init__(self, module: nn.Module, is_conv: bool, drop_first_channel: bool) -> None:
+    def __init__(self, module: nn.Module, is_conv: bool, drop_first_channel: bool,
+                 device: torch.device | None = None) -> None:
         self.is_conv = is_conv
         self.drop_first_channel = drop_first_channel
         self.module = module
         columns = module.weight[0].numel() - (1 if drop_first_channel else 0)
-        self.accumulator = HessianAccumulator(columns, device=module.weight.device)
+        self.accumulator = HessianAccumulator(columns, device=device or module.weight.device)
         self.samples = 0
         self.tokens = 0
         self.handle = module.register_forward_hook(self._hook)
@@ -195,7 +208,7 @@ class ComponentQuantizer:
 
     def __init__(self, model: nn.Module, spec: ArchSpec, comp: ComponentSpec, config: VLMGPTQConfig,
                  device: torch.device, records: dict[str, QuantRecord], entries: dict[str, dict],
-                 progress: bool) -> None:
+                 progress: bool, offload: bool = False) -> None:
         self.model = model
         self.comp = comp
         self.calls_per_batch: CallsPerBatch = lambda batch: spec.calls_per_batch(comp, batch)
@@ -205,8 +218,16 @@ class ComponentQuantizer:
         self.records = records
         self.entries = entries
         self.progress = progress
+        self.offload = offload
 
     # --- helpers ------------------------------------------------------------------------------
+    def _forward_on_device(self) -> ExecutionOffload | contextlib.nullcontext:
+        """Where calibration passes run: module by module on the device (offload), or where the model is."""
+        return ExecutionOffload(self.model, self.device) if self.offload else contextlib.nullcontext()
+
+    def _input_device(self) -> torch.device | None:
+        return self.device if self.offload else None
+
     def _skipped(self, path: str) -> bool:
         return any(path == p or path.startswith(p + ".") for p in self.config.modules_to_not_convert)
 
@@ -235,9 +256,10 @@ class ComponentQuantizer:
         if self._skipped(path):
             return
         start = time.perf_counter()
-        inputs = _GroupInputs(conv, is_conv=True, drop_first_channel=False)
+        inputs = _GroupInputs(conv, is_conv=True, drop_first_channel=False, device=self.device)
         try:
-            run_batches(self.model, conv, batches, self.calls_per_batch)
+            with self._forward_on_device():
+                run_batches(self.model, conv, batches, self.calls_per_batch, self._input_device())
         finally:
             hessian = inputs.close()
         hessian = hessian.to(self.device)
@@ -265,7 +287,9 @@ class ComponentQuantizer:
 
     def quantize_blocks(self, batches: list[dict]) -> None:
         blocks = self._blocks()
-        calls = capture_calls(self.model, blocks[0][1], batches, self.device, self.calls_per_batch)
+        with self._forward_on_device():
+            calls = capture_calls(self.model, blocks[0][1], batches, self.device, self.calls_per_batch,
+                                  self._input_device())
         if not calls and not self.opts["rtn"]:
             logger.warning("%s: no calibration sample reached this part (e.g. no image or video in the data); "
                            "its linears get RTN and are flagged", self.comp.name)
@@ -275,7 +299,7 @@ class ComponentQuantizer:
             block.to(self.device)
             self._quantize_block(path, block, calls)
             if index + 1 < len(blocks):
-                calls = replay(block, calls, keep_outputs=True)
+                advance(block, calls)
             block.to(home)
 
     def _stages(self, block: nn.Module) -> list[list[tuple[str, ...]]]:
@@ -335,6 +359,10 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
         raise ValueError(f"{spec.name} has no part named {sorted(unknown)}; its parts are "
                          f"{[c.name for c in spec.components]} (is this function meant for another model?)")
     device = resolve_device(config, model)
+    offload = use_offload(config, model, device)
+    if offload:
+        logger.info("calibration passes run on %s, one module at a time (weights stay on %s)", device,
+                    _model_device(model))
     records: dict[str, QuantRecord] = {}
     entries: dict[str, dict] = {}
     was_training = model.training
@@ -345,7 +373,7 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
         which = "all" if select is None else select[comp.name]
         logger.info("quantizing %s (%s bits, %s)", comp.name, config.part_options(comp.part)["bits"],
                     "RTN" if config.part_options(comp.part)["rtn"] else "GPTQ")
-        worker = ComponentQuantizer(model, spec, comp, config, device, records, entries, progress)
+        worker = ComponentQuantizer(model, spec, comp, config, device, records, entries, progress, offload)
         if comp.stem and which in ("all", "stem"):
             worker.quantize_stem(batches)
         if which in ("all", "blocks"):
@@ -382,4 +410,4 @@ def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str
                ", ".join(f"{f}={getattr(config, f)}" for f in ignored))
 
 
-__all__ = ["SplitLinear", "capture_calls", "quantize_model", "replay"]
+__all__ = ["SplitLinear", "advance", "capture_calls", "move_to", "quantize_model", "replay"]
