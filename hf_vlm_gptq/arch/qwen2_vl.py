@@ -1,5 +1,6 @@
 """Qwen2-VL (transformers' native `Qwen2VLForConditionalGeneration`, model_type `qwen2_vl`)."""
 
+from .qwen2_llm import qwen2_llm_component
 from .spec import ArchSpec, ComponentSpec
 
 QWEN2_VL = ArchSpec(
@@ -27,18 +28,6 @@ QWEN2_VL = ArchSpec(
             calls_per_media=True,
             sequential=(("mlp.0",), ("mlp.2",)),
         ),
-        ComponentSpec(
-            name="llm",
-            flag="quant_llm",
-            part="llm",
-            blocks=("model.language_model.layers", "model.layers"),
-            sequential=(
-                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                ("self_attn.o_proj",),
-                ("mlp.up_proj", "mlp.gate_proj"),
-                ("mlp.down_proj",),
-            ),
-            split_target="mlp.down_proj",
-        ),
+        qwen2_llm_component(("model.language_model.layers", "model.layers")),
     ),
 )

@@ -3,6 +3,7 @@
 Remote-code checkpoints name the parts `vision_encoder` / `mm_projector`; those paths are listed second.
 """
 
+from .qwen2_llm import qwen2_llm_component
 from .spec import ArchSpec, ComponentSpec
 
 VIDEO_LLAMA_3 = ArchSpec(
@@ -34,18 +35,6 @@ VIDEO_LLAMA_3 = ArchSpec(
             calls_per_media=True,
             sequential=(("readout.0",), ("readout.2",)),
         ),
-        ComponentSpec(
-            name="llm",
-            flag="quant_llm",
-            part="llm",
-            blocks=("model.language_model.layers", "model.model.layers"),
-            sequential=(
-                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                ("self_attn.o_proj",),
-                ("mlp.up_proj", "mlp.gate_proj"),
-                ("mlp.down_proj",),
-            ),
-            split_target="mlp.down_proj",
-        ),
+        qwen2_llm_component(("model.language_model.layers", "model.model.layers")),
     ),
 )
