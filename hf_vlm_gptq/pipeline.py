@@ -4,8 +4,10 @@ Per enabled component, in the spec's order (vision -> bridge -> LLM):
   1. the conv stem, if any: its inputs are caught from a real forward pass, one Hessian, solve, swap;
   2. the inputs (args and kwargs) of the first block are caught from a real forward pass of the model as
      it is now, so a later component sees the outputs of the already quantized earlier ones;
-  3. per block: per sequential group, replay the block on every caught input with a hook that feeds the
-     group's Hessian, solve, swap in packed modules; then replay once more to get the next block's inputs.
+  3. per block: per sequential group, replay the block on every caught input (only as far as the group's
+     input) with a hook that feeds the group's Hessian, solve, swap in packed modules (which keep their
+     dequantized weight while the block is being worked on); then replay once more to get the next
+     block's inputs.
 Only one block (and one group's Hessian) is on the calibration device at a time. When the weights live
 elsewhere (a model larger than the GPU, kept on CPU), the calibration passes of steps 1-2 run module by module
 on the calibration device (offload.py); the caught inputs stay there, one copy at a time.
@@ -18,27 +20,29 @@ import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .arch import ArchSpec, ComponentSpec, find_module, spec_for_model_type
+from .capture import (
+    Call,
+    CallsPerBatch,
+    advance,
+    capture_calls,
+    dense_cache,
+    replay,
+    replay_until,
+    run_batches,
+)
 from .config import VLMGPTQConfig
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
-from .offload import ExecutionOffload, move_to, same_device
+from .offload import ExecutionOffload, same_device
 from .ops import HessianAccumulator, QuantResult, gptq_quantize_shared, rtn_quantize
 from .report import QuantRecord
 
 logger = logging.getLogger(__name__)
-
-Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-class _StopForward(Exception):
-    """Raised from a hook to end a forward pass once the wanted inputs are caught."""
-
 
 def resolve_device(config: VLMGPTQConfig, model: nn.Module) -> torch.device:
     """The device that runs one block at a time: the config's, else CUDA when present, else the model's."""
@@ -62,95 +66,6 @@ def use_offload(config: VLMGPTQConfig, model: nn.Module, device: torch.device) -
         logger.info("the model is dispatched by accelerate; calibration passes run through its hooks")
         return False
     return not same_device(_model_device(model), device)
-
-
-CallsPerBatch = Callable[[dict], int]
-
-
-@torch.no_grad()
-def run_batches(model: nn.Module, watched: nn.Module, batches: list[dict],
-                calls_per_batch: CallsPerBatch | None = None, input_device: torch.device | None = None) -> None:
-    """Run the model on each batch, ending each pass once `watched` has finished its expected calls.
-
-    `calls_per_batch(batch)` says how often `watched` runs in one pass (a vision tower runs once for the
-    images and once more for the videos of a sample); batches where it never runs are not run at all.
-    Batches are moved to `input_device` (default: the model's device) one at a time.
-    """
-    remaining = [0]
-
-    def count(*_):
-        remaining[0] -= 1
-        if remaining[0] <= 0:
-            raise _StopForward
-
-    handle = watched.register_forward_hook(count)
-    input_device = input_device or _model_device(model)
-    try:
-        for batch in batches:
-            remaining[0] = calls_per_batch(batch) if calls_per_batch is not None else 1
-            if remaining[0] <= 0:
-                continue
-            try:
-                model(**move_to(batch, input_device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def capture_calls(model: nn.Module, target: nn.Module, batches: list[dict], device: torch.device,
-                  calls_per_batch: CallsPerBatch | None = None, input_device: torch.device | None = None,
-                  ) -> list[Call]:
-    """Run the model on each batch and keep every (args, kwargs) `target` is called with, on `device`."""
-    calls: list[Call] = []
-
-    def pre_hook(_module, args, kwargs):
-        calls.append((move_to(args, device), move_to(kwargs, device)))
-
-    handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    try:
-        run_batches(model, target, batches, calls_per_batch, input_device)
-    finally:
-        handle.remove()
-    return calls
-
-
-def _first_output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    raise TypeError(f"cannot find the hidden states in a block output of type {type(out).__name__}")
-
-
-def _with_hidden(call: Call, hidden: torch.Tensor) -> Call:
-    """The same call with its hidden-states input replaced (first positional, else `hidden_states=`)."""
-    args, kwargs = call
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-@torch.no_grad()
-def replay(block: nn.Module, calls: list[Call], keep_outputs: bool) -> list[Call]:
-    """Run `block` on every caught call; with `keep_outputs`, return the calls for the next block."""
-    next_calls: list[Call] = []
-    for call in calls:
-        out = block(*call[0], **call[1])
-        if keep_outputs:
-            next_calls.append(_with_hidden(call, _first_output(out)))
-    return next_calls
-
-
-@torch.no_grad()
-def advance(block: nn.Module, calls: list[Call]) -> None:
-    """Replace each caught call by the next block's (this block's output), in place: one copy of the
-    activations is alive at a time."""
-    for i, call in enumerate(calls):
-        calls[i] = _with_hidden(call, _first_output(block(*call[0], **call[1])))
 
 
 class _GroupInputs:
@@ -297,9 +212,11 @@ class ComponentQuantizer:
         for index, (path, block) in enumerate(bar):
             home = next(block.parameters()).device
             block.to(self.device)
-            self._quantize_block(path, block, calls)
-            if index + 1 < len(blocks):
-                advance(block, calls)
+            with dense_cache(block) as keep_dense:
+                self._quantize_block(path, block, calls, keep_dense)
+                if index + 1 < len(blocks):
+                    keep_dense()
+                    advance(block, calls)
             block.to(home)
 
     def _stages(self, block: nn.Module) -> list[list[tuple[str, ...]]]:
@@ -307,7 +224,8 @@ class ComponentQuantizer:
         groups = [g for g in groups if g]
         return [[g] for g in groups] if self.config.true_sequential else [groups]
 
-    def _quantize_block(self, path: str, block: nn.Module, calls: list[Call]) -> None:
+    def _quantize_block(self, path: str, block: nn.Module, calls: list[Call],
+                        keep_dense: Callable[[], None] = lambda: None) -> None:
         for stage in self._stages(block):
             watched = []
             for group in stage:
@@ -318,7 +236,8 @@ class ComponentQuantizer:
                 first = block.get_submodule(names[0])
                 watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split)))
             start = time.perf_counter()
-            replay(block, calls, keep_outputs=False)
+            keep_dense()
+            replay_until(block, calls, [inputs.module for _, _, inputs in watched])
             for names, split, inputs in watched:
                 hessian = inputs.close()
                 linears = [block.get_submodule(n) for n in names]
@@ -410,4 +329,4 @@ def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str
                ", ".join(f"{f}={getattr(config, f)}" for f in ignored))
 
 
-__all__ = ["SplitLinear", "advance", "capture_calls", "move_to", "quantize_model", "replay"]
+__all__ = ["SplitLinear", "advance", "capture_calls", "quantize_model", "replay", "run_batches"]
