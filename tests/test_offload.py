@@ -107,3 +107,18 @@ def test_offloaded_calibration_gives_the_same_checkpoint(tiny_qwen2vl_dir, calib
     for name, tensor in offloaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     assert _hook_count(offloaded) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_offload_matches_the_model_on_the_gpu(tiny_qwen2vl_dir, calib_batches):
+    cfg = dict(w_groupsize=32, calibration_device="cuda")
+    on_gpu = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, dtype=torch.float32).to("cuda")
+    expected = quantize(on_gpu, VLMGPTQConfig(**cfg, calibration_offload=False), data=calib_batches, progress=False)
+    on_host = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, dtype=torch.float32)
+    records = quantize(on_host, VLMGPTQConfig(**cfg), data=calib_batches, progress=False)  # offload: automatic
+    assert records.keys() == expected.keys()
+    for path, record in records.items():
+        assert record.tokens == expected[path].tokens, path
+        assert record.loss == pytest.approx(expected[path].loss, rel=1e-3, abs=1e-6), path
+    assert {t.device.type for t in list(on_host.parameters()) + list(on_host.buffers())} == {"cpu"}
+    assert _hook_count(on_host) == 0

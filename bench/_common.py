@@ -1,0 +1,226 @@
+"""Shared pieces of the bench scripts: model sizes, random models, calibration batches, timing, results.
+
+The scripts run from a source checkout (no `pip install` needed: the repository root goes on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+# Qwen2-VL-7B / -72B (Qwen/Qwen2-VL-*-Instruct config.json): the 72B shares the vision tower, its merger
+# projects to 8192.
+_VISION = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "in_channels": 3, "patch_size": 14,
+           "temporal_patch_size": 2, "spatial_merge_size": 2}
+_TEXT = {"vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [16, 24, 24]}}
+QWEN2VL_SIZES = {
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4},
+    "72b": {"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "num_key_value_heads": 8},
+}
+QWEN2VL_TOKENS = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                  "vision_end_token_id": 151653, "bos_token_id": 151643, "eos_token_id": 151645}
+TEXT_TOKEN_RANGE = 151643  # ids below this are ordinary text tokens
+# a picture of 34 x 42 patches of 14 px: 1,428 vision patches, 357 LLM tokens after the 2x2 merge
+IMAGE_HW = (476, 588)
+
+
+def qwen2vl_config(size: str, llm_layers: int | None = None, vision_depth: int | None = None):
+    """Qwen2VLConfig of the real 7B / 72B, optionally with fewer LLM layers / vision blocks."""
+    from transformers import Qwen2VLConfig
+
+    text = {**_TEXT, **QWEN2VL_SIZES[size]}
+    if llm_layers is not None:
+        text["num_hidden_layers"] = llm_layers
+    text["max_window_layers"] = text["num_hidden_layers"]
+    vision = {**_VISION, "hidden_size": text["hidden_size"]}
+    if vision_depth is not None:
+        vision["depth"] = vision_depth
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN2VL_TOKENS)
+
+
+def random_qwen2vl(config, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
+    """A Qwen2VLForConditionalGeneration with seeded random weights, built directly on `device` (no hub)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def checksum(model) -> float:
+    """A cheap fingerprint of a model's weights (to check that two seeded builds are the same)."""
+    total = 0.0
+    for i, p in enumerate(model.parameters()):
+        if i % 7 == 0:
+            total += float(p.detach().float().flatten()[:4096].sum())
+    return total
+
+
+def synthetic_batches(n: int, seq_len: int = 2048, image_hw: tuple[int, int] = IMAGE_HW, seed: int = 0,
+                      text_only_every: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Qwen2-VL inputs of `seq_len` tokens: a built-in picture (real image processor) plus random text ids.
+
+    The picture is resized to `image_hw` (multiples of 28), so every sample has the same number of vision
+    patches; `text_only_every` > 0 makes every k-th sample text only.
+    """
+    from transformers import Qwen2VLImageProcessor
+
+    from hf_vlm_gptq.calib import builtin_samples
+
+    h, w = image_hw
+    processor = Qwen2VLImageProcessor(min_pixels=h * w, max_pixels=h * w, patch_size=14, temporal_patch_size=2,
+                                      merge_size=2)
+    pictures = [s["image"] for s in builtin_samples(max(n, 12), seed=seed, with_video=False) if "image" in s]
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n):
+        text = torch.randint(0, TEXT_TOKEN_RANGE, (seq_len,), generator=gen)
+        if text_only_every and (i + 1) % text_only_every == 0:
+            ids = text
+            batch = {}
+        else:
+            out = processor(images=[pictures[i % len(pictures)].resize((w, h))], return_tensors="pt")
+            merged = int(out["image_grid_thw"].prod()) // 4
+            if merged + 18 > seq_len:
+                raise ValueError(f"seq_len={seq_len} leaves no room for text after {merged} image tokens")
+            vision = torch.full((merged,), QWEN2VL_TOKENS["image_token_id"])
+            start = torch.tensor([QWEN2VL_TOKENS["vision_start_token_id"]])
+            end = torch.tensor([QWEN2VL_TOKENS["vision_end_token_id"]])
+            ids = torch.cat([text[:16], start, vision, end, text[16:seq_len - merged - 2]])
+            batch = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        ids = ids[None]
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                        "mm_token_type_ids": (ids == QWEN2VL_TOKENS["image_token_id"]).int(), **batch})
+    return batches
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_ms(fns: dict[str, Callable[[], Any]], device: str, min_time: float,
+                   max_rounds: int = 200) -> dict[str, tuple[float, float]]:
+    """Per-call times of several functions, measured round-robin; {name: (p10, median)} in ms.
+
+    Round-robin plus a low percentile keeps other jobs on a shared host from landing on one variant only.
+    """
+    for fn in fns.values():
+        fn()
+        fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < 5 or time.perf_counter() - start < min_time):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: (sorted(ts)[len(ts) // 10] * 1e3, statistics.median(ts) * 1e3) for name, ts in times.items()}
+
+
+def loadavg() -> list[str] | None:
+    path = Path("/proc/loadavg")
+    return path.read_text().split()[:3] if path.exists() else None
+
+
+def cpu_pressure() -> float | None:
+    """Share of the last 10 s in which runnable work waited for a CPU (Linux PSI "some avg10"), in %.
+
+    On this project's shared 2-core host it swings from 0 to >90 within a minute; above ~20 every small op
+    can take milliseconds, so a CPU timing taken then says little.
+    """
+    path = Path("/proc/pressure/cpu")
+    if not path.exists():
+        return None
+    first = path.read_text().split("\n")[0]
+    return float(first.split("avg10=")[1].split()[0])
+
+
+def wait_for_quiet(limit_pct: float = 20.0, max_wait_s: float = 300.0) -> float | None:
+    """On CPU, wait (up to `max_wait_s`) until the CPU pressure is below `limit_pct`; returns the last reading."""
+    deadline = time.perf_counter() + max_wait_s
+    pressure = cpu_pressure()
+    while pressure is not None and pressure > limit_pct and time.perf_counter() < deadline and \
+            not torch.cuda.is_available():
+        time.sleep(5)
+        pressure = cpu_pressure()
+    return pressure
+
+
+def device_tag() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def env_info() -> dict[str, Any]:
+    """Versions, device, and what says whether a CPU timing was disturbed: load average, CPU pressure (PSI)
+    and this process's major page faults."""
+    import resource
+
+    import transformers
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "loadavg": loadavg(), "cpu_pressure_avg10": cpu_pressure(), "major_page_faults": usage.ru_majflt}
+
+
+def write_results(stem: str, payload: dict[str, Any], markdown: str) -> Path:
+    """bench/results/<stem>_<cpu|cuda>.{json,md}; returns the markdown path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = device_tag()
+    (RESULTS / f"{stem}_{tag}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path = RESULTS / f"{stem}_{tag}.md"
+    path.write_text(markdown.rstrip() + "\n")
+    return path
+
+
+class PartTimer(logging.Handler):
+    """Start times of our pipeline's parts, read from its "quantizing <part>" log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.starts: list[tuple[str, float]] = []
+        self._logger = logging.getLogger("hf_vlm_gptq.pipeline")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("quantizing ") and record.args:
+            self.starts.append((str(record.args[0]), time.perf_counter()))
+
+    def __enter__(self) -> PartTimer:
+        self._level = self._logger.level
+        self._logger.setLevel(logging.INFO)
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+    def seconds(self, end: float) -> dict[str, float]:
+        """{part: seconds}, each part running until the next one starts (the last one until `end`)."""
+        ends = [t for _, t in self.starts[1:]] + [end]
+        return {name: stop - t for (name, t), stop in zip(self.starts, ends)}

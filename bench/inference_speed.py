@@ -1,0 +1,269 @@
+"""Inference speed and size: our 4-bit modules and models against bf16, measured side by side in one run.
+
+    python bench/inference_speed.py --config small      # CPU: small shapes, a mid-size Qwen2-VL-style model
+    python bench/inference_speed.py --config 7b         # CUDA: Qwen2-VL-7B shapes and config, random weights
+
+1. Per layer: QuantLinear (4-bit, g128, default kernel policy; and with the dense cache on) against a bf16
+   nn.Linear at batch 1 / 16 / 256, timed round-robin (10th percentile).
+2. End to end: `generate` on an image prompt with the bf16 model and with our 4-bit model (every part
+   quantized: vision tower with its patch embedding, merger, language model). Prefill = time to the first
+   token; decode tokens/s = N / (time for 1 + N tokens - time for 1 token). Fastest of `--rounds`, the two
+   models alternating. The 4-bit model comes from our pipeline (RTN: speed does not depend on how the codes
+   were found); on CPU it is saved and loaded back with from_pretrained, as a user would run it.
+3. Size: bytes of the quantized modules' tensors in the saved safetensors against the same modules in bf16
+   (target <= 0.3x), the whole checkpoint against the bf16 one, and peak memory (CUDA: allocated by
+   torch during generate; CPU: resident weight bytes).
+Writes bench/results/inference_speed_<cpu|cuda>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import (
+    cpu_pressure,
+    env_info,
+    interleaved_ms,
+    loadavg,
+    qwen2vl_config,
+    random_qwen2vl,
+    sync,
+    synthetic_batches,
+    wait_for_quiet,
+    write_results,
+)
+from torch import nn
+
+from hf_vlm_gptq import VLMGPTQConfig
+from hf_vlm_gptq.api import quantize
+from hf_vlm_gptq.arch import spec_for_model_type
+from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
+
+logger = logging.getLogger("bench.inference_speed")
+SHAPES = {
+    # (out, in): Qwen2-VL-7B's linears
+    "7b": {"q_proj / o_proj": (3584, 3584), "k_proj / v_proj": (512, 3584), "gate_proj / up_proj": (18944, 3584),
+           "down_proj": (3584, 18944), "vision qkv": (3840, 1280), "vision fc1": (5120, 1280),
+           "vision fc2": (1280, 5120), "merger mlp.0": (5120, 5120)},
+    "small": {"q_proj (small model)": (512, 512), "gate_proj (small model)": (2048, 512),
+              "down_proj (small model)": (512, 2048), "4096 x 4096": (4096, 4096)},
+}
+SMALL = {"hidden_size": 1024, "num_llm_layers": 4, "vision_depth": 4, "vision_embed_dim": 256,
+         "text_config": {"intermediate_size": 4096}, "max_pixels": 252 * 252}
+RTN = {"visual_w_rtn": True, "llm_w_rtn": True, "visual_w_clip": False, "llm_w_clip": False}
+
+
+def bench_layers(config: str, device: str) -> list[dict]:
+    rows = []
+    # no_grad, not inference_mode: a QuantLinear built under inference_mode cannot stamp its caches
+    # (inference tensors have no version counter)
+    with torch.no_grad():
+        for name, (out_f, in_f) in SHAPES[config].items():
+            dense = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device=device)
+            result = rtn_quantize(dense.weight.float(), bits=4, group_size=128)
+            quant = QuantLinear.from_result(result, None, torch.bfloat16).to(device)
+            cached = QuantLinear.from_result(result, None, torch.bfloat16).to(device)
+            cached.cache_dequantized = True
+            for batch in (1, 16, 256):
+                x = torch.randn(batch, in_f, dtype=torch.bfloat16, device=device)
+                fns = {name_: (lambda m=m, x=x: m(x)) for name_, m in
+                       (("bf16", dense), ("ours", quant), ("ours_cached", cached))}
+                t = interleaved_ms(fns, device, min_time=0.5 if device == "cuda" else 1.0)
+                rows.append({"layer": name, "shape": f"{out_f}x{in_f}", "batch": batch,
+                             **{f"{k}_ms": v[0] for k, v in t.items()},
+                             "speedup": t["bf16"][0] / t["ours"][0], "speedup_cached": t["bf16"][0] / t["ours_cached"][0]})
+                logger.info("%s batch %d: %s", name, batch, {k: round(v[0], 4) for k, v in t.items()})
+    return rows
+
+
+def safetensors_bytes(folder: Path) -> dict[str, int]:
+    """{tensor key: stored bytes} from the safetensors headers of a checkpoint folder."""
+    sizes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
+    return sizes
+
+
+def float_bytes(model: nn.Module) -> dict[str, int]:
+    """{module path: bf16 bytes of its weight and bias} of every Linear / Conv (before quantization)."""
+    return {name: sum(p.numel() * 2 for p in m.parameters(recurse=False))
+            for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))}
+
+
+def quantized_share(model, saved: dict[str, int], before: dict[str, int]) -> dict:
+    """Stored bytes of the quantized modules against their bf16 bytes."""
+    spec = spec_for_model_type(model.config.model_type)
+    modules = model.config.quantization_config.modules
+    names = {n: path for path in modules for n in spec.checkpoint_names(path)}
+    q = sum(size for key, size in saved.items() if key.rpartition(".")[0] in names)
+    f = sum(before[path] for path in modules)
+    return {"modules": len(modules), "quantized_MB": q / 2**20, "bf16_MB": f / 2**20, "ratio": q / f}
+
+
+def generate_timing(model, inputs: dict, new_tokens: int, device: str) -> dict:
+    """Prefill seconds, decode tokens/s and peak memory of one bf16-or-4-bit model."""
+    def run(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync(device)
+        return time.perf_counter() - start
+
+    first = run(1)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    total = run(1 + new_tokens)
+    out = {"prefill_s": first, "total_s": total, "decode_tok_s": new_tokens / max(total - first, 1e-9)}
+    if device == "cuda":
+        out["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def weight_mb(model) -> float:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())) / 2**20
+
+
+def build_models(args, tmp: Path, device: str) -> dict:
+    """The bf16 model, the 4-bit one (CPU; on CUDA made later, in place), the prompt and the bf16 sizes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if args.config == "small":
+        from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
+        from hf_vlm_gptq.testing import build_tiny_qwen2vl
+
+        path = build_tiny_qwen2vl(tmp / "model", seed=0, **SMALL)
+        processor = AutoProcessor.from_pretrained(path)
+        sample = next(s for s in builtin_samples(8, seed=5, with_video=False) if "image" in s)
+        inputs = build_model_inputs([sample], processor)[0]
+        dense = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16).eval()
+        before = float_bytes(dense)
+        cfg = VLMGPTQConfig(num_samples=4, w_groupsize=128, **RTN)
+        quantized = AutoModelForImageTextToText.from_pretrained(path, quantization_config=cfg, dtype=torch.bfloat16)
+        quantized.save_pretrained(tmp / "w4")
+        quantized = AutoModelForImageTextToText.from_pretrained(tmp / "w4", dtype=torch.bfloat16).eval()
+        dense_files = sum(p.numel() * 2 for p in dense.parameters())  # what a bf16 save writes (the tiny
+        # builder saves float32)
+    else:
+        config = qwen2vl_config(args.config)
+        inputs = synthetic_batches(1, seq_len=512)[0]
+        dense = random_qwen2vl(config, device, torch.bfloat16, seed=0)
+        before = float_bytes(dense)
+        dense_files = sum(p.numel() * p.element_size() for p in dense.parameters())  # what a bf16 save writes
+        quantized = None  # quantized in place after the bf16 figures (two 7B copies would not tell more)
+    return {"dense": dense, "quantized": quantized, "inputs": inputs, "before": before, "dense_files": dense_files}
+
+
+def quantize_7b_in_place(built: dict, device: str) -> None:
+    """Our pipeline (RTN) on the bf16 7B model, in place: one copy of it on the GPU at a time."""
+    model = built.pop("dense")
+    calib = synthetic_batches(1, seq_len=512, seed=1)
+    quantize(model, VLMGPTQConfig(num_samples=1, w_groupsize=128, calibration_device=device, **RTN), data=calib,
+             progress=False)
+    built["quantized"] = model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=("small", "7b"), default="small")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-layers", action="store_true")
+    parser.add_argument("--no-save", action="store_true", help="7b: skip writing the 4-bit checkpoint")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pressure_before = wait_for_quiet()
+    load_before = loadavg()
+    layers = [] if args.skip_layers else bench_layers(args.config, device)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
+    built = build_models(args, tmp, device)
+    inputs = {k: v.to(device) for k, v in built["inputs"].items()}
+    e2e: dict[str, dict] = {}
+
+    def keep(name: str, result: dict) -> None:
+        if name not in e2e or result["total_s"] < e2e[name]["total_s"]:
+            e2e[name] = result
+
+    with torch.no_grad():
+        built["dense_weights_MB"] = weight_mb(built["dense"])
+        if built["quantized"] is None:  # 7b: one copy at a time, every bf16 round, then every 4-bit round
+            for _ in range(args.rounds):
+                keep("bf16", generate_timing(built["dense"], inputs, args.new_tokens, device))
+            quantize_7b_in_place(built, device)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            for _ in range(args.rounds):
+                keep("ours 4-bit", generate_timing(built["quantized"], inputs, args.new_tokens, device))
+        else:  # the two models alternate
+            for _ in range(args.rounds):
+                keep("bf16", generate_timing(built["dense"], inputs, args.new_tokens, device))
+                keep("ours 4-bit", generate_timing(built["quantized"], inputs, args.new_tokens, device))
+    quantized = built["quantized"]
+    meta = {"env": env_info(), "device": device, "config": args.config, "loadavg_before": load_before,
+            "loadavg_after": loadavg(), "cpu_pressure_before": pressure_before, "cpu_pressure_after": cpu_pressure(),
+            "prompt_tokens": int(inputs["input_ids"].shape[-1]),
+            "vision_patches": int(inputs["pixel_values"].shape[0]), "new_tokens": args.new_tokens,
+            "weights_MB": {"bf16": built["dense_weights_MB"], "ours 4-bit": weight_mb(quantized)},
+            "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    size: dict = {}
+    # written before the (7B: 5 GB) checkpoint save, again after it: a time limit keeps the speed figures
+    write_results("inference_speed", {"meta": meta, "layers": layers, "e2e": e2e, "size": size},
+                  render(layers, e2e, size, meta))
+    if args.config == "small" or not args.no_save:
+        if args.config != "small":
+            quantized.save_pretrained(tmp / "w4")
+        saved = safetensors_bytes(tmp / "w4")
+        size = {**quantized_share(quantized, saved, built["before"]), "checkpoint_MB": sum(saved.values()) / 2**20,
+                "bf16_checkpoint_MB": built["dense_files"] / 2**20}
+    table = render(layers, e2e, size, meta)
+    print(table)
+    write_results("inference_speed", {"meta": meta, "layers": layers, "e2e": e2e, "size": size}, table)
+
+
+def render(layers: list[dict], e2e: dict, size: dict, meta: dict) -> str:
+    """The markdown report."""
+    lines = [f"# bench/inference_speed.py --config {meta['config']} ({meta['env']['date']}, {meta['device']}, "
+             f"loadavg before {meta['loadavg_before']}, after {meta['loadavg_after']}; CPU pressure (PSI avg10, %) "
+             f"before {meta['cpu_pressure_before']}, after {meta['cpu_pressure_after']})", ""]
+    if layers:
+        lines += ["Per layer, ms per call (p10, round-robin); speedup = bf16 / ours", "",
+                  "| layer | out x in | batch | bf16 | ours (default) | ours + dense cache | speedup | speedup cached |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['shape']} | {r['batch']} | {r['bf16_ms']:.3f} | {r['ours_ms']:.3f} | "
+                  f"{r['ours_cached_ms']:.3f} | {r['speedup']:.2f}x | {r['speedup_cached']:.2f}x |" for r in layers]
+    lines += ["", f"End to end: image prompt of {meta['prompt_tokens']} tokens ({meta['vision_patches']} vision "
+              f"patches), then {meta['new_tokens']} new tokens (greedy), fastest round", "",
+              "| model | prefill s | decode tok/s | weights MB | peak MB (CUDA: allocated during generate) |",
+              "|---|---|---|---|---|"]
+    for name, r in e2e.items():
+        peak = f"{r['peak_MB']:.0f}" if "peak_MB" in r else "-"
+        lines.append(f"| {name} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} | {meta['weights_MB'][name]:.0f} | "
+                     f"{peak} |")
+    if "bf16" in e2e and "ours 4-bit" in e2e:
+        b, q = e2e["bf16"], e2e["ours 4-bit"]
+        lines.append(f"\n4-bit / bf16: prefill time {q['prefill_s'] / b['prefill_s']:.2f}x, decode speed "
+                     f"{q['decode_tok_s'] / b['decode_tok_s']:.2f}x, weights "
+                     f"{meta['weights_MB']['ours 4-bit'] / meta['weights_MB']['bf16']:.2f}x.")
+    if size:
+        lines.append(f"\nCheckpoint: the {size['modules']} quantized modules take {size['quantized_MB']:.1f} MB "
+                     f"against {size['bf16_MB']:.1f} MB in bf16 (**{size['ratio']:.3f}x**, target <= 0.3x); whole "
+                     f"checkpoint {size['checkpoint_MB']:.1f} MB against {size['bf16_checkpoint_MB']:.1f} MB in bf16 "
+                     f"(embeddings and LM head stay bf16).")
+    lines.append(f"\nWeights MB = parameters + buffers (the int4 kernels' repacked copies, built on first use, are "
+                 f"not counted); process peak RSS {meta['peak_rss_MB']:.0f} MB.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
