@@ -75,20 +75,42 @@ def checksum(model) -> float:
     return total
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def patchify(image, patch: int = 14, temporal: int = 2, merge: int = 2) -> torch.Tensor:
+    """Qwen2-VL's image processor for an already-sized RGB picture, in plain torch (no torchvision):
+    normalized pixels cut into [patches, 3 * temporal * patch * patch] rows in the processor's order."""
+    import numpy as np
+
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    x = (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    x = x[None].expand(temporal, c, h, w)
+    x = x.reshape(1, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gh * gw, c * temporal * patch * patch).contiguous()
+
+
 def synthetic_batches(n: int, seq_len: int = 2048, image_hw: tuple[int, int] = IMAGE_HW, seed: int = 0,
                       text_only_every: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Qwen2-VL inputs of `seq_len` tokens: a built-in picture (real image processor) plus random text ids.
+    """Qwen2-VL inputs of `seq_len` tokens: a built-in picture (image processor) plus random text ids.
 
     The picture is resized to `image_hw` (multiples of 28), so every sample has the same number of vision
     patches; `text_only_every` > 0 makes every k-th sample text only.
     """
-    from transformers import Qwen2VLImageProcessor
-
     from hf_vlm_gptq.calib import builtin_samples
 
     h, w = image_hw
-    processor = Qwen2VLImageProcessor(min_pixels=h * w, max_pixels=h * w, patch_size=14, temporal_patch_size=2,
-                                      merge_size=2)
+    try:  # the real processor needs torchvision; without it, the same computation in torch
+        from transformers import Qwen2VLImageProcessor
+
+        processor = Qwen2VLImageProcessor(min_pixels=h * w, max_pixels=h * w, patch_size=14,
+                                          temporal_patch_size=2, merge_size=2)
+    except ImportError:
+        processor = None
     pictures = [s["image"] for s in builtin_samples(max(n, 12), seed=seed, with_video=False) if "image" in s]
     gen = torch.Generator().manual_seed(seed)
     batches = []
@@ -98,7 +120,11 @@ def synthetic_batches(n: int, seq_len: int = 2048, image_hw: tuple[int, int] = I
             ids = text
             batch = {}
         else:
-            out = processor(images=[pictures[i % len(pictures)].resize((w, h))], return_tensors="pt")
+            picture = pictures[i % len(pictures)].resize((w, h))
+            if processor is not None:
+                out = processor(images=[picture], return_tensors="pt")
+            else:
+                out = {"pixel_values": patchify(picture), "image_grid_thw": torch.tensor([[1, h // 14, w // 14]])}
             merged = int(out["image_grid_thw"].prod()) // 4
             if merged + 18 > seq_len:
                 raise ValueError(f"seq_len={seq_len} leaves no room for text after {merged} image tokens")
