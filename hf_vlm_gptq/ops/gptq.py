@@ -40,19 +40,24 @@ _SUB_BLOCK = 16  # columns per rank-1-updated sub-block inside a block
 NO_CALIBRATION = "no calibration input"
 
 
-def upper_inverse_cholesky(h: torch.Tensor) -> torch.Tensor | None:
-    """Upper-triangular ``U`` with ``U^T U = h^-1``, or None when ``h`` is not (numerically) positive definite."""
-    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+def upper_inverse_cholesky(h: torch.Tensor, damp: float = 0.0) -> torch.Tensor | None:
+    """Upper-triangular ``U`` with ``U^T U = (h + damp I)^-1``, or None when that matrix is not
+    (numerically) positive definite. ``h`` is not modified; peak extra memory is ~3 matrices."""
+    flipped = h.flip(0, 1)  # a copy; J (h + damp I) J has the same diagonal, reversed
+    flipped.diagonal().add_(damp)
+    lower, info = torch.linalg.cholesky_ex(flipped)
+    del flipped
     if int(info) != 0:
         return None
-    pivots = lower.diagonal()
     # numerically singular (e.g. percdamp=0 on a rank-deficient H): the inverse would be rounding noise.
     # A damped Hessian has pivots^2 >= damp * mean(diag), far above this unless max/mean diag > damp / eps.
-    tol = torch.finfo(h.dtype).eps * float(h.diagonal().abs().max())
-    if float(pivots.min()) ** 2 <= tol:
+    tol = torch.finfo(h.dtype).eps * (float(h.diagonal().abs().max()) + damp)
+    if float(lower.diagonal().min()) ** 2 <= tol:
         return None
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    u = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    torch.linalg.solve_triangular(lower, inv, upper=False, out=inv)  # L^-1, in place
+    del lower
+    u = inv.flip(0, 1)
     return u if all_finite(u) else None
 
 
@@ -173,10 +178,7 @@ def _solve(
     mean_diag = float(h.diagonal().mean())
     u, used = None, percdamp
     for used in _damping_steps(percdamp):
-        hd = h.clone()
-        hd.diagonal().add_(used * mean_diag)
-        u = upper_inverse_cholesky(hd) if mean_diag > 0 else None
-        del hd
+        u = upper_inverse_cholesky(h, used * mean_diag) if mean_diag > 0 else None
         if u is not None:
             break
         logger.warning("Cholesky failed at relative damping %g; retrying with more", used)

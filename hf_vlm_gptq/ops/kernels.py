@@ -29,14 +29,15 @@ logger = logging.getLogger(__name__)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 # Largest batch (rows of x) sent to the int4 kernel; above it, dequantize + dense matmul wins.
-# CPU, measured on this project's 2-core x86 host (torch 2.14, bf16, 4096x4096, g128; median ms):
-#   rows                  1     8    12    16    32   128   256
-#   int4 kernel         0.23  0.78  1.18  1.55  3.09  12.3  25.0   (~0.097 ms per row)
-#   dense bf16 matmul   0.97  1.06  1.19  1.26  1.88  5.18  9.24   (= dequant path with a cached weight)
-#   dequant + matmul    19.3  19.3  19.5  19.5  20.0  31.2  28.8   (no cache: ~19 ms to dequantize)
-# so the kernel wins up to ~12 rows against a cached dense weight and up to ~300 rows against
-# re-dequantizing on every call.
-CPU_INT4_MAX_BATCH = {"cached": 10, "uncached": 256}
+# CPU, measured with bench/ops.py on this project's 2-core AMD EPYC host (torch 2.14, bf16 activations,
+# 4096x4096, g128; ms per call, weights streamed from memory / hot in cache where they differ):
+#   rows                          1            12     16           256
+#   int4 kernel                   0.24 / 0.22  1.18   1.56 / 1.51  24.1 / 23.8   (~0.094 ms per row)
+#   dense bf16 (= cached dequant) 1.48 / 0.96  1.19   1.68 / 1.29  9.76 / 9.55
+#   dequantize + matmul           10.8         -      10.9         19.1          (no cache: ~10-20 ms)
+# so the kernel wins up to ~12 rows against a cached dense weight, and up to ~190 rows against
+# dequantizing on every call (the default, see qmodules.py).
+CPU_INT4_MAX_BATCH = {"cached": 10, "uncached": 192}
 # CUDA: estimated from the H200 figures in the project's anchor notes (18944x3584: int4 32 us vs bf16 54 us at
 # M=1, 91 vs 57 us at M=16, 1207 vs 67 us at M=256) -- ~4 us per row; dequantizing in eager costs a few
 # hundred us. Not re-measured (no GPU on the development host).

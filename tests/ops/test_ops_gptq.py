@@ -241,3 +241,15 @@ def test_default_damping_is_enough_for_rank_deficient_outlier_hessians():
     h = 2 / 256 * x.T @ x
     res = gptq_quantize(torch.randn(8, 512, generator=g), h, bits=4, group_size=64)
     assert res.method == "gptq" and res.damp == 0.01
+
+
+def test_upper_inverse_cholesky_applies_damping_without_touching_its_input():
+    h = correlated_hessian(40, seed=23)
+    h0 = h.clone()
+    u = upper_inverse_cholesky(h, 0.5)
+    assert torch.equal(h, h0)
+    assert torch.allclose(
+        u.T @ u @ (h + 0.5 * torch.eye(40, dtype=torch.float64)),
+        torch.eye(40, dtype=torch.float64),
+        atol=1e-8,
+    )
