@@ -21,7 +21,7 @@ from .calib import build_model_inputs, load_samples
 from .config import VLMGPTQConfig
 from .modules_swap import check_checkpoint_files, replace_with_quant_modules, verify_loaded
 from .pipeline import check_part_flags, quantize_model
-from .report import QuantRecord, records_to_table
+from .report import QuantRecord, records_from_config, records_to_table
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class VLMGPTQHfQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             verify_loaded(model, config.modules)
+            records = records_from_config(config.modules, config.stats, config.sym, config.act_order)
+            rank = {name: i for i, (name, _) in enumerate(model.named_modules())}  # config.json sorts keys
+            self.records = dict(sorted(records.items(), key=lambda kv: rank.get(kv[0], len(rank))))
             return model
         processor = config.processor
         if processor is None:

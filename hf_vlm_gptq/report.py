@@ -55,6 +55,29 @@ def _finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def records_from_config(modules: dict[str, dict[str, Any]], stats: dict[str, dict[str, Any]], sym: bool,
+                        act_order: bool) -> dict[str, QuantRecord]:
+    """Rebuild the records of a loaded checkpoint from its `quantization_config` (`modules` + `stats`)."""
+    records = {}
+    for path, st in stats.items():
+        entry = modules.get(path) or modules.get(path.removesuffix(".L2"), {})
+        if entry.get("kind") == "conv":
+            in_f = entry["in_channels"] * math.prod(entry["kernel_size"])
+            out_f = entry["out_channels"]
+        else:
+            in_f = entry.get("in_features", 0) - (1 if entry.get("kind") == "split_linear" else 0)
+            out_f = entry.get("out_features", 0)
+        nan = float("nan")
+        records[path] = QuantRecord(
+            path=path, component=st.get("component", ""), kind=entry.get("kind", ""), method=st.get("method", ""),
+            bits=entry.get("bits", 0), group_size=entry.get("group_size", 0), sym=sym,
+            act_order=act_order and st.get("method") == "gptq", in_features=in_f, out_features=out_f,
+            samples=st.get("samples", 0), tokens=st.get("tokens", 0),
+            damp=nan if st.get("damp") is None else st["damp"], loss=nan if st.get("loss") is None else st["loss"],
+            fallback=st.get("fallback"), seconds=st.get("seconds", 0.0))
+    return records
+
+
 def records_to_json(records: dict[str, QuantRecord]) -> str:
     """All records as a JSON document (NaN as null)."""
     rows = []

@@ -118,6 +118,14 @@ def test_save_writes_gptq_layout_and_reload_is_identical(saved, quantized, eval_
 
     reloaded = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.float32).eval()
     assert isinstance(reloaded.get_submodule(STEM), QuantConv)
+    # the per-module record survives the round trip (rebuilt from quantization_config)
+    before, after = get_quantizers(quantized), get_quantizers(reloaded)
+    assert set(after) == set(before) and next(iter(after)) == STEM  # module order (config.json sorts keys)
+    for path, rec in before.items():
+        got = after[path]
+        assert (got.method, got.bits, got.group_size, got.in_features, got.out_features, got.samples) == (
+            rec.method, rec.bits, rec.group_size, rec.in_features, rec.out_features, rec.samples), path
+        assert got.loss == pytest.approx(rec.loss) and got.damp == pytest.approx(rec.damp)
     for inputs in eval_inputs:
         assert torch.equal(logits(reloaded, inputs), logits(quantized, inputs))
 
