@@ -34,9 +34,10 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 #   rows                          1            12     16           256
 #   int4 kernel                   0.24 / 0.22  1.18   1.56 / 1.51  24.1 / 23.8   (~0.094 ms per row)
 #   dense bf16 (= cached dequant) 1.48 / 0.96  1.19   1.68 / 1.29  9.76 / 9.55
-#   dequantize + matmul           10.8         -      10.9         19.1          (no cache: ~10-20 ms)
-# so the kernel wins up to ~12 rows against a cached dense weight, and up to ~190 rows against
-# dequantizing on every call (the default, see qmodules.py).
+#   dequantize + matmul           10.8-18.4    -      10.9-18.5    19.1-26.6     (dequantizing: 10-18 ms)
+# so the kernel wins up to ~12 rows against a cached dense weight, and up to ~190-330 rows (the dequant
+# time varies between runs) against dequantizing on every call (the default, see qmodules.py); at 256
+# rows the two are within 15% of each other either way.
 CPU_INT4_MAX_BATCH = {"cached": 10, "uncached": 192}
 # CUDA: estimated from the H200 figures in the project's anchor notes (18944x3584: int4 32 us vs bf16 54 us at
 # M=1, 91 vs 57 us at M=16, 1207 vs 67 us at M=256) -- ~4 us per row; dequantizing in eager costs a few
