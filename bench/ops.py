@@ -31,42 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
 from hf_vlm_gptq.ops.kernels import CPU_INT4_MAX_BATCH, CUDA_INT4_MAX_BATCH
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_gptq import fasterquant  # the bench's one eager GPTQ, shared with quantize_speed.py
+
 logger = logging.getLogger("bench.ops")
 RESULTS = Path(__file__).resolve().parent / "results"
 BITS, GROUP = 4, 128
-
-
-def reference_gptq_loop(weight: torch.Tensor, hessian: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Plain eager GPTQ (4-bit symmetric, group 128, act-order off): returns the dequantized weight."""
-    W = weight.clone().float()
-    H = hessian.clone().float()
-    n = W.shape[1]
-    maxq, half = 2**BITS - 1, 2 ** (BITS - 1)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(n)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
-    scale = zero = None
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            if (i1 + i) % GROUP == 0:
-                absmax = W[:, i1 + i : i1 + i + GROUP].abs().amax(1).clamp(min=1e-12)
-                scale, zero = absmax / (half - 1), torch.full_like(absmax, half)
-            w = W1[:, i]
-            q = scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
-            Q1[:, i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q
 
 
 def correlated_hessian(n: int, tokens: int, seed: int) -> torch.Tensor:
@@ -90,7 +60,7 @@ def bench_solve(out_f: int, in_f: int) -> dict:
     hessian = correlated_hessian(in_f, tokens=4096, seed=0)
     weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1))
     t_ours, ours = _best_of(lambda: gptq_quantize(weight, hessian, bits=BITS, group_size=GROUP))
-    t_ref, q = _best_of(lambda: reference_gptq_loop(weight, hessian))
+    t_ref, q = _best_of(lambda: fasterquant(weight, hessian, bits=BITS, group_size=GROUP, clip=False))
     t0 = time.perf_counter()
     d = weight - q
     ref_loss = float(((d @ hessian) * d).sum())
