@@ -105,7 +105,9 @@ class PackedWeightModule(nn.Module):
 
     # -- caches ---------------------------------------------------------------------------------------
     def _stamp(self) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.device) for t in (getattr(self, n) for n in _BUFFERS))
+        # inference tensors (made under torch.inference_mode) carry no version counter: their pointer must do
+        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device)
+                     for t in (getattr(self, n) for n in _BUFFERS))
 
     def _cached(self, key: tuple, build):
         stamp = self._stamp()

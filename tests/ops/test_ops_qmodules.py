@@ -306,3 +306,15 @@ def test_loading_a_result_with_other_bits_or_groups_raises():
         m._load_result(_result(32, 64, bits=3, group_size=32), None)
     with pytest.raises(ValueError, match="group_size"):
         m._load_result(_result(32, 64, bits=4, group_size=16), None)
+
+
+def test_module_built_under_inference_mode_runs_every_path():
+    result = rtn_quantize(torch.randn(64, 128), bits=4, group_size=32)
+    with torch.inference_mode():
+        q = QuantLinear.from_result(result, bias=None, dtype=torch.bfloat16)
+        ref = q.forward_reference(torch.ones(3, 128, dtype=torch.bfloat16))
+        for rows, cached in ((1, False), (300, False), (300, True)):
+            q.cache_dequantized = cached
+            x = torch.ones(rows, 128, dtype=torch.bfloat16)
+            n = min(rows, 3)
+            torch.testing.assert_close(q(x)[:n], ref[:n], rtol=2e-2, atol=2e-2)
