@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_fused import FusedW4Weights, build_fused, fused_matmul, fused_unavailable_reason
 from .grid import check_bits, check_group_size, num_groups
 from .kernels import (
     Int4Weights,
@@ -27,7 +28,7 @@ from .result import QuantResult
 
 logger = logging.getLogger(__name__)
 
-KERNEL_MODES = ("auto", "int4", "dequant")
+KERNEL_MODES = ("auto", "int4", "fused", "dequant")
 _BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -187,22 +188,42 @@ class PackedWeightModule(nn.Module):
                 return "int4 kernel self-check failed"
         return w
 
+    def _fused(self, x2: torch.Tensor) -> FusedW4Weights | str:
+        """Fused-kernel data for inputs like ``x2``, or why the fused CPU kernel cannot be used."""
+        reason = fused_unavailable_reason(self.bits, self.in_features, self.out_features, x2.dtype, x2.device)
+        if reason is not None:
+            return reason
+        if self.scales.dtype != torch.float16:
+            return f"scales are {self.scales.dtype} (the fused kernel reads float16 scales)"
+        return self._cached(
+            ("fused",),
+            lambda: build_fused(unpack_zeros(self.qzeros, self.bits, self.out_features), self.g_idx),
+        )
+
     def _matmul(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x2[M, in] @ W^T + bias`` through the chosen path."""
-        if self.kernel not in KERNEL_MODES:
-            raise ValueError(f"kernel must be one of {KERNEL_MODES}, got kernel={self.kernel!r}")
+        """``x2[M, in] @ W^T + bias`` through the chosen path (see ``kernels.py`` for the policy)."""
+        mode = self.kernel
+        if mode not in KERNEL_MODES:
+            raise ValueError(f"kernel must be one of {KERNEL_MODES}, got kernel={mode!r}")
         if bias is not None:
             bias = bias.to(x2.dtype)
-        if self.kernel != "dequant":
+        if mode == "dequant":
+            return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
+        fused = self._fused(x2) if mode in ("auto", "fused") else None
+        if mode == "fused":
+            if not isinstance(fused, FusedW4Weights):
+                raise ValueError(f"kernel='fused' is unavailable for this layer / input: {fused}")
+            return fused_matmul(x2, self.qweight, self.scales, fused, bias)
+        has_fused = isinstance(fused, FusedW4Weights)
+        if mode == "int4" or x2.shape[0] <= int4_max_batch(x2.device.type, self.cache_dequantized, has_fused):
             w = self._int4(x2)
             if isinstance(w, Int4Weights):
-                if self.kernel == "int4" or x2.shape[0] <= int4_max_batch(
-                    x2.device.type, self.cache_dequantized
-                ):
-                    y = int4_matmul(x2, w)
-                    return y if bias is None else y.add_(bias)
-            elif self.kernel == "int4":
+                y = int4_matmul(x2, w)
+                return y if bias is None else y.add_(bias)
+            if mode == "int4":
                 raise ValueError(f"kernel='int4' is unavailable for this layer / input: {w}")
+        if has_fused:
+            return fused_matmul(x2, self.qweight, self.scales, fused, bias)
         return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
 
     def forward_reference(self, x2: torch.Tensor) -> torch.Tensor:

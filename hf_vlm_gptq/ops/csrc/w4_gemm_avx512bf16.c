@@ -1,0 +1,168 @@
+/* y[M, N] = x[M, K] @ W^T (+ bias) for a 4-bit GPTQ weight, read straight from the checkpoint buffers.
+ *
+ * W[n, k] = (code(k, n) - zero[g_idx[k], n]) * scale[g_idx[k], n]
+ *   x, bias, y : bfloat16, row-major, x and y contiguous
+ *   qweight    : int32 [ceil(K / 8), N], code(k, n) = (qweight[k / 8, n] >> (4 * (k % 8))) & 15
+ *   scales     : float16 [G, N]
+ *   zeros      : uint8   [G, N] (the zero points themselves, unpacked once by the caller)
+ *   g_idx      : int32   [K]
+ * Requirements (checked by the Python caller): N % 16 == 0, K even, AVX512F/BW/BF16.
+ *
+ * The weight is dequantized exactly as the reference does it (integer code - zero, one float32 multiply, one
+ * round-to-nearest-even to bfloat16) into an L1-sized buffer in the pair-interleaved layout vdpbf16ps reads,
+ * chunk by chunk, and every row block of x is multiplied against that buffer with float32 accumulation.
+ * Dequantizing once per chunk and row block of up to MC rows keeps the decode cost small at large M, while
+ * memory traffic stays that of the 4-bit weight.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Blocking, tuned with bench/ops.py on a 2-core AVX512-BF16 host (4096x4096 at 1..1024 rows); the defaults can
+ * be overridden with -D for experiments. */
+#define NP 64 /* output columns per panel: 4 vectors of 16 fp32 lanes (fixed by the micro-kernel table) */
+#ifndef KC
+#define KC 256 /* input columns dequantized per chunk (multiple of 8): 32 KB of bf16, fits L1 */
+#endif
+#define MR 6 /* rows per micro-kernel call: 6 x 4 accumulators + 4 weight vectors + 1 broadcast */
+#ifndef MC_MAX
+#define MC_MAX 480 /* rows per task (multiple of MR): the weight is dequantized once per MC_MAX rows */
+#endif
+
+static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+/* buf[p * nv + v] = 32 bfloat16: W[n0 + 16 v + i, k0 + 2 p + j] at position 2 i + j */
+static void dequant_chunk(const int32_t *qweight, int64_t N, const uint16_t *scales, const uint8_t *zeros,
+                          const int32_t *g_idx, int64_t k0, int64_t k1, int64_t n0, int nv, __m512bh *buf) {
+    static const short order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i interleave = _mm512_loadu_si512((const void *)order);
+    const __m512i mask = _mm512_set1_epi32(15);
+    __m512 s_even[4], s_odd[4];
+    __m512i z_even[4], z_odd[4];
+    int32_t g_even = -1, g_odd = -1;
+    for (int64_t k = k0; k < k1; k += 2) {
+        const int32_t ge = g_idx[k], go = g_idx[k + 1];
+        if (ge != g_even) {
+            for (int v = 0; v < nv; v++) {
+                const int64_t at = (int64_t)ge * N + n0 + 16 * v;
+                s_even[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
+                z_even[v] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)));
+            }
+            g_even = ge;
+        }
+        if (go != g_odd) {
+            for (int v = 0; v < nv; v++) {
+                const int64_t at = (int64_t)go * N + n0 + 16 * v;
+                s_odd[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
+                z_odd[v] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)));
+            }
+            g_odd = go;
+        }
+        const __m128i shift_even = _mm_cvtsi32_si128((int)(k & 7) * 4);
+        const __m128i shift_odd = _mm_cvtsi32_si128((int)(k & 7) * 4 + 4);
+        const int32_t *row = qweight + (k >> 3) * N + n0;
+        __m512bh *out = buf + ((k - k0) >> 1) * nv;
+        for (int v = 0; v < nv; v++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(row + 16 * v));
+            const __m512i ce = _mm512_and_si512(_mm512_srl_epi32(w, shift_even), mask);
+            const __m512i co = _mm512_and_si512(_mm512_srl_epi32(w, shift_odd), mask);
+            const __m512 fe = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ce, z_even[v])), s_even[v]);
+            const __m512 fo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(co, z_odd[v])), s_odd[v]);
+            const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(fo, fe); /* fe -> low 16, fo -> high 16 */
+            out[v] = as_bh(_mm512_permutexvar_epi16(interleave, halves));
+        }
+    }
+}
+
+/* c[i * NP + 16 j + l] (+)= sum_p x[i, 2p..2p+1] . buf pairs, for R rows and V vectors */
+#define DEFINE_MICRO(R, V)                                                                                     \
+    static void micro_##R##_##V(const uint16_t *a, int64_t lda, const __m512bh *b, int kp, float *c,         \
+                                int first) {                                                                  \
+        __m512 acc[R][V];                                                                                     \
+        for (int i = 0; i < R; i++)                                                                           \
+            for (int j = 0; j < V; j++)                                                                       \
+                acc[i][j] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * NP + 16 * j);               \
+        for (int p = 0; p < kp; p++) {                                                                        \
+            __m512bh bv[V];                                                                                   \
+            for (int j = 0; j < V; j++) bv[j] = b[p * V + j];                                                 \
+            for (int i = 0; i < R; i++) {                                                                     \
+                int32_t pair;                                                                                 \
+                memcpy(&pair, a + i * lda + 2 * p, sizeof pair);                                              \
+                const __m512bh av = as_bh(_mm512_set1_epi32(pair));                                           \
+                for (int j = 0; j < V; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);               \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int i = 0; i < R; i++)                                                                           \
+            for (int j = 0; j < V; j++) _mm512_storeu_ps(c + i * NP + 16 * j, acc[i][j]);                     \
+    }
+
+#define DEFINE_ROW(R) DEFINE_MICRO(R, 1) DEFINE_MICRO(R, 2) DEFINE_MICRO(R, 3) DEFINE_MICRO(R, 4)
+DEFINE_ROW(1) DEFINE_ROW(2) DEFINE_ROW(3) DEFINE_ROW(4) DEFINE_ROW(5) DEFINE_ROW(6)
+
+typedef void (*micro_fn)(const uint16_t *, int64_t, const __m512bh *, int, float *, int);
+#define ROW_TABLE(R) {micro_##R##_1, micro_##R##_2, micro_##R##_3, micro_##R##_4}
+static const micro_fn MICRO[MR][4] = {ROW_TABLE(1), ROW_TABLE(2), ROW_TABLE(3), ROW_TABLE(4), ROW_TABLE(5),
+                                      ROW_TABLE(6)};
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static void store_tile(const float *c, int64_t rows, int nv, const uint16_t *bias, int64_t n0, uint16_t *y,
+                       int64_t N) {
+    for (int64_t i = 0; i < rows; i++) {
+        for (int v = 0; v < nv; v++) {
+            __m512 acc = _mm512_loadu_ps(c + i * NP + 16 * v);
+            if (bias) {
+                float b[16];
+                for (int l = 0; l < 16; l++) b[l] = bf16_to_float(bias[n0 + 16 * v + l]);
+                acc = _mm512_add_ps(acc, _mm512_loadu_ps(b));
+            }
+            _mm256_storeu_si256((__m256i *)(y + i * N + n0 + 16 * v), (__m256i)_mm512_cvtneps_pbh(acc));
+        }
+    }
+}
+
+/* Returns 0 on success, 1 on bad arguments, 2 when a work buffer could not be allocated. */
+int hvg_w4_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
+                     const uint8_t *zeros, const int32_t *g_idx, int64_t N, const uint16_t *bias, uint16_t *y,
+                     int nthreads) {
+    if (M <= 0 || K <= 0 || N <= 0 || (K & 1) || (N & 15) || nthreads <= 0) return 1;
+    const int64_t m_tasks = (M + MC_MAX - 1) / MC_MAX;
+    int64_t mc = (M + m_tasks - 1) / m_tasks;
+    mc = (mc + MR - 1) / MR * MR; /* rows per task, balanced, <= MC_MAX */
+    const int64_t panels = (N + NP - 1) / NP;
+    const int64_t tasks = m_tasks * panels;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        __m512bh *buf = aligned_alloc(64, (KC / 2) * 4 * sizeof(__m512bh));
+        float *tile = aligned_alloc(64, MC_MAX * NP * sizeof(float));
+        if (!buf || !tile) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!buf || !tile) continue;
+            const int64_t m0 = (t / panels) * mc, n0 = (t % panels) * NP;
+            const int64_t rows = (M - m0 < mc) ? M - m0 : mc;
+            const int nv = (int)((N - n0) / 16 < 4 ? (N - n0) / 16 : 4);
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                const int64_t k1 = (k0 + KC < K) ? k0 + KC : K;
+                dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, buf);
+                for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+                    const int r = (int)(rows - r0 < MR ? rows - r0 : MR);
+                    MICRO[r - 1][nv - 1](x + (m0 + r0) * K + k0, K, buf, (int)((k1 - k0) / 2),
+                                         tile + r0 * NP, k0 == 0);
+                }
+            }
+            store_tile(tile, rows, nv, bias, n0, y + m0 * N, N);
+        }
+        free(buf);
+        free(tile);
+    }
+    return failed ? 2 : 0;
+}

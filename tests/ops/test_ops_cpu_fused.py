@@ -1,0 +1,186 @@
+"""The fused 4-bit CPU GEMM (ops/cpu_fused.py + csrc): exact dequantization, every shape class against the
+reference, the dispatch in QuantLinear / QuantConv, and what happens when the kernel cannot be built."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize
+from hf_vlm_gptq.ops import cpu_fused as CF
+from hf_vlm_gptq.ops import qbase as Q
+
+from .helpers import correlated_hessian
+
+REASON = CF.fused_unavailable_reason(4, 128, 32, torch.bfloat16, torch.device("cpu"))
+needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"fused CPU kernel unavailable: {REASON}")
+
+
+def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym: bool = True, bias=True):
+    g = torch.Generator().manual_seed(out_f * 31 + in_f)
+    w = torch.randn(out_f, in_f, generator=g)
+    if act_order:
+        res = gptq_quantize(w, correlated_hessian(in_f, seed=2).float(), bits=4, group_size=group_size,
+                            sym=sym, act_order=True)
+    else:
+        res = rtn_quantize(w, bits=4, group_size=group_size, sym=sym)
+    b = torch.randn(out_f, generator=g) if bias else None
+    m = QuantLinear.from_result(res, b, torch.bfloat16)
+    m.kernel = "fused"
+    return m
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    calls = []
+    real = Q.fused_matmul
+
+    def spy(x2, *args):
+        calls.append(x2.shape[0])
+        return real(x2, *args)
+
+    monkeypatch.setattr(Q, "fused_matmul", spy)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "group_size", "act_order", "sym"),
+    [
+        (64, 256, 128, False, True),
+        (48, 1176, 128, False, False),  # partial last group, 1176 = Qwen2-VL's patch width
+        (112, 1176, 128, True, True),  # act-order: groups scattered over the columns
+        (32, 98, -1, False, True),  # per-channel, 98 columns: a partial last int32 word
+        (80, 96, 32, True, False),
+    ],
+)
+def test_dequantization_is_bit_exact(out_f, in_f, group_size, act_order, sym):
+    """x = identity reads the weight back: every bf16 weight equals the reference's, bit for bit."""
+    m = _module(out_f, in_f, group_size, act_order, sym, bias=False)
+    eye = torch.eye(in_f, dtype=torch.bfloat16)
+    assert torch.equal(m(eye).T, m.dequantize_weight(torch.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 481])  # 6 = micro-kernel rows, 481 > one task of 480 rows
+@pytest.mark.parametrize(("out_f", "in_f", "group_size", "act_order"), [(48, 1176, 128, False),
+                                                                        (112, 256, 64, True)])
+def test_matches_reference_within_bf16_rounding(rows, out_f, in_f, group_size, act_order):
+    m = _module(out_f, in_f, group_size, act_order)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    y = m(x)
+    w = m.dequantize_weight(torch.float64)
+    exact = F.linear(x.double(), w, m.bias.to(torch.bfloat16).double())
+    ref = m.forward_reference(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_f)
+    assert _rel_err(y, exact) <= max(2 * _rel_err(ref, exact), 2e-3)
+    # elementwise against the exact product of the same bf16 numbers: output rounding + fp32 accumulation
+    w16 = m.dequantize_weight(torch.bfloat16).double()
+    exact16 = F.linear(x.double(), w16, m.bias.to(torch.bfloat16).double())
+    bound = exact16.abs() * 2**-8 + 1e-5 * (x.double().abs() @ w16.abs().T)
+    for out in (y, ref):
+        assert bool(((out.double() - exact16).abs() <= bound).all())
+
+
+def _rel_err(y: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((y.double() - exact).norm() / exact.norm())
+
+
+@needs_kernel
+def test_auto_uses_the_fused_kernel_above_the_int4_batches(count_fused):
+    m = _module(64, 256, 64)
+    m.kernel = "auto"
+    for rows in (1, 4, 5, 300):
+        m(torch.randn(rows, 256).to(torch.bfloat16))
+    m(torch.randn(300, 256))  # float32: not the fused kernel's dtype
+    assert count_fused == [5, 300]
+
+
+@needs_kernel
+def test_patch_embed_goes_through_the_fused_kernel(count_fused):
+    conv = nn.Conv3d(3, 32, (2, 14, 14), stride=(2, 14, 14), bias=True)
+    res = rtn_quantize(conv.weight.detach().reshape(32, -1), bits=4, group_size=128)  # 1176 columns
+    q = QuantConv.from_result(res, conv, dtype=torch.bfloat16)
+    x = torch.randn(40, 3, 2, 14, 14).to(torch.bfloat16)
+    y = q(x)
+    ref = F.conv3d(x, q.weight, conv.bias.detach().to(torch.bfloat16), stride=(2, 14, 14))
+    assert count_fused == [40]
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernel
+def test_runs_under_inference_mode_and_on_non_contiguous_input():
+    with torch.inference_mode():
+        m = _module(64, 128, 32)
+        x = torch.randn(128, 20).to(torch.bfloat16).T  # [20, 128], not contiguous
+        torch.testing.assert_close(m(x), m.forward_reference(x.contiguous()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("bits", "out_f", "dtype", "why"),
+    [(8, 32, torch.bfloat16, "bits"), (4, 40, torch.bfloat16, "out_features"), (4, 32, torch.float16, "dtype")],
+)
+def test_forcing_fused_where_unsupported_names_the_reason(bits, out_f, dtype, why):
+    res = rtn_quantize(torch.randn(out_f, 64), bits=bits, group_size=32)
+    m = QuantLinear.from_result(res, None, dtype)
+    m.kernel = "fused"
+    with pytest.raises(ValueError, match=why):
+        m(torch.randn(8, 64).to(dtype))
+
+
+def test_out_of_range_g_idx_is_refused_before_the_kernel_reads_it():
+    with pytest.raises(ValueError, match="g_idx"):
+        CF.build_fused(torch.zeros(2, 16, dtype=torch.int32), torch.tensor([0, 1, 2, 1], dtype=torch.int32))
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A process state where the kernel has not been looked for yet, with an empty cache directory."""
+    monkeypatch.setattr(CF, "_state", {})
+    monkeypatch.setenv("HF_VLM_GPTQ_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_env_switch_disables_the_kernel_and_auto_stays_correct(fresh_state, monkeypatch):
+    monkeypatch.setenv(CF.ENV_SWITCH, "0")
+    assert "disabled" in CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+    m = _module(32, 64, 32)
+    with pytest.raises(ValueError, match="disabled"):
+        m(torch.randn(9, 64).to(torch.bfloat16))
+    m.kernel = "auto"
+    x = torch.randn(9, 64).to(torch.bfloat16)
+    exact = F.linear(x.double(), m.dequantize_weight(torch.float64), m.bias.to(torch.bfloat16).double())
+    assert _rel_err(m(x), exact) <= max(2 * _rel_err(m.forward_reference(x), exact), 2e-3)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
+def test_a_failing_compiler_leaves_nothing_behind_and_says_why(fresh_state, monkeypatch, caplog):
+    monkeypatch.setattr(CF, "_cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))
+    monkeypatch.setenv("CC", "false")  # exists, always fails
+    reason = CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+    assert reason is not None and "could not build" in reason
+    assert list(fresh_state.iterdir()) == []  # no half-written library
+
+
+def test_missing_cpu_features_and_compiler_are_reported(fresh_state, monkeypatch):
+    monkeypatch.setattr(CF, "_cpu_flags", lambda: {"avx512f"})
+    assert "avx512_bf16" in CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr(CF, "_state", {})
+    monkeypatch.setattr(CF, "_cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(CF, "_compiler", lambda: None)
+    assert "compiler" in CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+
+
+@needs_kernel
+def test_library_is_compiled_once_into_the_cache(fresh_state):
+    assert CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu")) is None
+    built = sorted(fresh_state.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    CF._state.clear()
+    assert CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu")) is None
+    assert sorted(fresh_state.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
