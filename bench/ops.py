@@ -8,7 +8,9 @@ from random correlated inputs. Ours is ``gptq_quantize`` end to end, including i
 Python loop over columns inside each block, Hessian inverse via cholesky -> cholesky_inverse -> cholesky),
 timed alone and with the same proxy-loss evaluation so both sides deliver the same outputs. Best of 2.
 
-Matmul: a 4096x4096 layer, batch (rows) 1 / 16 / 256, bf16 activations. The variants are timed
+Matmul: a 4096x4096 layer, batch (rows) 1 / 4 / 16 / 64 / 256 / 1024, bf16 activations: dense bf16
+``nn.Linear``, our default path ("auto": torch's int4 kernel up to a few rows, then the fused 4-bit GEMM on
+CPUs that have it), auto with a dense cache, and each path forced. The variants are timed
 round-robin, call by call, and the 10th percentile is reported: the host is shared with other jobs, and
 interleaving plus a low percentile keeps their load from landing on one variant only.
 """
@@ -29,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
+from hf_vlm_gptq.ops.cpu_fused import fused_unavailable_reason
 from hf_vlm_gptq.ops.kernels import CPU_INT4_MAX_BATCH, CUDA_INT4_MAX_BATCH
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,6 +40,8 @@ from reference_gptq import fasterquant  # the bench's one eager GPTQ, shared wit
 logger = logging.getLogger("bench.ops")
 RESULTS = Path(__file__).resolve().parent / "results"
 BITS, GROUP = 4, 128
+BATCHES = (1, 4, 16, 64, 256, 1024)
+INT4_BENCH_MAX_BATCH = 256
 
 
 def correlated_hessian(n: int, tokens: int, seed: int) -> torch.Tensor:
@@ -118,15 +123,21 @@ def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
         if kind == "dense_bf16":
             return nn.Linear(n, n, bias=False, dtype=torch.bfloat16, device=device)
         module = QuantLinear.from_result(results[i], None, torch.bfloat16).to(device)
-        module.kernel = {"int4_kernel": "int4", "dequant_uncached": "dequant"}.get(kind, "auto")
+        module.kernel = {"int4_kernel": "int4", "fused_kernel": "fused", "dequant_uncached": "dequant"}.get(
+            kind, "auto"
+        )
         module.cache_dequantized = kind == "auto_cached"  # "auto" is the default policy: no dense cache
         return module
 
-    kinds = ("dense_bf16", "auto", "auto_cached", "int4_kernel", "dequant_uncached")
+    kinds = ["dense_bf16", "auto", "auto_cached", "int4_kernel", "fused_kernel", "dequant_uncached"]
+    if fused_unavailable_reason(BITS, n, n, torch.bfloat16, torch.device(device)) is not None:
+        kinds.remove("fused_kernel")
     stacks = {kind: [make(kind, i) for i in range(layers)] for kind in kinds}
     rows = []
     with torch.inference_mode():
-        for batch in (1, 16, 256):
+        for batch in BATCHES:
+            if batch > INT4_BENCH_MAX_BATCH:  # matrix-vector kernel: ~0.1 ms per row here, seconds per call
+                stacks.pop("int4_kernel", None)
             x = torch.randn(batch, n, dtype=torch.bfloat16, device=device)
             for regime in ("hot", "stream"):
                 if regime == "hot":
@@ -143,7 +154,7 @@ def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
                     for _ in range(layers):
                         fn()
                 timing = _time_calls(
-                    fns, device, min_time=1.0 if batch == 256 else 1.5, block=block, skip=skip
+                    fns, device, min_time=1.0 if batch >= 256 else 1.5, block=block, skip=skip
                 )
                 row = {"device": device, "batch": batch, "regime": regime}
                 for name, (p10, median) in timing.items():
@@ -174,14 +185,18 @@ def render(solves: list[dict], matmuls: list[dict]) -> str:
         "called repeatedly; stream: 8 layers in turn (weights come from memory, as in a model)",
         "",
         "| device | batch | regime | dense bf16 | auto (default, no cache) | auto + dense cache | int4 kernel | "
-        "dequant+matmul | speedup default | speedup cached |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "fused kernel | dequant+matmul | speedup default | speedup cached |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(m: dict, key: str) -> str:
+        return f"{m[key]:.3f}" if key in m else "-"
+
     for m in matmuls:
         lines.append(
             f"| {m['device']} | {m['batch']} | {m['regime']} | {m['dense_bf16_ms']:.3f} | {m['auto_ms']:.3f} | "
-            f"{m['auto_cached_ms']:.3f} | {m['int4_kernel_ms']:.3f} | {m['dequant_uncached_ms']:.3f} | "
-            f"{m['speedup_auto']:.2f}x | {m['speedup_auto_cached']:.2f}x |"
+            f"{m['auto_cached_ms']:.3f} | {cell(m, 'int4_kernel_ms')} | {cell(m, 'fused_kernel_ms')} | "
+            f"{m['dequant_uncached_ms']:.3f} | {m['speedup_auto']:.2f}x | {m['speedup_auto_cached']:.2f}x |"
         )
     return "\n".join(lines)
 
@@ -209,6 +224,8 @@ def main() -> None:
         "cpu_int4_max_batch": CPU_INT4_MAX_BATCH,
         "cuda_int4_max_batch": CUDA_INT4_MAX_BATCH,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu_fused_kernel": fused_unavailable_reason(BITS, 4096, 4096, torch.bfloat16, torch.device("cpu"))
+        or "available",
         "wall_s": round(time.perf_counter() - started, 1),
     }
     RESULTS.mkdir(exist_ok=True)

@@ -32,12 +32,14 @@ from pathlib import Path
 
 import torch
 
+from .kernels import contiguous_groups
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "w4_gemm_avx512bf16.c"
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mf16c", "-fopenmp",
-          "-shared", "-fPIC")
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16", "-mfma", "-mf16c",
+          "-fopenmp", "-shared", "-fPIC")
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16")
 ENV_SWITCH = "HF_VLM_GPTQ_CPU_KERNEL"
 _COMPILE_TIMEOUT_S = 120
 
@@ -51,6 +53,7 @@ class FusedW4Weights:
 
     zeros: torch.Tensor  # uint8 [n_groups, out]
     g_idx: torch.Tensor  # int32 [in], contiguous
+    regular_group: int  # columns per group when g_idx is col // group (a multiple of 8, or all), else 0
 
 
 def cache_dir() -> Path:
@@ -130,7 +133,7 @@ def _load() -> None:
         return
     fn = lib.hvg_w4_gemm_bf16
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int, i64]
     fn.restype = ctypes.c_int
     _state["lib"] = fn
 
@@ -161,14 +164,22 @@ def fused_unavailable_reason(
     return None
 
 
-def build_fused(zeros: torch.Tensor, g_idx: torch.Tensor) -> FusedW4Weights:
-    """Kernel data from the unpacked zero points ``[n_groups, out]`` (0..15) and ``g_idx``. The kernel
-    indexes scales and zeros with ``g_idx`` unchecked, so its range is checked here."""
+def build_fused(zeros: torch.Tensor, g_idx: torch.Tensor, group_size: int) -> FusedW4Weights:
+    """Kernel data from the unpacked zero points ``[n_groups, out]`` (0..15), ``g_idx`` and the group size.
+    The kernel indexes scales and zeros with ``g_idx`` unchecked, so its range is checked here. Groups of
+    consecutive columns (no act-order) whose size is a multiple of 8 enable the small-batch path."""
     n_groups = zeros.shape[0]
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
         raise ValueError(f"g_idx values must lie in [0, {n_groups}), got [{int(g_idx.min())}, {int(g_idx.max())}]")
+    in_features = g_idx.numel()
+    regular = 0
+    if contiguous_groups(g_idx, group_size):
+        if group_size == -1 or group_size >= in_features:
+            regular = in_features
+        elif group_size % 8 == 0:
+            regular = group_size
     return FusedW4Weights(
-        zeros=zeros.to(torch.uint8).contiguous(), g_idx=g_idx.to(torch.int32).contiguous()
+        zeros=zeros.to(torch.uint8).contiguous(), g_idx=g_idx.to(torch.int32).contiguous(), regular_group=regular
     )
 
 
@@ -198,7 +209,7 @@ def fused_matmul(
         return y
     rc = fn(
         x2.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), w.zeros.data_ptr(), w.g_idx.data_ptr(), n,
-        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), w.regular_group,
     )
     if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")

@@ -38,7 +38,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # so the kernel wins up to ~12 rows against a cached dense weight, and up to ~190-330 rows (the dequant
 # time varies between runs) against dequantizing on every call (the default, see qmodules.py); at 256
 # rows the two are within 15% of each other either way.
-CPU_INT4_MAX_BATCH = {"cached": 10, "uncached": 192, "fused": 4}
+CPU_INT4_MAX_BATCH = {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0}
 # CUDA: estimated from the H200 figures in the project's anchor notes (18944x3584: int4 32 us vs bf16 54 us at
 # M=1, 91 vs 57 us at M=16, 1207 vs 67 us at M=256) -- ~4 us per row; dequantizing in eager costs a few
 # hundred us. Not re-measured (no GPU on the development host).
@@ -166,12 +166,14 @@ def int4_unavailable_reason(
     return f"device {device.type}"
 
 
-def int4_max_batch(device_type: str, cached: bool, fused: bool = False) -> int:
-    """Largest batch sent to the int4 kernel, given the alternative: a cached dense weight, dequantizing on
-    every call, or (CPU) the fused 4-bit GEMM of ``cpu_fused.py``."""
+def int4_max_batch(device_type: str, alternative: str) -> int:
+    """Largest batch sent to the int4 kernel, given what else serves the layer: ``"cached"`` (a dense weight
+    is kept), ``"uncached"`` (dequantize on every call), or on CPU the fused kernel of ``cpu_fused.py``,
+    ``"fused"`` (act-order layers: its GEMM path only) or ``"fused_small_batch"`` (its matrix-vector path
+    too, which beats the int4 kernel at every batch)."""
     if device_type == "cuda":
-        return CUDA_INT4_MAX_BATCH["cached" if cached else "uncached"]
-    return CPU_INT4_MAX_BATCH["fused" if fused else "cached" if cached else "uncached"]
+        return CUDA_INT4_MAX_BATCH["cached" if alternative == "cached" else "uncached"]
+    return CPU_INT4_MAX_BATCH[alternative]
 
 
 def group_permutation(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | None, bool]:

@@ -197,7 +197,9 @@ class PackedWeightModule(nn.Module):
             return f"scales are {self.scales.dtype} (the fused kernel reads float16 scales)"
         return self._cached(
             ("fused",),
-            lambda: build_fused(unpack_zeros(self.qzeros, self.bits, self.out_features), self.g_idx),
+            lambda: build_fused(
+                unpack_zeros(self.qzeros, self.bits, self.out_features), self.g_idx, self.group_size
+            ),
         )
 
     def _matmul(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -215,7 +217,11 @@ class PackedWeightModule(nn.Module):
                 raise ValueError(f"kernel='fused' is unavailable for this layer / input: {fused}")
             return fused_matmul(x2, self.qweight, self.scales, fused, bias)
         has_fused = isinstance(fused, FusedW4Weights)
-        if mode == "int4" or x2.shape[0] <= int4_max_batch(x2.device.type, self.cache_dequantized, has_fused):
+        if has_fused:
+            alternative = "fused_small_batch" if fused.regular_group else "fused"
+        else:
+            alternative = "cached" if self.cache_dequantized else "uncached"
+        if mode == "int4" or x2.shape[0] <= int4_max_batch(x2.device.type, alternative):
             w = self._int4(x2)
             if isinstance(w, Int4Weights):
                 y = int4_matmul(x2, w)

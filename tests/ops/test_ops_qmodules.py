@@ -121,17 +121,22 @@ def fused_available(request, monkeypatch) -> bool:
     return True
 
 
-def test_auto_picks_int4_for_small_batches_only(count_int4, fused_available):
-    m = QuantLinear.from_result(_result(32, 128, 4, 32), None, torch.bfloat16)
-    small = K.int4_max_batch("cpu", cached=False, fused=fused_available)
-    m(torch.randn(small, 128).to(torch.bfloat16))
-    m(torch.randn(small + 1, 128).to(torch.bfloat16))
-    assert count_int4 == [small]
-    m.cache_dequantized = True
-    m(torch.randn(K.int4_max_batch("cpu", cached=True, fused=fused_available) + 1, 128).to(torch.bfloat16))
-    m(torch.randn(1, 128).to(torch.bfloat16))
+@pytest.mark.parametrize("act_order", [False, True])
+def test_auto_picks_int4_for_small_batches_only(count_int4, fused_available, act_order):
+    m = QuantLinear.from_result(_result(32, 128, 4, 32, act_order=act_order), None, torch.bfloat16)
+    expected = []
+    for cached in (False, True):
+        m.cache_dequantized = cached
+        if fused_available:  # the fused kernel's small-batch path needs groups of consecutive columns
+            limit = K.int4_max_batch("cpu", "fused" if act_order else "fused_small_batch")
+        else:
+            limit = K.int4_max_batch("cpu", "cached" if cached else "uncached")
+        for rows in sorted({1, limit, limit + 1} - {0}):
+            m(torch.randn(rows, 128).to(torch.bfloat16))
+            expected += [rows] if rows <= limit else []
     m(torch.randn(1, 128))  # float32: the CPU kernel has no fast fp32 path
-    assert count_int4 == [small, 1]
+    assert count_int4 == expected
+    assert fused_available or expected  # without the fused kernel, small batches do go to int4
 
 
 @pytest.mark.parametrize(
@@ -179,18 +184,24 @@ def test_state_dict_round_trip_through_safetensors():
     assert torch.equal(fresh.dequantize_weight(torch.float32), m.dequantize_weight(torch.float32))
 
 
-def test_caches_follow_buffer_updates(count_int4):
+def test_caches_follow_buffer_updates():
     a = QuantLinear.from_result(_result(32, 128, 4, 32), None, torch.bfloat16)
-    b = QuantLinear.from_result(
-        rtn_quantize(torch.randn(32, 128), bits=4, group_size=32), None, torch.bfloat16
+    b = QuantLinear.from_result(  # asymmetric: other zero points too
+        rtn_quantize(torch.randn(32, 128), bits=4, group_size=32, sym=False), None, torch.bfloat16
     )
     a.cache_dequantized = True
-    x1, x64 = torch.randn(1, 128).to(torch.bfloat16), torch.randn(64, 128).to(torch.bfloat16)
-    a(x1), a(x64)  # builds the int4 weights and the dense cache
+    kernels = ["int4", "dequant"]
+    if Q.fused_unavailable_reason(4, 128, 32, torch.bfloat16, torch.device("cpu")) is None:
+        kernels.append("fused")
+    xs = torch.randn(1, 128).to(torch.bfloat16), torch.randn(64, 128).to(torch.bfloat16)
+    for kernel in kernels:  # builds the int4 weights, the dense cache, the fused kernel's zero points
+        a.kernel = kernel
+        [a(x) for x in xs]
     a.load_state_dict(b.state_dict())  # in-place copy into the same buffers
-    assert torch.equal(a(x64), b.forward_reference(x64))
-    assert torch.equal(a(x1), b(x1))
-    assert len(count_int4) == 3
+    for kernel in kernels:
+        a.kernel = b.kernel = kernel
+        for x in xs:
+            assert torch.equal(a(x), b(x)), kernel
 
 
 def test_module_casts_keep_checkpoint_scales():

@@ -128,11 +128,113 @@ static void store_tile(const float *c, int64_t rows, int nv, const uint16_t *bia
     }
 }
 
-/* Returns 0 on success, 1 on bad arguments, 2 when a work buffer could not be allocated. */
+/* ---- up to GEMV_MAX_ROWS rows, groups of group_size consecutive columns (a multiple of 8) or one group ----
+ * Nothing is dequantized: a code q becomes the bfloat16 number 128 + q by bit operations alone
+ * (0x4300 | q; 128 has an exponent whose ulp is 1), so per group
+ *   sum_k x_k W[n, k] = s * (sum_k x_k (128 + q_k) - (128 + z) * sum_k x_k)
+ * with the first sum taken by vdpbf16ps on raw codes and the scale applied once per group. The weights are
+ * not rounded to bfloat16 on the way, so the result is at least as close to the exact product as the
+ * reference's (whose weights are). Two instructions turn 32 packed codes into dot-product operands. */
+#define GEMV_MAX_ROWS 4
+
+static inline __m512i codes_as_bf16(__m512i words, __m512i select) {
+    /* select (per byte): bit offsets so that each dword gets [q(2j), -, q(2j+1), -]; then keep the low
+     * nibbles of bytes 0 and 2 and set the high bytes to 0x43: (r & 0x000F000F) | 0x43004300 */
+    const __m512i r = _mm512_multishift_epi64_epi8(select, words);
+    return _mm512_ternarylogic_epi32(r, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300), 0xEA);
+}
+
+#define DEFINE_GEMV(R, V)                                                                                      \
+    static void gemv_##R##_##V(const uint16_t *x, int64_t K, const int32_t *qweight, const uint16_t *scales,  \
+                               const uint8_t *zeros, int64_t N, int64_t gs, const float *xsum, int64_t G,     \
+                               int64_t n0, float *out) {                                                      \
+        __m512i select[4];                                                                                    \
+        for (int j = 0; j < 4; j++) {                                                                         \
+            const int64_t o = 8 * j;                                                                          \
+            select[j] = _mm512_set1_epi64((o) | (o + 4) << 16 | (o + 32) << 32 | (o + 36) << 48);            \
+        }                                                                                                     \
+        __m512 total[R][V];                                                                                   \
+        for (int i = 0; i < R; i++)                                                                           \
+            for (int v = 0; v < V; v++) total[i][v] = _mm512_setzero_ps();                                    \
+        for (int64_t g = 0; g < G; g++) {                                                                     \
+            const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;                    \
+            __m512 acc[R][V];                                                                                 \
+            for (int i = 0; i < R; i++)                                                                       \
+                for (int v = 0; v < V; v++) acc[i][v] = _mm512_setzero_ps();                                  \
+            for (int64_t k = k_start; k < k_end; k += 8) {                                                    \
+                const int32_t *row = qweight + (k >> 3) * N + n0;                                             \
+                __m512i w[V];                                                                                 \
+                for (int v = 0; v < V; v++) w[v] = _mm512_loadu_si512((const void *)(row + 16 * v));          \
+                const int pairs = (int)((k_end - k) >= 8 ? 4 : (k_end - k) / 2);                              \
+                for (int j = 0; j < pairs; j++) {                                                             \
+                    __m512bh b[V];                                                                            \
+                    for (int v = 0; v < V; v++) b[v] = as_bh(codes_as_bf16(w[v], select[j]));                 \
+                    for (int i = 0; i < R; i++) {                                                             \
+                        int32_t pair;                                                                         \
+                        memcpy(&pair, x + i * K + k + 2 * j, sizeof pair);                                    \
+                        const __m512bh a = as_bh(_mm512_set1_epi32(pair));                                    \
+                        for (int v = 0; v < V; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);         \
+                    }                                                                                         \
+                }                                                                                             \
+            }                                                                                                 \
+            for (int v = 0; v < V; v++) {                                                                     \
+                const int64_t at = g * N + n0 + 16 * v;                                                       \
+                const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));         \
+                const __m512 zc = _mm512_add_ps(                                                              \
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)))), \
+                    _mm512_set1_ps(128.0f));                                                                  \
+                for (int i = 0; i < R; i++) {                                                                 \
+                    const __m512 d = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum[i * G + g]), acc[i][v]);        \
+                    total[i][v] = _mm512_fmadd_ps(s, d, total[i][v]);                                         \
+                }                                                                                             \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int i = 0; i < R; i++)                                                                           \
+            for (int v = 0; v < V; v++) _mm512_storeu_ps(out + i * NP + 16 * v, total[i][v]);                 \
+    }
+
+#define DEFINE_GEMV_ROW(R) DEFINE_GEMV(R, 1) DEFINE_GEMV(R, 2) DEFINE_GEMV(R, 3) DEFINE_GEMV(R, 4)
+DEFINE_GEMV_ROW(1) DEFINE_GEMV_ROW(2) DEFINE_GEMV_ROW(3) DEFINE_GEMV_ROW(4)
+
+typedef void (*gemv_fn)(const uint16_t *, int64_t, const int32_t *, const uint16_t *, const uint8_t *, int64_t,
+                        int64_t, const float *, int64_t, int64_t, float *);
+#define GEMV_TABLE(R) {gemv_##R##_1, gemv_##R##_2, gemv_##R##_3, gemv_##R##_4}
+static const gemv_fn GEMV[GEMV_MAX_ROWS][4] = {GEMV_TABLE(1), GEMV_TABLE(2), GEMV_TABLE(3), GEMV_TABLE(4)};
+
+static int gemv(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
+                const uint8_t *zeros, int64_t N, int64_t gs, const uint16_t *bias, uint16_t *y, int nthreads) {
+    const int64_t G = (K + gs - 1) / gs;
+    float *xsum = malloc(sizeof(float) * M * G);
+    if (!xsum) return 2;
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t g = 0; g < G; g++) {
+            float t = 0.0f;
+            for (int64_t k = g * gs; k < K && k < (g + 1) * gs; k++) t += bf16_to_float(x[i * K + k]);
+            xsum[i * G + g] = t;
+        }
+    const int64_t panels = (N + NP - 1) / NP;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        float tile[GEMV_MAX_ROWS * NP];
+        const int64_t n0 = p * NP;
+        const int nv = (int)((N - n0) / 16 < 4 ? (N - n0) / 16 : 4);
+        GEMV[M - 1][nv - 1](x, K, qweight, scales, zeros, N, gs, xsum, G, n0, tile);
+        store_tile(tile, M, nv, bias, n0, y, N);
+    }
+    free(xsum);
+    return 0;
+}
+
+/* regular_group: the group size when g_idx[k] == k / group size and it is a multiple of 8, K when there is
+ * one group, 0 otherwise (act-order); it enables the small-batch path.
+ * Returns 0 on success, 1 on bad arguments, 2 when a work buffer could not be allocated. */
 int hvg_w4_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
                      const uint8_t *zeros, const int32_t *g_idx, int64_t N, const uint16_t *bias, uint16_t *y,
-                     int nthreads) {
-    if (M <= 0 || K <= 0 || N <= 0 || (K & 1) || (N & 15) || nthreads <= 0) return 1;
+                     int nthreads, int64_t regular_group) {
+    if (M <= 0 || K <= 0 || N <= 0 || (K & 1) || (N & 15) || nthreads <= 0 || regular_group < 0) return 1;
+    if (regular_group > 0 && regular_group % 8 && regular_group < K) return 1;
+    if (M <= GEMV_MAX_ROWS && regular_group > 0)
+        return gemv(x, M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads);
     const int64_t m_tasks = (M + MC_MAX - 1) / MC_MAX;
     int64_t mc = (M + m_tasks - 1) / m_tasks;
     mc = (mc + MR - 1) / MR * MR; /* rows per task, balanced, <= MC_MAX */
