@@ -16,6 +16,7 @@ import hf_vlm_gptq
 from hf_vlm_gptq import VLMGPTQConfig, get_quantizers
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
 from hf_vlm_gptq.ops import QuantConv, QuantLinear
+from hf_vlm_gptq.ops.cpu_fused import FusedW4Weights
 
 VISION = "model.visual.blocks"
 MERGER = "model.visual.merger"
@@ -142,6 +143,31 @@ def test_reloaded_model_generates_and_runs_in_a_pipeline(saved, eval_inputs):
                                                      {"type": "text", "text": "Describe."}]}],
                   max_new_tokens=4)
     assert isinstance(result[0]["generated_text"], (str, list))
+
+
+def test_bfloat16_reload_uses_fast_paths_that_agree_with_the_reference(saved, eval_inputs, monkeypatch):
+    """Reloaded in bf16 (how users run it), the default kernel choice gives the logits of the reference path
+    (dequantize + dense op everywhere) within bf16 rounding, and greedy generation works."""
+    from hf_vlm_gptq.ops import qbase
+
+    fused_rows = []
+    real = qbase.fused_matmul
+    monkeypatch.setattr(qbase, "fused_matmul", lambda x2, *a: fused_rows.append(x2.shape[0]) or real(x2, *a))
+    model = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.bfloat16).eval()
+    packed = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv))]
+    probe = torch.empty(0, dtype=torch.bfloat16)
+    fast = [m for m in packed if isinstance(m._fused(probe.new_empty(0, m.in_features)), FusedW4Weights)]
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in eval_inputs[0].items()}
+    fast_logits = logits(model, inputs).float()
+    assert len(fused_rows) >= len(fast)  # every layer the fused CPU kernel can serve went through it
+    for m in packed:
+        m.kernel = "dequant"
+    ref_logits = logits(model, inputs).float()
+    assert float((fast_logits - ref_logits).norm() / ref_logits.norm()) < 2e-2
+    for m in packed:
+        m.kernel = "auto"
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
 
 
 def _corrupt_copy(saved, tmp_path, edit):

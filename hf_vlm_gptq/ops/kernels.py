@@ -1,4 +1,10 @@
-"""Matmul paths for packed GPTQ weights: torch's int4 kernels (CPU / CUDA) and dequantize + dense.
+"""Matmul paths for packed GPTQ weights: torch's int4 kernels (CPU / CUDA) and dequantize + dense (the
+fused CPU kernel lives in ``cpu_fused.py``; ``qbase.PackedWeightModule._matmul`` chooses).
+
+Policy on CPU, bf16 input, 4 bits: the fused kernel at every batch when the groups are consecutive columns,
+otherwise (act-order) torch's int4 kernel up to ``CPU_INT4_MAX_BATCH["fused"]`` rows and the fused kernel
+above; without the fused kernel, the int4 kernel up to the cached / uncached limit below, then dequantize +
+dense. Other bits / dtypes: dequantize + dense.
 
 The reference everywhere is "dequantize to ``x.dtype``, then the dense op": :func:`dequantize_packed`
 computes ``scale * (code - zero)`` in float32 (``code - zero`` is exact, so one rounding) and casts once.
@@ -38,6 +44,9 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # so the kernel wins up to ~12 rows against a cached dense weight, and up to ~190-330 rows (the dequant
 # time varies between runs) against dequantizing on every call (the default, see qmodules.py); at 256
 # rows the two are within 15% of each other either way.
+# Against the fused kernel (same host, bench/ops.py): its GEMM path at 1 / 4 / 8 rows takes 0.44 / 0.49 / 0.64
+# ms vs the int4 kernel's 0.21 / 0.39 / 0.77, its small-batch path 0.11 ms at 1 row (act-order layers
+# cannot use that path).
 CPU_INT4_MAX_BATCH = {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0}
 # CUDA: estimated from the H200 figures in the project's anchor notes (18944x3584: int4 32 us vs bf16 54 us at
 # M=1, 91 vs 57 us at M=16, 1207 vs 67 us at M=256) -- ~4 us per row; dequantizing in eager costs a few

@@ -7,17 +7,19 @@ Derived data is built lazily and cached per module, keyed on the buffers' identi
 ``copy_`` or device move invalidates it):
 
 * int4 kernel weights (+ act-order permutation): built on first use of the kernel path. Cost: one extra
-  copy of the 4-bit weight (+ a bf16 scale/zero table), worth it for the batch-1 speed.
+  copy of the 4-bit weight (+ a bf16 scale/zero table). On CPUs with the fused kernel (``cpu_fused.py``)
+  the int4 kernel serves only act-order layers at a few rows, so most layers never build it.
+* the fused CPU kernel's zero points (uint8 ``[groups, out]``): it reads ``qweight`` / ``scales`` as stored.
 * the dequantized weight: cached only when ``cache_dequantized`` is True. Default **off for QuantLinear**:
   keeping a dense copy of every layer would cost more memory than the unquantized model, which defeats the
-  point of a 4-bit checkpoint; large batches then pay one dequantization per call (on the 2-core CPU host,
-  bench/ops.py: 4096x4096 at 256 rows 2.5x slower than dense bf16, at 16 rows 0.85-1.07x, at 1 row 4-6x
-  faster). Turn it on (per module, with :func:`set_dequant_cache`, or for every instance with
-  ``QuantLinear.cache_dequantized = True``) when speed at large batches matters more than memory: every
-  batch size is then at least as fast as dense. Default **on for QuantConv**: VLM patch embeddings are
-  small, and Qwen2-VL reads ``proj.weight`` on every forward.
+  point of a 4-bit checkpoint. With the fused CPU kernel no batch size needs it (bench/ops.py: 4096x4096
+  at 1 row ~8x faster than dense bf16, at 16 rows ~1.4x, at 256-1024 rows on par). Without that kernel
+  (other CPUs, bits other than 4, fp16/fp32 inputs) large batches pay one dequantization per call; turn
+  the cache on (per module, with :func:`set_dequant_cache`, or for every instance with
+  ``QuantLinear.cache_dequantized = True``) when speed at large batches matters more than memory. Default
+  **on for QuantConv**: VLM patch embeddings are small, and Qwen2-VL reads ``proj.weight`` on every forward.
 
-Paths (``kernel`` attribute: "auto", "int4" to force the kernel, "dequant" to force the reference): see
+Paths (``kernel`` attribute: "auto", "int4" / "fused" to force a kernel, "dequant" to force the reference): see
 ``kernels.py``; buffers, caches and path selection live in ``qbase.py``. ``scales`` keeps its dtype (float16) through ``module.to(dtype)`` / ``.half()`` so a saved
 model stays in the checkpoint format; the compute dtype (``weight_dtype``) follows such casts.
 """
