@@ -15,6 +15,7 @@
  * memory traffic stays that of the 4-bit weight.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -113,11 +114,12 @@ static inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-static void store_tile(const float *c, int64_t rows, int nv, const uint16_t *bias, int64_t n0, uint16_t *y,
-                       int64_t N) {
+/* y[i, n0 + 16 v + l] = bf16(c[i * ldc + 16 v + l] + bias[n0 + 16 v + l]) */
+static void store_rows(const float *c, int64_t ldc, int64_t rows, int nv, const uint16_t *bias, int64_t n0,
+                       uint16_t *y, int64_t N) {
     for (int64_t i = 0; i < rows; i++) {
         for (int v = 0; v < nv; v++) {
-            __m512 acc = _mm512_loadu_ps(c + i * NP + 16 * v);
+            __m512 acc = _mm512_loadu_ps(c + i * ldc + 16 * v);
             if (bias) {
                 float b[16];
                 for (int l = 0; l < 16; l++) b[l] = bf16_to_float(bias[n0 + 16 * v + l]);
@@ -144,68 +146,71 @@ static inline __m512i codes_as_bf16(__m512i words, __m512i select) {
     return _mm512_ternarylogic_epi32(r, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300), 0xEA);
 }
 
+/* out[i * ldo + n0 + 16 v + l] += group g's share of row i of x @ W^T, for R rows and V vectors */
 #define DEFINE_GEMV(R, V)                                                                                      \
     static void gemv_##R##_##V(const uint16_t *x, int64_t K, const int32_t *qweight, const uint16_t *scales,  \
                                const uint8_t *zeros, int64_t N, int64_t gs, const float *xsum, int64_t G,     \
-                               int64_t n0, float *out) {                                                      \
+                               int64_t g, int64_t n0, float *out, int64_t ldo) {                              \
         __m512i select[4];                                                                                    \
         for (int j = 0; j < 4; j++) {                                                                         \
             const int64_t o = 8 * j;                                                                          \
             select[j] = _mm512_set1_epi64((o) | (o + 4) << 16 | (o + 32) << 32 | (o + 36) << 48);            \
         }                                                                                                     \
-        __m512 total[R][V];                                                                                   \
+        const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;                        \
+        __m512 acc[R][V];                                                                                     \
         for (int i = 0; i < R; i++)                                                                           \
-            for (int v = 0; v < V; v++) total[i][v] = _mm512_setzero_ps();                                    \
-        for (int64_t g = 0; g < G; g++) {                                                                     \
-            const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;                    \
-            __m512 acc[R][V];                                                                                 \
-            for (int i = 0; i < R; i++)                                                                       \
-                for (int v = 0; v < V; v++) acc[i][v] = _mm512_setzero_ps();                                  \
-            for (int64_t k = k_start; k < k_end; k += 8) {                                                    \
-                const int32_t *row = qweight + (k >> 3) * N + n0;                                             \
-                __m512i w[V];                                                                                 \
-                for (int v = 0; v < V; v++) w[v] = _mm512_loadu_si512((const void *)(row + 16 * v));          \
-                const int pairs = (int)((k_end - k) >= 8 ? 4 : (k_end - k) / 2);                              \
-                for (int j = 0; j < pairs; j++) {                                                             \
-                    __m512bh b[V];                                                                            \
-                    for (int v = 0; v < V; v++) b[v] = as_bh(codes_as_bf16(w[v], select[j]));                 \
-                    for (int i = 0; i < R; i++) {                                                             \
-                        int32_t pair;                                                                         \
-                        memcpy(&pair, x + i * K + k + 2 * j, sizeof pair);                                    \
-                        const __m512bh a = as_bh(_mm512_set1_epi32(pair));                                    \
-                        for (int v = 0; v < V; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);         \
-                    }                                                                                         \
-                }                                                                                             \
-            }                                                                                                 \
-            for (int v = 0; v < V; v++) {                                                                     \
-                const int64_t at = g * N + n0 + 16 * v;                                                       \
-                const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));         \
-                const __m512 zc = _mm512_add_ps(                                                              \
-                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)))), \
-                    _mm512_set1_ps(128.0f));                                                                  \
+            for (int v = 0; v < V; v++) acc[i][v] = _mm512_setzero_ps();                                      \
+        for (int64_t k = k_start; k < k_end; k += 8) {                                                        \
+            const int32_t *row = qweight + (k >> 3) * N + n0;                                                 \
+            __m512i w[V];                                                                                     \
+            for (int v = 0; v < V; v++) w[v] = _mm512_loadu_si512((const void *)(row + 16 * v));              \
+            const int pairs = (int)((k_end - k) >= 8 ? 4 : (k_end - k) / 2);                                  \
+            for (int j = 0; j < pairs; j++) {                                                                 \
+                __m512bh b[V];                                                                                \
+                for (int v = 0; v < V; v++) b[v] = as_bh(codes_as_bf16(w[v], select[j]));                     \
                 for (int i = 0; i < R; i++) {                                                                 \
-                    const __m512 d = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum[i * G + g]), acc[i][v]);        \
-                    total[i][v] = _mm512_fmadd_ps(s, d, total[i][v]);                                         \
+                    int32_t pair;                                                                             \
+                    memcpy(&pair, x + i * K + k + 2 * j, sizeof pair);                                        \
+                    const __m512bh a = as_bh(_mm512_set1_epi32(pair));                                        \
+                    for (int v = 0; v < V; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);             \
                 }                                                                                             \
             }                                                                                                 \
         }                                                                                                     \
-        for (int i = 0; i < R; i++)                                                                           \
-            for (int v = 0; v < V; v++) _mm512_storeu_ps(out + i * NP + 16 * v, total[i][v]);                 \
+        for (int v = 0; v < V; v++) {                                                                         \
+            const int64_t at = g * N + n0 + 16 * v;                                                           \
+            const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));             \
+            const __m512 zc = _mm512_add_ps(                                                                  \
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)))),     \
+                _mm512_set1_ps(128.0f));                                                                      \
+            for (int i = 0; i < R; i++) {                                                                     \
+                float *o = out + i * ldo + n0 + 16 * v;                                                       \
+                const __m512 d = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum[i * G + g]), acc[i][v]);            \
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(s, d, _mm512_loadu_ps(o)));                               \
+            }                                                                                                 \
+        }                                                                                                     \
     }
 
 #define DEFINE_GEMV_ROW(R) DEFINE_GEMV(R, 1) DEFINE_GEMV(R, 2) DEFINE_GEMV(R, 3) DEFINE_GEMV(R, 4)
 DEFINE_GEMV_ROW(1) DEFINE_GEMV_ROW(2) DEFINE_GEMV_ROW(3) DEFINE_GEMV_ROW(4)
 
 typedef void (*gemv_fn)(const uint16_t *, int64_t, const int32_t *, const uint16_t *, const uint8_t *, int64_t,
-                        int64_t, const float *, int64_t, int64_t, float *);
+                        int64_t, const float *, int64_t, int64_t, int64_t, float *, int64_t);
 #define GEMV_TABLE(R) {gemv_##R##_1, gemv_##R##_2, gemv_##R##_3, gemv_##R##_4}
 static const gemv_fn GEMV[GEMV_MAX_ROWS][4] = {GEMV_TABLE(1), GEMV_TABLE(2), GEMV_TABLE(3), GEMV_TABLE(4)};
 
+/* Each thread owns a contiguous range of output columns and walks the groups in order, so it reads every
+ * word row of qweight as one contiguous run (its column range) -- friendly to the hardware prefetchers when
+ * the weights come from memory. Per-row float32 sums live in out[M][N] until the last group. */
 static int gemv(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
                 const uint8_t *zeros, int64_t N, int64_t gs, const uint16_t *bias, uint16_t *y, int nthreads) {
     const int64_t G = (K + gs - 1) / gs;
     float *xsum = malloc(sizeof(float) * M * G);
-    if (!xsum) return 2;
+    float *out = calloc((size_t)(M * N), sizeof(float));
+    if (!xsum || !out) {
+        free(xsum);
+        free(out);
+        return 2;
+    }
     for (int64_t i = 0; i < M; i++)
         for (int64_t g = 0; g < G; g++) {
             float t = 0.0f;
@@ -213,15 +218,24 @@ static int gemv(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight,
             xsum[i * G + g] = t;
         }
     const int64_t panels = (N + NP - 1) / NP;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t p = 0; p < panels; p++) {
-        float tile[GEMV_MAX_ROWS * NP];
-        const int64_t n0 = p * NP;
-        const int nv = (int)((N - n0) / 16 < 4 ? (N - n0) / 16 : 4);
-        GEMV[M - 1][nv - 1](x, K, qweight, scales, zeros, N, gs, xsum, G, n0, tile);
-        store_tile(tile, M, nv, bias, n0, y, N);
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t p0 = panels * me / team, p1 = panels * (me + 1) / team;
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t p = p0; p < p1; p++) {
+                const int64_t n0 = p * NP;
+                const int nv = (int)((N - n0) / 16 < 4 ? (N - n0) / 16 : 4);
+                GEMV[M - 1][nv - 1](x, K, qweight, scales, zeros, N, gs, xsum, G, g, n0, out, N);
+            }
+        for (int64_t p = p0; p < p1; p++) {
+            const int64_t n0 = p * NP;
+            const int nv = (int)((N - n0) / 16 < 4 ? (N - n0) / 16 : 4);
+            store_rows(out + n0, N, M, nv, bias, n0, y, N);
+        }
     }
     free(xsum);
+    free(out);
     return 0;
 }
 
@@ -261,7 +275,7 @@ int hvg_w4_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const int32_t *qwe
                                          tile + r0 * NP, k0 == 0);
                 }
             }
-            store_tile(tile, rows, nv, bias, n0, y + m0 * N, N);
+            store_rows(tile, NP, rows, nv, bias, n0, y + m0 * N, N);
         }
         free(buf);
         free(tile);
