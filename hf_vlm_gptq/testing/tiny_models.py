@@ -121,12 +121,15 @@ def build_tiny_qwen2vl(
     vision_depth: int = 2,
     hidden_size: int = 64,
     vision_embed_dim: int = 32,
+    head_dim: int = 16,
     **overrides: Any,
 ) -> Path:
     """Write a tiny native ``qwen2_vl`` checkpoint (``Qwen2VLForConditionalGeneration``) to ``out_dir``.
 
     Patch geometry matches the real model (patch 14, temporal patch 2, spatial merge 2, so the Conv3d stem
-    sees 3*2*14*14 = 1176 inputs); attention heads are 16 wide with ``mrope_section`` [2, 3, 3].
+    sees 3*2*14*14 = 1176 inputs); attention heads (language model and vision tower) are ``head_dim`` wide
+    (default 16; a multiple of 16), with ``mrope_section`` in the real model's 2:3:3 proportion ([2, 3, 3]
+    for 16; vLLM's CPU attention needs heads of at least 32).
     ``overrides``: ``text_config={...}`` / ``vision_config={...}`` entries update the sub-configs, ``vocab_size``
     sets the trained tokenizer size, ``min_pixels`` / ``max_pixels`` / ``video_max_pixels`` the processor
     pixel budgets, ``logit_scale``
@@ -143,7 +146,10 @@ def build_tiny_qwen2vl(
     top, text_over, vision_over, opts = _split_overrides(dict(overrides))
     tokenizer = train_tiny_tokenizer(opts.get("vocab_size", 640))
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.extra_special_tokens}
-    heads, kv_heads = _heads(hidden_size)
+    if head_dim <= 0 or head_dim % 16:
+        raise ValueError(f"head_dim must be a positive multiple of 16, got {head_dim}")
+    heads, kv_heads = _heads(hidden_size, head_dim)
+    mrope_section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
     text_config = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden_size,
@@ -154,7 +160,7 @@ def build_tiny_qwen2vl(
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "max_window_layers": num_llm_layers,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section},
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
@@ -164,7 +170,7 @@ def build_tiny_qwen2vl(
         "depth": vision_depth,
         "embed_dim": vision_embed_dim,
         "hidden_size": text_config["hidden_size"],
-        "num_heads": max(1, vision_embed_dim // 16),
+        "num_heads": max(1, vision_embed_dim // head_dim),
         "mlp_ratio": 4,
         "in_channels": 3,
         "patch_size": 14,
