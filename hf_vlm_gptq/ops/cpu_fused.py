@@ -42,6 +42,7 @@ CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16")
 ENV_SWITCH = "HF_VLM_GPTQ_CPU_KERNEL"
 _COMPILE_TIMEOUT_S = 120
+SERIAL_MACS = 1 << 20
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib" -> ctypes function, or "reason" -> str
@@ -49,11 +50,21 @@ _state: dict = {}  # "lib" -> ctypes function, or "reason" -> str
 
 @dataclass
 class FusedW4Weights:
-    """Per-layer data the kernel needs beyond the checkpoint buffers (built once, reused every call)."""
+    """What the kernel reads for one layer, checked once (built on first use, cached by the module)."""
 
+    qweight: torch.Tensor  # int32 [ceil(in / 8), out], the checkpoint buffer
+    scales: torch.Tensor  # float16 [n_groups, out], the checkpoint buffer
     zeros: torch.Tensor  # uint8 [n_groups, out]
     g_idx: torch.Tensor  # int32 [in], contiguous
     regular_group: int  # columns per group when g_idx is col // group (a multiple of 8, or all), else 0
+
+    @property
+    def in_features(self) -> int:
+        return self.g_idx.numel()
+
+    @property
+    def out_features(self) -> int:
+        return self.zeros.shape[1]
 
 
 def cache_dir() -> Path:
@@ -164,14 +175,23 @@ def fused_unavailable_reason(
     return None
 
 
-def build_fused(zeros: torch.Tensor, g_idx: torch.Tensor, group_size: int) -> FusedW4Weights:
-    """Kernel data from the unpacked zero points ``[n_groups, out]`` (0..15), ``g_idx`` and the group size.
-    The kernel indexes scales and zeros with ``g_idx`` unchecked, so its range is checked here. Groups of
-    consecutive columns (no act-order) whose size is a multiple of 8 enable the small-batch path."""
-    n_groups = zeros.shape[0]
+def build_fused(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, group_size: int
+) -> FusedW4Weights:
+    """Kernel data from the checkpoint buffers ``qweight`` / ``scales``, the unpacked zero points
+    ``[n_groups, out]`` (0..15), ``g_idx`` and the group size. The kernel indexes memory with these unchecked,
+    so shapes, dtypes and the range of ``g_idx`` are checked here. Groups of consecutive columns (no
+    act-order) whose size is a multiple of 8 enable the small-batch path."""
+    n_groups, out_features = zeros.shape
+    in_features = g_idx.numel()
+    if scales.dtype != torch.float16 or tuple(scales.shape) != (n_groups, out_features):
+        raise ValueError(f"scales must be float16 {(n_groups, out_features)}, got {scales.dtype} {tuple(scales.shape)}")
+    if qweight.dtype != torch.int32 or qweight.shape[1] != out_features or qweight.shape[0] * 8 < in_features:
+        raise ValueError(
+            f"qweight must be int32 [>= {in_features} / 8, {out_features}], got {qweight.dtype} {tuple(qweight.shape)}"
+        )
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
         raise ValueError(f"g_idx values must lie in [0, {n_groups}), got [{int(g_idx.min())}, {int(g_idx.max())}]")
-    in_features = g_idx.numel()
     regular = 0
     if contiguous_groups(g_idx, group_size):
         if group_size == -1 or group_size >= in_features:
@@ -179,37 +199,33 @@ def build_fused(zeros: torch.Tensor, g_idx: torch.Tensor, group_size: int) -> Fu
         elif group_size % 8 == 0:
             regular = group_size
     return FusedW4Weights(
-        zeros=zeros.to(torch.uint8).contiguous(), g_idx=g_idx.to(torch.int32).contiguous(), regular_group=regular
+        qweight=qweight.contiguous(),
+        scales=scales.contiguous(),
+        zeros=zeros.to(torch.uint8).contiguous(),
+        g_idx=g_idx.to(torch.int32).contiguous(),
+        regular_group=regular,
     )
 
 
-def fused_matmul(
-    x2: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    w: FusedW4Weights,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
+def fused_matmul(x2: torch.Tensor, w: FusedW4Weights, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2[M, in] @ W^T (+ bias)`` in bfloat16 through the fused kernel (see :func:`fused_unavailable_reason`)."""
     fn = _kernel()
     if fn is None:
         raise RuntimeError(f"the fused CPU kernel is unavailable: {_state.get('reason')}")
+    if x2.dtype != torch.bfloat16 or x2.dim() != 2 or x2.shape[1] != w.in_features or x2.device.type != "cpu":
+        raise ValueError(f"x must be bfloat16 [rows, {w.in_features}] on the CPU, got {x2.dtype} {tuple(x2.shape)}")
     x2 = x2.contiguous()
-    m, k = x2.shape
-    n = w.zeros.shape[1]
-    if scales.dtype != torch.float16 or tuple(scales.shape) != tuple(w.zeros.shape):
-        raise ValueError(f"scales must be float16 {tuple(w.zeros.shape)}, got {scales.dtype} {tuple(scales.shape)}")
-    if qweight.dtype != torch.int32 or qweight.shape[1] != n or qweight.shape[0] * 8 < k:
-        raise ValueError(f"qweight must be int32 [>= {k} / 8, {n}], got {qweight.dtype} {tuple(qweight.shape)}")
-    qweight, scales = qweight.contiguous(), scales.contiguous()
+    m, n = x2.shape[0], w.out_features
     if bias is not None:
         bias = bias.to(torch.bfloat16).contiguous()
     y = torch.empty(m, n, dtype=torch.bfloat16)
     if m == 0:
         return y
+    # below ~1M multiply-adds a second thread costs more (fork / join) than it saves
+    threads = 1 if m * n * w.in_features < SERIAL_MACS else torch.get_num_threads()
     rc = fn(
-        x2.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), w.zeros.data_ptr(), w.g_idx.data_ptr(), n,
-        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(), w.regular_group,
+        x2.data_ptr(), m, w.in_features, w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
+        w.g_idx.data_ptr(), n, None if bias is None else bias.data_ptr(), y.data_ptr(), threads, w.regular_group,
     )
     if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")

@@ -198,7 +198,11 @@ class PackedWeightModule(nn.Module):
         return self._cached(
             ("fused",),
             lambda: build_fused(
-                unpack_zeros(self.qzeros, self.bits, self.out_features), self.g_idx, self.group_size
+                self.qweight,
+                self.scales,
+                unpack_zeros(self.qzeros, self.bits, self.out_features),
+                self.g_idx,
+                self.group_size,
             ),
         )
 
@@ -215,7 +219,7 @@ class PackedWeightModule(nn.Module):
         if mode == "fused":
             if not isinstance(fused, FusedW4Weights):
                 raise ValueError(f"kernel='fused' is unavailable for this layer / input: {fused}")
-            return fused_matmul(x2, self.qweight, self.scales, fused, bias)
+            return fused_matmul(x2, fused, bias)
         has_fused = isinstance(fused, FusedW4Weights)
         if has_fused:
             alternative = "fused_small_batch" if fused.regular_group else "fused"
@@ -229,7 +233,7 @@ class PackedWeightModule(nn.Module):
             if mode == "int4":
                 raise ValueError(f"kernel='int4' is unavailable for this layer / input: {w}")
         if has_fused:
-            return fused_matmul(x2, self.qweight, self.scales, fused, bias)
+            return fused_matmul(x2, fused, bias)
         return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
 
     def forward_reference(self, x2: torch.Tensor) -> torch.Tensor:

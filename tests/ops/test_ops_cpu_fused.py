@@ -143,7 +143,13 @@ def test_forcing_fused_where_unsupported_names_the_reason(bits, out_f, dtype, wh
 
 def test_out_of_range_g_idx_is_refused_before_the_kernel_reads_it():
     with pytest.raises(ValueError, match="g_idx"):
-        CF.build_fused(torch.zeros(2, 16, dtype=torch.int32), torch.tensor([0, 1, 2, 1], dtype=torch.int32), 2)
+        CF.build_fused(
+            torch.zeros(1, 16, dtype=torch.int32),
+            torch.zeros(2, 16, dtype=torch.float16),
+            torch.zeros(2, 16, dtype=torch.int32),
+            torch.tensor([0, 1, 2, 1], dtype=torch.int32),
+            2,
+        )
 
 
 @pytest.fixture
