@@ -173,14 +173,20 @@ def packed_weights(
     )
 
 
-def _block_k(w: PackedWeights) -> tuple[int, bool]:
-    """(BK, SCALAR_GROUP): the largest BK in 64/32/16 with every K step inside one group, else 64 + lookups."""
+def _block_k(w: PackedWeights, cap: int) -> tuple[int, bool]:
+    """(BK, SCALAR_GROUP): the largest BK <= cap in 64/32/16 with every K step inside one group, else cap
+    with per-row g_idx lookups."""
     if w.group == w.in_features and w.group > 0:
-        return 64, True
+        return cap, True
     for bk in (64, 32, 16):
-        if w.group and w.group % bk == 0:
+        if bk <= cap and w.group and w.group % bk == 0:
             return bk, True
-    return 64, False
+    return cap, False
+
+
+# (largest M, BM, BN, largest BK, warps, stages): guesses checked only for register use (ptxas for sm_90a:
+# 100-180 registers, no spills), not timed; tune on the H200 with bench/ops.py
+_TILES = ((SPLIT_K_MAX_ROWS, 16, 64, 64, 8, 3), (32, 32, 64, 64, 8, 3), (64, 64, 64, 64, 8, 3), (None, 64, 128, 32, 8, 4))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -194,18 +200,16 @@ def triton_matmul(x2: torch.Tensor, w: PackedWeights) -> torch.Tensor:
         raise ValueError(f"x2 must have {w.in_features} columns, got {tuple(x2.shape)}")
     n = w.out_features
     x2 = x2.contiguous()
-    bk, scalar = _block_k(w)
+    _, bm, bn, bk_cap, warps, stages = next(t for t in _TILES if t[0] is None or rows <= t[0])
+    bk, scalar = _block_k(w, bk_cap)
     k_blocks = triton.cdiv(cols, bk)
-    if rows <= SPLIT_K_MAX_ROWS:
-        bm, bn, warps, stages = 16, 64, 4, 3
-        n_blocks = triton.cdiv(n, bn)
+    n_blocks = triton.cdiv(n, bn)
+    if rows <= SPLIT_K_MAX_ROWS:  # decode: cut K so that ~PROGRAMS_PER_SM programs per SM stream the weight
         wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(x2.device), n_blocks)
         k_steps = triton.cdiv(k_blocks, max(1, min(k_blocks, wanted)))
         split = triton.cdiv(k_blocks, k_steps)
     else:
-        bm = 32 if rows <= 32 else 64
-        bn, warps, stages = (64, 4, 3) if rows <= 64 else (128, 8, 3)
-        n_blocks, k_steps, split = triton.cdiv(n, bn), k_blocks, 1
+        k_steps, split = k_blocks, 1
     out = torch.empty(split, rows, n, dtype=x2.dtype if split == 1 else torch.float32, device=x2.device)
     grid = (triton.cdiv(rows, bm) * n_blocks, split)
     _packed_mm_kernel[grid](
@@ -224,7 +228,7 @@ def checked_weights(
     device = w.qweight.device
     gen = torch.Generator(device=device).manual_seed(0)  # leave the caller's RNG alone
     try:
-        for rows in (4, SPLIT_K_MAX_ROWS + 8):
+        for rows in (4, SPLIT_K_MAX_ROWS + 8, 80):  # every launch shape (split-K, tiled, wide tiles)
             probe = torch.randn(rows, w.in_features, generator=gen, device=device).to(dtype)
             ref = reference(probe).float()
             err = (triton_matmul(probe, w).float() - ref).abs().max()

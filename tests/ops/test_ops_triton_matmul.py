@@ -141,11 +141,11 @@ def test_module_triton_mode_runs_the_fused_kernel(dtype, monkeypatch):
     x = torch.randn(3, 5, 1176, device=DEVICE).to(dtype)
     y = m(x)
     ref = m.forward_reference(x.reshape(-1, 1176))
-    assert calls[-1] == 15 and len(calls) == 3  # two self-check probes, then the call
+    assert calls[-1] == 15 and len(calls) == 4  # three self-check probes, then the call
     err = (y.reshape(ref.shape).float() - ref.float()).abs().max()
     assert float(err) <= TOL[dtype] * float(ref.float().abs().max())
     m(x)
-    assert len(calls) == 4  # self-check once per module / dtype
+    assert len(calls) == 5  # self-check once per module / dtype
 
 
 def test_failed_self_check_is_reported_and_never_used(monkeypatch, caplog):
@@ -178,7 +178,7 @@ def test_cuda_auto_prefers_the_fused_kernel(monkeypatch):
         y = m(x)
         ref = m.forward_reference(x)
         assert float((y.float() - ref.float()).abs().max()) <= 1e-2 * float(ref.float().abs().max())
-    assert calls[2:] == [1, 16, 300]  # after the two self-check probes
+    assert calls[3:] == [1, 16, 300]  # after the three self-check probes
     m.cache_dequantized = True
     m(torch.randn(TM.TRITON_MAX_BATCH["cached"] + 1, 256, device="cuda").to(torch.bfloat16))
     assert calls[-1] == 300
