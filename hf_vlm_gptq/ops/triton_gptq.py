@@ -33,16 +33,12 @@ import itertools
 import torch
 
 from .grid import find_params, num_groups
-from .triton_matmul import _IMPORT_ERROR, interpreted, tl, triton
+from .triton_matmul import _IMPORT_ERROR, _jit, interpreted, tl, triton
 
 MAX_BLOCK = 256  # widest launch block (columns held in registers per program)
 
 
-def _jit(fn):
-    return fn if triton is None else triton.jit(fn)
-
-
-@_jit
+@_jit()
 def _rint(x):
     """Round half to even (torch.round), exact for every float: ``x - floor(x)`` is exact below 2**23."""
     r = tl.floor(x)
@@ -51,7 +47,7 @@ def _rint(x):
     return tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)
 
 
-@_jit
+@_jit(do_not_specialize=["i1", "nb", "n", "group_size"])  # out_f stays: the row stride of wt / codes
 def _gptq_block_kernel(
     wt_ptr, u_ptr, codes_ptr, err_ptr, scale_in_ptr, zero_in_ptr, scales_ptr, zeros_ptr,
     i1, nb, n, out_f, group_size,
@@ -105,8 +101,8 @@ def columns_unavailable_reason(w: torch.Tensor) -> str | None:
         return _IMPORT_ERROR
     if w.dtype != torch.float32:
         return f"dtype {w.dtype} (fused sweep is float32)"
-    if w.numel() >= 2**31:
-        return f"{w.numel()} weights (int32 offsets)"
+    if max(w.numel(), w.shape[-1] ** 2) >= 2**31:
+        return f"weight {tuple(w.shape)} too large for the kernel's int32 offsets"
     if w.device.type == "cuda" or (w.device.type == "cpu" and interpreted()):
         return None
     return f"device {w.device.type} (Triton runs on CUDA, or on CPU with TRITON_INTERPRET=1)"

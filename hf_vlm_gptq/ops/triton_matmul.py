@@ -62,13 +62,17 @@ PROGRAMS_PER_SM = 4
 #   to prefill-sized batches.
 TRITON_MAX_BATCH = {"cached": 32, "uncached": 4096}
 _HALF = (torch.float16, torch.bfloat16)
+_MAX_OFFSET = 2**31 - 1  # the kernels index with int32
 
 
-def _jit(fn):
-    return fn if triton is None else triton.jit(fn)
+def _jit(**kwargs):
+    """``triton.jit`` (with ``kwargs``) when triton is importable; the plain function otherwise."""
+    return lambda fn: fn if triton is None else triton.jit(fn, **kwargs)
 
 
-@_jit
+# sizes that only bound loops or index small tables are not specialized on (fewer compiles per layer shape);
+# N and K stay specialized: they are row strides, and their alignment lets loads vectorize
+@_jit(do_not_specialize=["M", "NZ", "k_steps", "group"])
 def _packed_mm_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr,
     M, N, K, NZ, k_steps, group,
@@ -199,6 +203,9 @@ def triton_matmul(x2: torch.Tensor, w: PackedWeights) -> torch.Tensor:
     if cols != w.in_features:
         raise ValueError(f"x2 must have {w.in_features} columns, got {tuple(x2.shape)}")
     n = w.out_features
+    max_rows = _MAX_OFFSET // max(cols, n)  # the kernel's offsets are int32
+    if rows > max_rows:
+        return torch.cat([triton_matmul(part, w) for part in x2.split(max_rows)])
     x2 = x2.contiguous()
     _, bm, bn, bk_cap, warps, stages = next(t for t in _TILES if t[0] is None or rows <= t[0])
     bk, scalar = _block_k(w, bk_cap)

@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow_interp
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA host: the kernels compile in the other tests")
 def test_kernels_compile_for_sm90_without_spills():
     pytest.importorskip("triton")

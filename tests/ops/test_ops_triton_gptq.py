@@ -21,7 +21,7 @@ from .helpers import correlated_hessian, weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
-    TG.columns_unavailable_reason(torch.zeros(1, device=DEVICE)) is not None, reason="Triton unavailable"
+    TG.columns_unavailable_reason(torch.zeros(1, 1, device=DEVICE)) is not None, reason="Triton unavailable"
 )
 
 
@@ -86,7 +86,7 @@ def test_fused_sweep_solves_like_the_torch_loop(bits, group_size, sym, act_order
     _check_solve(*_fused_and_torch(w, h, monkeypatch, **kwargs))
 
 
-@pytest.mark.slow_interp
+@pytest.mark.slow
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [-1, 32, 128])
@@ -97,7 +97,7 @@ def test_fused_sweep_grid_of_settings(bits, group_size, act_order, sym, monkeypa
     _check_solve(*_fused_and_torch(w, h, monkeypatch, **kwargs))
 
 
-@pytest.mark.slow_interp
+@pytest.mark.slow
 def test_groups_wider_than_a_launch_block(monkeypatch):
     """Group 320 > MAX_BLOCK: torch computes each group's grid, launches are cut inside the group."""
     w, h = _inputs(24, 700, seed=3)

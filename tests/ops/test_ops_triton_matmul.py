@@ -82,7 +82,7 @@ def test_fused_matmul_matches_dequant_reference(bits, group_size, out_f, in_f, a
     _check(m, rows, dtype)
 
 
-@pytest.mark.slow_interp
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 130])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act_order", [False, True])
@@ -182,3 +182,24 @@ def test_cuda_auto_prefers_the_fused_kernel(monkeypatch):
     m.cache_dequantized = True
     m(torch.randn(TM.TRITON_MAX_BATCH["cached"] + 1, 256, device="cuda").to(torch.bfloat16))
     assert calls[-1] == 300
+
+
+def test_batches_past_int32_offsets_are_cut(monkeypatch):
+    """Rows beyond what int32 offsets address go in several launches (forced small here)."""
+    m = _module(24, 160, 4, 32, True, False, torch.float16)
+    w = _weights(m)
+    x = torch.randn(40, 160).half().to(DEVICE)
+    whole = TM.triton_matmul(x, w)
+    real = TM._packed_mm_kernel
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(TM, "_packed_mm_kernel", Spy())
+    monkeypatch.setattr(TM, "_MAX_OFFSET", 160 * 17)
+    cut = TM.triton_matmul(x, w)
+    assert [g[0] for g in launches] == [1, 1, 1]  # 17 + 17 + 6 rows, one program column each
+    assert torch.allclose(cut.float(), whole.float(), rtol=2e-3, atol=2e-3)
