@@ -150,7 +150,7 @@ def test_module_triton_mode_runs_the_fused_kernel(dtype, monkeypatch):
 
 def test_failed_self_check_is_reported_and_never_used(monkeypatch, caplog):
     m = _module(16, 128, 4, 32, False, True, torch.float16)
-    monkeypatch.setattr(TM, "triton_matmul", lambda x2, w: torch.zeros(x2.shape[0], 16, dtype=x2.dtype))
+    monkeypatch.setattr(TM, "triton_matmul", lambda x2, w: torch.zeros_like(x2[:, :16]))  # a wrong result
     m.kernel = "triton"
     with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="self-check"):
         m(torch.randn(2, 128).half().to(DEVICE))
