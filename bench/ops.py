@@ -1,6 +1,8 @@
 """ops benchmark: GPTQ solve time vs a plain eager loop, and 4-bit QuantLinear vs dense bf16 Linear.
 
     python bench/ops.py            # ~2 minutes on 2 CPU cores; writes bench/results/ops_<device>.{json,md}
+    python bench/ops.py --kernels  # only the CUDA kernel rows (bench/ops_kernels.py; ~60 s on an H200)
+    python bench/ops.py --kernels --small   # those rows on tiny shapes (CPU: Triton interpreter, a dry run)
 
 Solve: a 4096x4096 and a 4096->11008 layer (weight [11008, 4096]), 4-bit, group 128, symmetric, Hessian
 from random correlated inputs. Ours is ``gptq_quantize`` end to end, including its exact proxy loss
@@ -13,10 +15,14 @@ Matmul: a 4096x4096 layer, batch (rows) 1 / 4 / 16 / 64 / 256 / 1024, bf16 activ
 CPUs that have it), auto with a dense cache, and each path forced. The variants are timed
 round-robin, call by call, and the 10th percentile is reported: the host is shared with other jobs, and
 interleaving plus a low percentile keeps their load from landing on one variant only.
+
+With a GPU the run ends with the kernel rows of bench/ops_kernels.py (fused Triton matmul vs torch int4 vs
+dense bf16 on 7B shapes, GPTQ sweep fused vs torch loop, Hessian bf16 vs fp32 rows).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import platform
@@ -206,8 +212,25 @@ def _loadavg() -> list[str] | None:
     return path.read_text().split()[:3] if path.exists() else None
 
 
+def run_kernels(small: bool) -> None:
+    if small:  # before the Triton kernel modules are imported: on a host without CUDA, use the interpreter
+        from hf_vlm_gptq.testing.triton_interp import use_interpreter
+
+        use_interpreter()
+    from ops_kernels import run_kernels as run
+
+    run(small)
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", action="store_true", help="only the kernel rows (bench/ops_kernels.py)")
+    parser.add_argument("--small", action="store_true", help="kernel rows on tiny shapes (a dry run)")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.kernels:
+        run_kernels(args.small)
+        return
     started = time.perf_counter()
     load_before = _loadavg()
     solves = [bench_solve(4096, 4096), bench_solve(11008, 4096)]
@@ -234,6 +257,8 @@ def main() -> None:
     (RESULTS / f"ops_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"ops_{tag}.md").write_text(f"# ops benchmark ({tag})\n\n{table}\n\n`{json.dumps(meta)}`\n")
     logger.info("wrote %s (%.0f s)", RESULTS / f"ops_{tag}.json", meta["wall_s"])
+    if torch.cuda.is_available():
+        run_kernels(small=False)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ Implementation notes (same math, less work):
 * Blocks hold whole groups, and inside a block columns go in sub-blocks (cut at group starts) with their
   own lazy update, so rank-1 updates only touch a few columns.
 
+On CUDA the column sweep runs as a fused Triton kernel (``triton_gptq.py``: one launch per block instead
+of a few launches per column) when it applies (float32, Triton importable); otherwise, and on CPU, the
+torch loop below.
+
 Faults: a failed Cholesky is retried with damping x10 (up to ``MAX_REL_DAMP``); if it still fails, or the
 Hessian carries no samples, the result is RTN with ``fallback`` saying why. Non-finite inputs raise.
 """
@@ -126,6 +130,29 @@ def _gptq_columns(
     return codes_t.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), wt
 
 
+def _use_triton_sweep(w: torch.Tensor) -> bool:
+    """Whether the fused Triton sweep takes ``w`` (CUDA only; why not is logged at debug level)."""
+    if not w.is_cuda:
+        return False
+    from .triton_gptq import columns_unavailable_reason  # imports triton: CUDA only
+
+    reason = columns_unavailable_reason(w)
+    if reason is not None:
+        logger.debug("GPTQ column sweep stays in torch: %s", reason)
+    return reason is None
+
+
+def _column_sweep(
+    w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_gptq_columns`, or its fused Triton twin where that applies (same contract)."""
+    if _use_triton_sweep(w):
+        from .triton_gptq import gptq_columns_triton
+
+        return gptq_columns_triton(w, u, bits, group_size, sym, clip, block_size)
+    return _gptq_columns(w, u, bits, group_size, sym, clip, block_size)
+
+
 def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per-row ``d H d^T`` for ``D = w - q_t^T`` (``h`` symmetric); summing rows gives the proxy loss."""
     d_t = w.t() - q_t
@@ -185,7 +212,7 @@ def _solve(
     if u is None:
         del h
         return rtn(f"cholesky failed up to relative damping {used:g}", used)
-    codes_p, scales, zeros, q_t = _gptq_columns(work, u, bits, group_size, sym, clip, block_size)
+    codes_p, scales, zeros, q_t = _column_sweep(work, u, bits, group_size, sym, clip, block_size)
     del u, work
     h.diagonal()[dead] = 0  # back to the caller's Hessian (permuted) for the loss
     row_losses = _row_losses(w_p, q_t, h)

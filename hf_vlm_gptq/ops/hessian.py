@@ -4,17 +4,46 @@ Rows ``x_i`` are the inputs a layer sees: one per token for a Linear, one per in
 patch flattened in ``conv.weight.reshape(out, -1)`` column order). ``n`` counts those rows. The running
 mean is updated in place per batch (as in the IST-DASLab reference), so accumulating in chunks gives the
 same matrix as one pass, up to float rounding.
+
+Half-precision rows on CUDA (bf16 / fp16 into the default fp32 accumulator) skip the fp32 copy:
+``X^T X`` comes from one tensor-core ``torch.mm(x.t(), x, out_dtype=torch.float32)`` (products of bf16 /
+fp16 values are exact in fp32, so only the summation order differs from fp32 accumulation), then
+``H <- H * n_old / n + (2 / n) * X^T X``. That ``mm`` overload has no CPU kernel (torch 2.14), so CPU rows
+and fp32 rows keep the fp32 path: rows cast to fp32, scaled by ``sqrt(2 / n)``, one ``addmm_``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .result import all_finite
+
+XtX = Callable[[torch.Tensor], torch.Tensor]
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _mm_out_fp32(rows: torch.Tensor) -> torch.Tensor:
+    """``rows^T rows`` in fp32 from half-precision rows, on CUDA tensor cores."""
+    return torch.mm(rows.t(), rows, out_dtype=torch.float32)
+
+
+def half_xtx(rows: torch.Tensor, acc_dtype: torch.dtype) -> XtX | None:
+    """The fp32-output ``X^T X`` for ``rows`` that may skip the fp32 cast (CUDA, bf16 / fp16 rows, fp32
+    accumulator), or None: the fp32 path applies."""
+    if rows.is_cuda and rows.dtype in _HALF and acc_dtype == torch.float32:
+        return _mm_out_fp32
+    return None
+
+
+def update_running_hessian(h: torch.Tensor, rows: torch.Tensor, n_old: int, xtx: XtX) -> None:
+    """In place: ``h <- h * n_old / n + (2 / n) * xtx(rows)`` with ``n = n_old + len(rows)``."""
+    total = n_old + rows.shape[0]
+    h.mul_(n_old / total).add_(xtx(rows), alpha=2.0 / total)
 
 
 def _as_tuple(v: int | tuple[int, ...], n: int, name: str) -> tuple[int, ...]:
@@ -135,9 +164,16 @@ class HessianAccumulator:
         n = rows.shape[0]
         if n == 0:
             return
-        rows = rows.to(device=self._h.device, dtype=self._h.dtype)
+        rows = rows.to(device=self._h.device)
+        xtx = half_xtx(rows, self._h.dtype)
+        if xtx is None:
+            rows = rows.to(self._h.dtype)
         if not all_finite(rows):
             raise ValueError("x contains non-finite values (inf or nan)")
+        if xtx is not None:
+            update_running_hessian(self._h, rows, self.nsamples, xtx)
+            self.nsamples += n
+            return
         total = self.nsamples + n
         self._h.mul_(self.nsamples / total)
         rows = rows * math.sqrt(2.0 / total)

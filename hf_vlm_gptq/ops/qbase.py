@@ -28,7 +28,7 @@ from .result import QuantResult
 
 logger = logging.getLogger(__name__)
 
-KERNEL_MODES = ("auto", "int4", "fused", "dequant")
+KERNEL_MODES = ("auto", "int4", "fused", "dequant", "triton")
 _BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -206,6 +206,13 @@ class PackedWeightModule(nn.Module):
             ),
         )
 
+    def _triton(self, x2: torch.Tensor):
+        """Fused-kernel weights for inputs like ``x2`` (self-checked once), or why there are none."""
+        from . import triton_matmul as TM  # imports triton: CUDA (or forced) paths only
+
+        reason = TM.triton_unavailable_reason(self.bits, x2.dtype, x2.device)
+        return reason or self._cached(("triton", x2.device, x2.dtype), lambda: TM.module_weights(self, x2.dtype))
+
     def _matmul(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x2[M, in] @ W^T + bias`` through the chosen path (see ``kernels.py`` for the policy)."""
         mode = self.kernel
@@ -215,6 +222,16 @@ class PackedWeightModule(nn.Module):
             bias = bias.to(x2.dtype)
         if mode == "dequant":
             return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
+        if mode == "triton" or (x2.is_cuda and mode == "auto"):  # CUDA: the fused Triton kernel first
+            from . import triton_matmul as TM
+
+            tw = self._triton(x2)
+            path = TM.fused_path(mode, x2.shape[0], self.cache_dequantized, tw)
+            if path == "triton":
+                y = TM.triton_matmul(x2, tw)
+                return y if bias is None else y.add_(bias)
+            if path == "dequant":
+                return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
         fused = self._fused(x2) if mode in ("auto", "fused") else None
         if mode == "fused":
             if not isinstance(fused, FusedW4Weights):

@@ -19,8 +19,9 @@ Derived data is built lazily and cached per module, keyed on the buffers' identi
   ``QuantLinear.cache_dequantized = True``) when speed at large batches matters more than memory. Default
   **on for QuantConv**: VLM patch embeddings are small, and Qwen2-VL reads ``proj.weight`` on every forward.
 
-Paths (``kernel`` attribute: "auto", "int4" / "fused" to force a kernel, "dequant" to force the reference): see
-``kernels.py``; buffers, caches and path selection live in ``qbase.py``. ``scales`` keeps its dtype (float16) through ``module.to(dtype)`` / ``.half()`` so a saved
+Paths (``kernel`` attribute: "auto", "int4" / "fused" / "triton" to force a kernel, "dequant" to force the
+reference): see ``kernels.py`` and ``triton_matmul.py`` (on CUDA, "auto" tries the fused Triton kernel first,
+then the int4 kernel); buffers, caches and path selection live in ``qbase.py``. ``scales`` keeps its dtype (float16) through ``module.to(dtype)`` / ``.half()`` so a saved
 model stays in the checkpoint format; the compute dtype (``weight_dtype``) follows such casts.
 """
 

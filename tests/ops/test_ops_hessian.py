@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_vlm_gptq.ops import HessianAccumulator, unfold_conv_input
+from hf_vlm_gptq.ops import hessian as hessian_mod
 
 
 def test_one_pass_is_two_over_n_xtx():
@@ -118,3 +119,72 @@ def test_unbatched_and_same_padding_and_reflect_mode():
 def test_grouped_conv_is_rejected():
     with pytest.raises(ValueError, match="groups"):
         unfold_conv_input(torch.randn(1, 4, 5, 5), nn.Conv2d(4, 4, 3, groups=2))
+
+
+def _upcast_xtx(rows: torch.Tensor) -> torch.Tensor:
+    """CPU stand-in for ``torch.mm(x.t(), x, out_dtype=float32)``: products of bf16 / fp16 values are exact in
+    fp32, so upcasting first gives the same products; only the summation order may differ."""
+    return rows.float().t() @ rows.float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_formula_matches_fp32_accumulation(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300, 48, generator=g) * torch.exp(torch.randn(48, generator=g))).to(dtype)
+    fp32 = HessianAccumulator(48)  # on CPU: the fp32 path (rows cast, scaled by sqrt(2/n), addmm)
+    half = torch.zeros(48, 48)
+    n = 0
+    for part in (x[:1], x[1:77], x[77:200], x[200:]):
+        fp32.add_batch(part)
+        hessian_mod.update_running_hessian(half, part, n, _upcast_xtx)
+        n += part.shape[0]
+    exact = 2 / 300 * x.double().T @ x.double()
+    assert _rel(half, exact) <= 1e-5 and _rel(fp32.hessian, exact) <= 1e-5
+    assert _rel(half, fp32.hessian) <= 1e-5
+
+
+def test_half_path_is_chosen_for_cuda_half_rows_only():
+    assert hessian_mod.half_xtx(torch.zeros(2, 4, dtype=torch.bfloat16), torch.float32) is None  # CPU
+    assert hessian_mod.half_xtx(torch.zeros(2, 4), torch.float32) is None
+    if torch.cuda.is_available():
+        cuda = torch.zeros(2, 4, device="cuda")
+        assert hessian_mod.half_xtx(cuda.bfloat16(), torch.float32) is not None
+        assert hessian_mod.half_xtx(cuda.half(), torch.float32) is not None
+        assert hessian_mod.half_xtx(cuda, torch.float32) is None
+        assert hessian_mod.half_xtx(cuda.bfloat16(), torch.float64) is None
+
+
+def test_accumulator_half_path_keeps_count_and_finite_check(monkeypatch):
+    """The accumulator's half-precision branch, forced on CPU with the exact-product stand-in."""
+    monkeypatch.setattr(
+        hessian_mod, "half_xtx", lambda rows, acc: _upcast_xtx if rows.dtype == torch.bfloat16 else None
+    )
+    x = torch.randn(40, 16).to(torch.bfloat16)
+    acc = HessianAccumulator(16)
+    acc.add_batch(x[:10])
+    acc.add_batch(x[10:])
+    assert acc.nsamples == 40 and acc.hessian.dtype == torch.float32
+    assert _rel(acc.hessian, 2 / 40 * x.double().T @ x.double()) <= 1e-5
+    with pytest.raises(ValueError, match="non-finite"):
+        acc.add_batch(torch.full((2, 16), math.inf).to(torch.bfloat16))
+    assert acc.nsamples == 40
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_out_dtype_path_matches_fp32_accumulation(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3000, 512, generator=g) * torch.exp(torch.randn(512, generator=g))).to(dtype)
+    fp32 = HessianAccumulator(512)  # CPU: fp32 path
+    half = HessianAccumulator(512, device="cuda")  # CUDA + half rows: torch.mm(..., out_dtype=float32)
+    for part in x.split(700):
+        fp32.add_batch(part)
+        half.add_batch(part.cuda())
+    assert half.nsamples == fp32.nsamples == 3000
+    assert _rel(half.hessian.cpu(), fp32.hessian) <= 1e-5
+    with pytest.raises(ValueError, match="non-finite"):
+        half.add_batch(torch.full((2, 512), math.nan, device="cuda").to(dtype))

@@ -1,0 +1,275 @@
+"""Fused low-bit matmul for GPTQ-packed weights (Triton): ``y[M, out] = x[M, in] @ dequant(W)^T`` read
+straight from the checkpoint buffers (``qweight``, ``qzeros``, ``scales``, ``g_idx``; layout in packing.py),
+with no dense copy of the weight.
+
+Per K step a program loads a ``[BK, BN]`` tile of codes (input row ``k`` sits in word ``k // (32 / bits)``
+at bit ``(k % (32 / bits)) * bits``), its zero points (v1: stored ``zero - 1``, so ``(stored + 1) mod
+2**bits``) and scales, dequantizes ``(code - zero) * scale`` in fp32 and rounds once to x's dtype -- the
+exact weight :func:`kernels.dequantize_packed` gives -- and feeds ``tl.dot`` with fp32 accumulation; the
+output is rounded once to x's dtype. So the result differs from "dequantize, then ``F.linear``" by the
+summation order only.
+
+Groups and act-order: every K row looks its group up through ``g_idx`` (scale and zero gathered per row),
+which serves act-order checkpoints as they are: no permuted weight copy, no permutation of ``x``. When
+``g_idx`` is the plain ``col // group_size`` (or the group size is -1) and the group size is a multiple of
+``BK``, a K step lies inside one group and its scale / zero row is read once (``SCALAR_GROUP``).
+
+Variants (one kernel, two launch shapes):
+
+* tiled, ``M > SPLIT_K_MAX_ROWS``: a program per ``BM x BN`` output tile over the whole of K;
+* split-K, ``M <= SPLIT_K_MAX_ROWS`` (decode, where reading the weight dominates): ``BM = 16`` holds every row,
+  K is cut into slices so that about :data:`PROGRAMS_PER_SM` programs per SM run, each slice writes fp32
+  partials ``[S, M, N]`` that torch sums (deterministic; no atomics).
+
+Served: bits 2, 4, 8; any group size (also -1 and a partial last group); any ``in`` / ``out``; fp16 / bf16
+activations; CUDA tensors (CPU tensors too when ``TRITON_INTERPRET=1`` was set before this module was imported,
+as the tests do). Not served (see :func:`triton_unavailable_reason`): 3 bits (values straddle int32 words; the
+dequantize path serves them), fp32 activations (``tl.dot`` would round them to TF32), bf16 below compute
+capability 8.0. Block sizes are fixed guesses, not autotuned (no GPU on the development host).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import contiguous_groups
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # the module stays importable; the reason says why nothing runs
+    triton = tl = None
+    _IMPORT_ERROR: str | None = f"triton is not importable ({exc})"
+else:
+    _IMPORT_ERROR = None
+
+logger = logging.getLogger(__name__)
+
+TRITON_BITS = (2, 4, 8)
+SPLIT_K_MAX_ROWS = 16
+PROGRAMS_PER_SM = 4
+# Largest batch (rows of x) sent to the fused kernel on CUDA; above it, dequantize + dense matmul.
+# An ESTIMATE, to be tuned on the H200 with bench/ops.py (no GPU on the development host):
+# * "cached" (the module keeps a dense copy): the dense bf16 matmul costs one read of the bf16 weight, 4x
+#   the 4-bit bytes, so the fused kernel should win while the layer is memory-bound: up to ~32 rows.
+# * "uncached" (default): the alternative pays an eager dequantization per call (hundreds of us to ms for
+#   7B shapes), far more than a fused kernel that reaches even a third of the dense tensor-core rate, up
+#   to prefill-sized batches.
+TRITON_MAX_BATCH = {"cached": 32, "uncached": 4096}
+_HALF = (torch.float16, torch.bfloat16)
+_MAX_OFFSET = 2**31 - 1  # the kernels index with int32
+
+
+def _jit(**kwargs):
+    """``triton.jit`` (with ``kwargs``) when triton is importable; the plain function otherwise."""
+    return lambda fn: fn if triton is None else triton.jit(fn, **kwargs)
+
+
+# sizes that only bound loops or index small tables are not specialized on (fewer compiles per layer shape);
+# N and K stay specialized: they are row strides, and their alignment lets loads vectorize
+@_jit(do_not_specialize=["M", "NZ", "k_steps", "group"])
+def _packed_mm_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr,
+    M, N, K, NZ, k_steps, group,
+    BITS: tl.constexpr, SCALAR_GROUP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    PER: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_blocks = tl.cdiv(N, BN)
+    rm = (pid // n_blocks) * BM + tl.arange(0, BM)
+    rn = (pid % n_blocks) * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    z_shift = (rn % PER) * BITS
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_first = split * k_steps * BK
+    for step in range(0, k_steps):
+        k0 = k_first + step * BK
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        kn_ok = k_ok[:, None] & n_ok[None, :]
+        words = tl.load(qw_ptr + (rk // PER)[:, None] * N + rn[None, :], mask=kn_ok, other=0)
+        codes = (words >> ((rk % PER) * BITS)[:, None]) & MASK
+        if SCALAR_GROUP:
+            g = k0 // group
+            g_ok = n_ok & (k0 < K)  # the last K slice may run past K
+            scale = tl.load(s_ptr + g * N + rn, mask=g_ok, other=0.0)[None, :]
+            zw = tl.load(qz_ptr + g * NZ + rn // PER, mask=g_ok, other=0)[None, :]
+        else:
+            g = tl.load(g_ptr + rk, mask=k_ok, other=0)
+            scale = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=kn_ok, other=0.0)
+            zw = tl.load(qz_ptr + g[:, None] * NZ + (rn // PER)[None, :], mask=kn_ok, other=0)
+        zero = (((zw >> z_shift[None, :]) & MASK) + 1) & MASK
+        w = ((codes - zero).to(tl.float32) * scale.to(tl.float32)).to(x.dtype)
+        acc = tl.dot(x, w, acc)
+    out = out_ptr + split * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def interpreted() -> bool:
+    """True when the kernels were built for the Triton interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return triton is not None and type(_packed_mm_kernel).__name__ == "InterpretedFunction"
+
+
+def triton_unavailable_reason(bits: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the fused kernel cannot serve this layer / input (None when it can)."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if bits not in TRITON_BITS:
+        return f"bits={bits} (fused kernel takes {TRITON_BITS}; 3-bit values straddle int32 words)"
+    if dtype not in _HALF:
+        return f"input dtype {dtype} (fused kernel takes float16 / bfloat16)"
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+            return "bfloat16 tl.dot needs compute capability >= 8.0"
+        return None
+    if device.type == "cpu" and interpreted():
+        return None
+    return f"device {device.type} (Triton runs on CUDA, or on CPU with TRITON_INTERPRET=1)"
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """The GPTQ buffers as the kernel reads them (contiguous, on one device)."""
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    in_features: int
+    out_features: int
+    group: int  # group length when g_idx == col // group (in_features for -1); 0: rows look up g_idx
+
+
+def packed_weights(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    out_features: int,
+) -> PackedWeights:
+    """Wrap the buffers for :func:`triton_matmul` (checks g_idx once for the contiguous-groups fast path)."""
+    regular = contiguous_groups(g_idx, group_size)
+    group = (in_features if group_size == -1 else group_size) if regular else 0
+    return PackedWeights(
+        qweight.contiguous(),
+        qzeros.contiguous(),
+        scales.contiguous(),
+        g_idx.to(torch.int32).contiguous(),
+        bits,
+        in_features,
+        out_features,
+        group,
+    )
+
+
+def _block_k(w: PackedWeights, cap: int) -> tuple[int, bool]:
+    """(BK, SCALAR_GROUP): the largest BK <= cap in 64/32/16 with every K step inside one group, else cap
+    with per-row g_idx lookups."""
+    if w.group == w.in_features and w.group > 0:
+        return cap, True
+    for bk in (64, 32, 16):
+        if bk <= cap and w.group and w.group % bk == 0:
+            return bk, True
+    return cap, False
+
+
+# (largest M, BM, BN, largest BK, warps, stages): guesses checked only for register use (ptxas for sm_90a:
+# 100-180 registers, no spills), not timed; tune on the H200 with bench/ops.py
+_TILES = ((SPLIT_K_MAX_ROWS, 16, 64, 64, 8, 3), (32, 32, 64, 64, 8, 3), (64, 64, 64, 64, 8, 3), (None, 64, 128, 32, 8, 4))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def triton_matmul(x2: torch.Tensor, w: PackedWeights) -> torch.Tensor:
+    """``x2[M, in] @ dequant(W)^T`` in x2's dtype (fp16 / bf16, on the weights' device)."""
+    rows, cols = x2.shape
+    if cols != w.in_features:
+        raise ValueError(f"x2 must have {w.in_features} columns, got {tuple(x2.shape)}")
+    n = w.out_features
+    max_rows = _MAX_OFFSET // max(cols, n)  # the kernel's offsets are int32
+    if rows > max_rows:
+        return torch.cat([triton_matmul(part, w) for part in x2.split(max_rows)])
+    x2 = x2.contiguous()
+    _, bm, bn, bk_cap, warps, stages = next(t for t in _TILES if t[0] is None or rows <= t[0])
+    bk, scalar = _block_k(w, bk_cap)
+    k_blocks = triton.cdiv(cols, bk)
+    n_blocks = triton.cdiv(n, bn)
+    if rows <= SPLIT_K_MAX_ROWS:  # decode: cut K so that ~PROGRAMS_PER_SM programs per SM stream the weight
+        wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(x2.device), n_blocks)
+        k_steps = triton.cdiv(k_blocks, max(1, min(k_blocks, wanted)))
+        split = triton.cdiv(k_blocks, k_steps)
+    else:
+        k_steps, split = k_blocks, 1
+    out = torch.empty(split, rows, n, dtype=x2.dtype if split == 1 else torch.float32, device=x2.device)
+    grid = (triton.cdiv(rows, bm) * n_blocks, split)
+    _packed_mm_kernel[grid](
+        x2, w.qweight, w.qzeros, w.scales, w.g_idx, out,
+        rows, n, cols, w.qzeros.shape[1], k_steps, max(w.group, 1),
+        BITS=w.bits, SCALAR_GROUP=scalar, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out[0] if split == 1 else out.sum(0).to(x2.dtype)
+
+
+def checked_weights(
+    w: PackedWeights, reference: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
+) -> PackedWeights | str:
+    """``w`` after a once-per-layer check on the device (both variants against ``reference``, i.e.
+    dequantize + ``F.linear``), or why it failed (logged as a warning)."""
+    device = w.qweight.device
+    gen = torch.Generator(device=device).manual_seed(0)  # leave the caller's RNG alone
+    try:
+        for rows in (4, SPLIT_K_MAX_ROWS + 8, 80):  # every launch shape (split-K, tiled, wide tiles)
+            probe = torch.randn(rows, w.in_features, generator=gen, device=device).to(dtype)
+            ref = reference(probe).float()
+            err = (triton_matmul(probe, w).float() - ref).abs().max()
+            if not bool(err <= 0.02 * ref.abs().max() + 1e-3):
+                raise RuntimeError(f"max err {float(err):.3g} at {rows} rows")
+    except Exception as exc:  # a compile or launch failure must not take the model down
+        logger.warning("Triton kernel self-check failed (%s); using the other paths", exc)
+        return f"Triton kernel self-check failed ({exc})"
+    return w
+
+
+def module_weights(module, dtype: torch.dtype) -> PackedWeights | str:
+    """:func:`checked_weights` for a ``PackedWeightModule`` (qbase.py) and inputs of ``dtype``."""
+    w = packed_weights(
+        module.qweight,
+        module.qzeros,
+        module.scales,
+        module.g_idx,
+        bits=module.bits,
+        group_size=module.group_size,
+        in_features=module.in_features,
+        out_features=module.out_features,
+    )
+    return checked_weights(w, lambda probe: F.linear(probe, module.dequantize_weight(probe.dtype)), dtype)
+
+
+def fused_path(kernel: str, rows: int, cached: bool, weights: PackedWeights | str) -> str | None:
+    """The path a batch takes once the Triton weights (or the reason there are none) are known: "triton",
+    "dequant" (fused kernel available, batch above :data:`TRITON_MAX_BATCH`), or None (fused kernel unavailable
+    in "auto" mode: the int4 / dequant choice applies). Raises when ``kernel == "triton"`` cannot be served."""
+    if isinstance(weights, str):
+        if kernel == "triton":
+            raise ValueError(f"kernel='triton' is unavailable for this layer / input: {weights}")
+        return None
+    if kernel == "triton" or rows <= TRITON_MAX_BATCH["cached" if cached else "uncached"]:
+        return "triton"
+    return "dequant"
