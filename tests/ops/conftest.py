@@ -6,14 +6,12 @@ library only does on CUDA paths and the tests do at collection time, after this 
 variable is left alone and the kernels compile.
 
 Tests marked ``slow`` (sweeps over many settings: seconds each in the interpreter, a compile each on a
-GPU) are skipped unless ``RUN_SLOW=1``.
+GPU) are deselected unless ``RUN_SLOW=1``.
 """
 
 from __future__ import annotations
 
 import os
-
-import pytest
 
 from hf_vlm_gptq.testing.triton_interp import use_interpreter
 
@@ -23,7 +21,7 @@ use_interpreter()
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("RUN_SLOW", "0") == "1":
         return
-    skip = pytest.mark.skip(reason="a slow sweep (RUN_SLOW=1 runs it)")
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(skip)
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:  # deselected (counted as such in the summary), not hundreds of skips
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
