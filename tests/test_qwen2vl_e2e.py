@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +144,38 @@ def test_reloaded_model_generates_and_runs_in_a_pipeline(saved, eval_inputs):
                                                      {"type": "text", "text": "Describe."}]}],
                   max_new_tokens=4)
     assert isinstance(result[0]["generated_text"], (str, list))
+
+
+def test_push_to_hub_uploads_the_packed_checkpoint(quantized, eval_inputs, tmp_path, monkeypatch):
+    """push_to_hub goes through save_pretrained: the files it commits are the packed checkpoint, and a model
+    loaded from them gives identical logits. The Hub is replaced by a folder (no network here)."""
+    import types
+
+    import transformers.utils.hub as hub
+
+    remote = tmp_path / "hub" / "me--tiny-w4"
+
+    class FolderHub:
+        def create_repo(self, repo_id, **_):
+            return types.SimpleNamespace(repo_id=repo_id)
+
+        def create_commit(self, repo_id, operations, **_):
+            for op in operations:
+                target = remote / op.path_in_repo
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(op.path_or_fileobj, target)
+            return types.SimpleNamespace(commit_url=f"folder://{repo_id}")
+
+    card = types.SimpleNamespace(save=lambda path: Path(path).write_text("model card"))
+    monkeypatch.setattr(hub, "hf_api", FolderHub)
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: card)
+    quantized.push_to_hub("me/tiny-w4")
+    tensors = load_file(remote / "model.safetensors")
+    assert tensors["model.layers.0.mlp.down_proj.qweight"].dtype == torch.int32
+    assert "model.layers.0.mlp.down_proj.weight" not in tensors
+    assert json.loads((remote / "config.json").read_text())["quantization_config"]["quant_method"] == "vlm_gptq"
+    reloaded = AutoModelForImageTextToText.from_pretrained(remote, dtype=torch.float32).eval()
+    assert torch.equal(logits(reloaded, eval_inputs[0]), logits(quantized, eval_inputs[0]))
 
 
 def test_bfloat16_reload_uses_fast_paths_that_agree_with_the_reference(saved, eval_inputs, monkeypatch):
