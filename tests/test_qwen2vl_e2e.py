@@ -17,7 +17,7 @@ import hf_vlm_gptq
 from hf_vlm_gptq import VLMGPTQConfig, get_quantizers
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
 from hf_vlm_gptq.ops import QuantConv, QuantLinear
-from hf_vlm_gptq.ops.cpu_fused import FusedW4Weights
+from hf_vlm_gptq.ops.cpu_fused import FusedWeights
 
 VISION = "model.visual.blocks"
 MERGER = "model.visual.merger"
@@ -189,7 +189,7 @@ def test_bfloat16_reload_uses_fast_paths_that_agree_with_the_reference(saved, ev
     model = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.bfloat16).eval()
     packed = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv))]
     probe = torch.empty(0, dtype=torch.bfloat16)
-    fast = [m for m in packed if isinstance(m._fused(probe.new_empty(0, m.in_features)), FusedW4Weights)]
+    fast = [m for m in packed if isinstance(m._fused(probe.new_empty(0, m.in_features)), FusedWeights)]
     inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in eval_inputs[0].items()}
     fast_logits = logits(model, inputs).float()
     assert len(fused_rows) >= len(fast)  # every layer the fused CPU kernel can serve went through it

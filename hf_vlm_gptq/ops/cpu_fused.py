@@ -1,10 +1,12 @@
-"""A fused 4-bit GEMM for CPUs with AVX512-BF16, compiled on first use (``csrc/w4_gemm_avx512bf16.c``).
+"""A fused low-bit GEMM for CPUs with AVX512-BF16, compiled on first use (``csrc/lowbit_gemm_avx512bf16.c``).
 
 Why: on CPU, torch's int4 kernel is matrix-vector code (its cost grows linearly with the rows of ``x``) and
 dequantize + dense matmul pays a full dequantization per call, so a 4-bit layer was slower than dense bf16
 from ~10 rows up. This kernel dequantizes the weight exactly as the reference does (integer code - zero, one
 float32 multiply, one rounding to bfloat16) into an L1-sized buffer chunk by chunk and runs a register-blocked
-``vdpbf16ps`` GEMM on it, so it reads 4-bit weights and computes at the dense bf16 rate (bench/ops.py).
+``vdpbf16ps`` GEMM on it, so it reads low-bit weights and computes at the dense bf16 rate (bench/ops.py).
+2, 4 and 8 bits take that path; 4 bits also have 1-4 row paths that beat torch's int4 kernel (no
+dequantized weight at all: codes become the bf16 numbers ``128 + q`` and the scale is applied per group).
 
 It reads the checkpoint buffers as they are (``qweight``, fp16 ``scales``, ``g_idx``); the only derived
 data is the zero points as uint8 ``[n_groups, out]``. Act-order (any ``g_idx``) is handled in the kernel.
@@ -12,7 +14,7 @@ data is the zero points as uint8 ``[n_groups, out]``. Act-order (any ``g_idx``) 
 The shared library is built with the system C compiler (``$CC``, else ``cc`` / ``gcc``) into a cache
 directory (``$HF_VLM_GPTQ_CACHE``, else ``$XDG_CACHE_HOME/hf_vlm_gptq``, else ``~/.cache/hf_vlm_gptq``),
 named by a hash of the source, flags and compiler, written under a temporary name and renamed. Without
-Linux on x86-64 with AVX512F/BW/VL/BF16, a compiler or OpenMP, or with ``HF_VLM_GPTQ_CPU_KERNEL=0``, the
+Linux on x86-64 with AVX512F/BW/VL/VBMI/BF16, a compiler or OpenMP, or with ``HF_VLM_GPTQ_CPU_KERNEL=0``, the
 kernel is unavailable and :func:`fused_unavailable_reason` says why; callers then use the other paths.
 """
 
@@ -36,7 +38,8 @@ from .kernels import contiguous_groups
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "w4_gemm_avx512bf16.c"
+SOURCE = Path(__file__).with_name("csrc") / "lowbit_gemm_avx512bf16.c"
+FUSED_BITS = (2, 4, 8)
 CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16")
@@ -49,7 +52,7 @@ _state: dict = {}  # "lib" -> ctypes function, or "reason" -> str
 
 
 @dataclass
-class FusedW4Weights:
+class FusedWeights:
     """What the kernel reads for one layer, checked once (built on first use, cached by the module)."""
 
     qweight: torch.Tensor  # int32 [ceil(in / 8), out], the checkpoint buffer
@@ -57,6 +60,12 @@ class FusedW4Weights:
     zeros: torch.Tensor  # uint8 [n_groups, out]
     g_idx: torch.Tensor  # int32 [in], contiguous
     regular_group: int  # columns per group when g_idx is col // group (a multiple of 8, or all), else 0
+    bits: int
+
+    @property
+    def small_batch_path(self) -> bool:
+        """Whether the kernel's 1-4 row paths (4-bit, groups of consecutive columns) serve this layer."""
+        return self.bits == 4 and self.regular_group > 0
 
     @property
     def in_features(self) -> int:
@@ -102,7 +111,7 @@ def _build(cc: str) -> Path:
     """Compile the kernel into the cache (once per source / flags / compiler) and return the library path."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(CFLAGS).encode() + _compiler_id(cc).encode()).hexdigest()[:16]
-    target = cache_dir() / f"w4_gemm_avx512bf16-{key}.so"
+    target = cache_dir() / f"lowbit_gemm_avx512bf16-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +126,7 @@ def _build(cc: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("compiled the fused CPU 4-bit kernel into %s", target)
+    logger.info("compiled the fused CPU low-bit kernel into %s", target)
     return target
 
 
@@ -140,11 +149,11 @@ def _load() -> None:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         _state["reason"] = f"could not build the kernel: {err}"
-        logger.warning("fused CPU 4-bit kernel unavailable, using the other paths: %s", err)
+        logger.warning("fused CPU low-bit kernel unavailable, using the other paths: %s", err)
         return
-    fn = lib.hvg_w4_gemm_bf16
+    fn = lib.hvg_lowbit_gemm_bf16
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int, i64]
+    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
     _state["lib"] = fn
 
@@ -162,8 +171,8 @@ def fused_unavailable_reason(
     """Why the fused kernel cannot serve this layer / input (None when it can)."""
     if device.type != "cpu":
         return f"device {device.type} (the fused kernel is CPU code)"
-    if bits != 4:
-        return f"bits={bits} (the fused kernel is 4-bit only)"
+    if bits not in FUSED_BITS:
+        return f"bits={bits} (the fused kernel takes {FUSED_BITS})"
     if dtype != torch.bfloat16:
         return f"input dtype {dtype} (the fused kernel is bfloat16 only)"
     if out_features % 16:
@@ -176,19 +185,28 @@ def fused_unavailable_reason(
 
 
 def build_fused(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, group_size: int
-) -> FusedW4Weights:
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    group_size: int,
+    bits: int = 4,
+) -> FusedWeights:
     """Kernel data from the checkpoint buffers ``qweight`` / ``scales``, the unpacked zero points
-    ``[n_groups, out]`` (0..15), ``g_idx`` and the group size. The kernel indexes memory with these unchecked,
+    ``[n_groups, out]``, ``g_idx``, the group size and the bit width. The kernel indexes memory with these unchecked,
     so shapes, dtypes and the range of ``g_idx`` are checked here. Groups of consecutive columns (no
     act-order) whose size is a multiple of 8 enable the small-batch path."""
     n_groups, out_features = zeros.shape
     in_features = g_idx.numel()
     if scales.dtype != torch.float16 or tuple(scales.shape) != (n_groups, out_features):
         raise ValueError(f"scales must be float16 {(n_groups, out_features)}, got {scales.dtype} {tuple(scales.shape)}")
-    if qweight.dtype != torch.int32 or qweight.shape[1] != out_features or qweight.shape[0] * 8 < in_features:
+    if bits not in FUSED_BITS:
+        raise ValueError(f"bits must be one of {FUSED_BITS}, got bits={bits!r}")
+    per_word = 32 // bits
+    if qweight.dtype != torch.int32 or qweight.shape[1] != out_features or qweight.shape[0] * per_word < in_features:
         raise ValueError(
-            f"qweight must be int32 [>= {in_features} / 8, {out_features}], got {qweight.dtype} {tuple(qweight.shape)}"
+            f"qweight must be int32 [>= {in_features} / {per_word}, {out_features}], "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
         )
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
         raise ValueError(f"g_idx values must lie in [0, {n_groups}), got [{int(g_idx.min())}, {int(g_idx.max())}]")
@@ -198,16 +216,17 @@ def build_fused(
             regular = in_features
         elif group_size % 8 == 0:
             regular = group_size
-    return FusedW4Weights(
+    return FusedWeights(
         qweight=qweight.contiguous(),
         scales=scales.contiguous(),
         zeros=zeros.to(torch.uint8).contiguous(),
         g_idx=g_idx.to(torch.int32).contiguous(),
         regular_group=regular,
+        bits=bits,
     )
 
 
-def fused_matmul(x2: torch.Tensor, w: FusedW4Weights, bias: torch.Tensor | None) -> torch.Tensor:
+def fused_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2[M, in] @ W^T (+ bias)`` in bfloat16 through the fused kernel (see :func:`fused_unavailable_reason`)."""
     fn = _kernel()
     if fn is None:
@@ -226,6 +245,7 @@ def fused_matmul(x2: torch.Tensor, w: FusedW4Weights, bias: torch.Tensor | None)
     rc = fn(
         x2.data_ptr(), m, w.in_features, w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
         w.g_idx.data_ptr(), n, None if bias is None else bias.data_ptr(), y.data_ptr(), threads, w.regular_group,
+        w.bits,
     )
     if rc != 0:
         raise RuntimeError(f"fused CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")

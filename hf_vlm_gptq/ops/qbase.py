@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_fused import FusedW4Weights, build_fused, fused_matmul, fused_unavailable_reason
+from .cpu_fused import FusedWeights, build_fused, fused_matmul, fused_unavailable_reason
 from .grid import check_bits, check_group_size, num_groups
 from .kernels import (
     Int4Weights,
@@ -188,7 +188,7 @@ class PackedWeightModule(nn.Module):
                 return "int4 kernel self-check failed"
         return w
 
-    def _fused(self, x2: torch.Tensor) -> FusedW4Weights | str:
+    def _fused(self, x2: torch.Tensor) -> FusedWeights | str:
         """Fused-kernel data for inputs like ``x2``, or why the fused CPU kernel cannot be used."""
         reason = fused_unavailable_reason(self.bits, self.in_features, self.out_features, x2.dtype, x2.device)
         if reason is not None:
@@ -203,6 +203,7 @@ class PackedWeightModule(nn.Module):
                 unpack_zeros(self.qzeros, self.bits, self.out_features),
                 self.g_idx,
                 self.group_size,
+                self.bits,
             ),
         )
 
@@ -234,12 +235,12 @@ class PackedWeightModule(nn.Module):
                 return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
         fused = self._fused(x2) if mode in ("auto", "fused") else None
         if mode == "fused":
-            if not isinstance(fused, FusedW4Weights):
+            if not isinstance(fused, FusedWeights):
                 raise ValueError(f"kernel='fused' is unavailable for this layer / input: {fused}")
             return fused_matmul(x2, fused, bias)
-        has_fused = isinstance(fused, FusedW4Weights)
+        has_fused = isinstance(fused, FusedWeights)
         if has_fused:
-            alternative = "fused_small_batch" if fused.regular_group else "fused"
+            alternative = "fused_small_batch" if fused.small_batch_path else "fused"
         else:
             alternative = "cached" if self.cache_dequantized else "uncached"
         if mode == "int4" or x2.shape[0] <= int4_max_batch(x2.device.type, alternative):

@@ -20,14 +20,15 @@ REASON = CF.fused_unavailable_reason(4, 128, 32, torch.bfloat16, torch.device("c
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"fused CPU kernel unavailable: {REASON}")
 
 
-def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym: bool = True, bias=True):
+def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym: bool = True, bias=True,
+            bits: int = 4):
     g = torch.Generator().manual_seed(out_f * 31 + in_f)
     w = torch.randn(out_f, in_f, generator=g)
     if act_order:
-        res = gptq_quantize(w, correlated_hessian(in_f, seed=2).float(), bits=4, group_size=group_size,
+        res = gptq_quantize(w, correlated_hessian(in_f, seed=2).float(), bits=bits, group_size=group_size,
                             sym=sym, act_order=True)
     else:
-        res = rtn_quantize(w, bits=4, group_size=group_size, sym=sym)
+        res = rtn_quantize(w, bits=bits, group_size=group_size, sym=sym)
     b = torch.randn(out_f, generator=g) if bias else None
     m = QuantLinear.from_result(res, b, torch.bfloat16)
     m.kernel = "fused"
@@ -58,9 +59,10 @@ def count_fused(monkeypatch):
         (80, 96, 32, True, False),
     ],
 )
-def test_dequantization_is_bit_exact(out_f, in_f, group_size, act_order, sym):
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dequantization_is_bit_exact(out_f, in_f, group_size, act_order, sym, bits):
     """x = identity reads the weight back: every bf16 weight equals the reference's, bit for bit."""
-    m = _module(out_f, in_f, group_size, act_order, sym, bias=False)
+    m = _module(out_f, in_f, group_size, act_order, sym, bias=False, bits=bits)
     eye = torch.eye(in_f, dtype=torch.bfloat16)
     assert torch.equal(m(eye).T, m.dequantize_weight(torch.bfloat16))
 
@@ -94,6 +96,21 @@ def test_matches_reference_within_bf16_rounding(rows, out_f, in_f, group_size, a
 
 def _rel_err(y: torch.Tensor, exact: torch.Tensor) -> float:
     return float((y.double() - exact).norm() / exact.norm())
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("rows", [1, 4, 13])
+def test_two_and_eight_bits_take_the_gemm_path(bits, rows, count_fused):
+    m = _module(48, 1176, 128, bits=bits)
+    m.kernel = "auto"
+    x = torch.randn(rows, 1176, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    y = m(x)
+    assert count_fused == [rows]
+    w16 = m.dequantize_weight(torch.bfloat16).double()
+    exact16 = F.linear(x.double(), w16, m.bias.to(torch.bfloat16).double())
+    bound = exact16.abs() * 2**-8 + 1e-5 * (x.double().abs() @ w16.abs().T)
+    assert bool(((y.double() - exact16).abs() <= bound).all())
 
 
 @needs_kernel
@@ -131,7 +148,7 @@ def test_runs_under_inference_mode_and_on_non_contiguous_input():
 
 @pytest.mark.parametrize(
     ("bits", "out_f", "dtype", "why"),
-    [(8, 32, torch.bfloat16, "bits"), (4, 40, torch.bfloat16, "out_features"), (4, 32, torch.float16, "dtype")],
+    [(3, 32, torch.bfloat16, "bits"), (4, 40, torch.bfloat16, "out_features"), (4, 32, torch.float16, "dtype")],
 )
 def test_forcing_fused_where_unsupported_names_the_reason(bits, out_f, dtype, why):
     res = rtn_quantize(torch.randn(out_f, 64), bits=bits, group_size=32)

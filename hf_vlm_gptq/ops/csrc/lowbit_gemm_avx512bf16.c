@@ -1,8 +1,9 @@
-/* y[M, N] = x[M, K] @ W^T (+ bias) for a 4-bit GPTQ weight, read straight from the checkpoint buffers.
+/* y[M, N] = x[M, K] @ W^T (+ bias) for a 2-, 4- or 8-bit GPTQ weight, read straight from the checkpoint buffers.
  *
  * W[n, k] = (code(k, n) - zero[g_idx[k], n]) * scale[g_idx[k], n]
  *   x, bias, y : bfloat16, row-major, x and y contiguous
- *   qweight    : int32 [ceil(K / 8), N], code(k, n) = (qweight[k / 8, n] >> (4 * (k % 8))) & 15
+ *   qweight    : int32 [ceil(K * bits / 32), N], c = 32 / bits codes per word:
+ *                code(k, n) = (qweight[k / c, n] >> (bits * (k % c))) & (2^bits - 1)
  *   scales     : float16 [G, N]
  *   zeros      : uint8   [G, N] (the zero points themselves, unpacked once by the caller)
  *   g_idx      : int32   [K]
@@ -12,7 +13,7 @@
  * round-to-nearest-even to bfloat16) into an L1-sized buffer in the pair-interleaved layout vdpbf16ps reads,
  * chunk by chunk, and every row block of x is multiplied against that buffer with float32 accumulation.
  * Dequantizing once per chunk and row block of up to MC rows keeps the decode cost small at large M, while
- * memory traffic stays that of the 4-bit weight.
+ * memory traffic stays that of the low-bit weight. 4 bits also have dedicated 1-4 row paths (below).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -35,11 +36,13 @@ static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 /* buf[p * nv + v] = 32 bfloat16: W[n0 + 16 v + i, k0 + 2 p + j] at position 2 i + j */
 static void dequant_chunk(const int32_t *qweight, int64_t N, const uint16_t *scales, const uint8_t *zeros,
-                          const int32_t *g_idx, int64_t k0, int64_t k1, int64_t n0, int nv, __m512bh *buf) {
+                          const int32_t *g_idx, int64_t k0, int64_t k1, int64_t n0, int nv, int bits,
+                          __m512bh *buf) {
+    const int per_word_log2 = bits == 2 ? 4 : bits == 4 ? 3 : 2; /* 16, 8 or 4 codes per int32 */
     static const short order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i interleave = _mm512_loadu_si512((const void *)order);
-    const __m512i mask = _mm512_set1_epi32(15);
+    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
     __m512 s_even[4], s_odd[4];
     __m512i z_even[4], z_odd[4];
     int32_t g_even = -1, g_odd = -1;
@@ -61,9 +64,10 @@ static void dequant_chunk(const int32_t *qweight, int64_t N, const uint16_t *sca
             }
             g_odd = go;
         }
-        const __m128i shift_even = _mm_cvtsi32_si128((int)(k & 7) * 4);
-        const __m128i shift_odd = _mm_cvtsi32_si128((int)(k & 7) * 4 + 4);
-        const int32_t *row = qweight + (k >> 3) * N + n0;
+        const int at_bit = (int)(k & ((1 << per_word_log2) - 1)) * bits; /* k even: k + 1 is in the same word */
+        const __m128i shift_even = _mm_cvtsi32_si128(at_bit);
+        const __m128i shift_odd = _mm_cvtsi32_si128(at_bit + bits);
+        const int32_t *row = qweight + (k >> per_word_log2) * N + n0;
         __m512bh *out = buf + ((k - k0) >> 1) * nv;
         for (int v = 0; v < nv; v++) {
             const __m512i w = _mm512_loadu_si512((const void *)(row + 16 * v));
@@ -359,16 +363,17 @@ static int gemv_one_row(const uint16_t *x, int64_t M, int64_t K, const int32_t *
 }
 
 /* regular_group: the group size when g_idx[k] == k / group size and it is a multiple of 8, K when there is
- * one group, 0 otherwise (act-order); it enables the small-batch path.
+ * one group, 0 otherwise (act-order); with bits == 4 it enables the small-batch paths.
  * Returns 0 on success, 1 on bad arguments, 2 when a work buffer could not be allocated. */
-int hvg_w4_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
-                     const uint8_t *zeros, const int32_t *g_idx, int64_t N, const uint16_t *bias, uint16_t *y,
-                     int nthreads, int64_t regular_group) {
+int hvg_lowbit_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
+                         const uint8_t *zeros, const int32_t *g_idx, int64_t N, const uint16_t *bias, uint16_t *y,
+                         int nthreads, int64_t regular_group, int bits) {
     if (M <= 0 || K <= 0 || N <= 0 || (K & 1) || (N & 15) || nthreads <= 0 || regular_group < 0) return 1;
     if (regular_group > 0 && regular_group % 8 && regular_group < K) return 1;
-    if (M == 1 && regular_group > 0)
+    if (bits != 2 && bits != 4 && bits != 8) return 1;
+    if (M == 1 && regular_group > 0 && bits == 4)
         return gemv_one_row(x, M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads);
-    if (M <= GEMV_MAX_ROWS && regular_group > 0)
+    if (M <= GEMV_MAX_ROWS && regular_group > 0 && bits == 4)
         return gemv(x, M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads);
     const int64_t m_tasks = (M + MC_MAX - 1) / MC_MAX;
     int64_t mc = (M + m_tasks - 1) / m_tasks;
@@ -389,7 +394,7 @@ int hvg_w4_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const int32_t *qwe
             const int nv = (int)((N - n0) / 16 < 4 ? (N - n0) / 16 : 4);
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
                 const int64_t k1 = (k0 + KC < K) ? k0 + KC : K;
-                dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, buf);
+                dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, bits, buf);
                 for (int64_t r0 = 0; r0 < rows; r0 += MR) {
                     const int r = (int)(rows - r0 < MR ? rows - r0 : MR);
                     MICRO[r - 1][nv - 1](x + (m0 + r0) * K + k0, K, buf, (int)((k1 - k0) / 2),
