@@ -10,6 +10,9 @@ from random correlated inputs. Ours is ``gptq_quantize`` end to end, including i
 Python loop over columns inside each block, Hessian inverse via cholesky -> cholesky_inverse -> cholesky),
 timed alone and with the same proxy-loss evaluation so both sides deliver the same outputs. Best of 2.
 
+Other bit widths: the same layer at 2 and 8 bits, batch 1 / 16 / 256 (hot), default path vs dense bf16 and
+vs dequantize + matmul.
+
 Matmul: a 4096x4096 layer, batch (rows) 1 / 4 / 16 / 64 / 256 / 1024, bf16 activations: dense bf16
 ``nn.Linear``, our default path ("auto": torch's int4 kernel up to a few rows, then the fused 4-bit GEMM on
 CPUs that have it), auto with a dense cache, and each path forced. The variants are timed
@@ -171,6 +174,41 @@ def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
     return rows
 
 
+def bench_bits(device: str, n: int = 4096) -> list[dict]:
+    """Other bit widths (one layer, hot): 2 and 8 bits have no torch kernel; on CPU the fused kernel's GEMM
+    path serves them, elsewhere dequantize + matmul."""
+    rows = []
+    dense = nn.Linear(n, n, bias=False, dtype=torch.bfloat16, device=device)
+    with torch.inference_mode():
+        for bits in (2, 8):
+            result = rtn_quantize(torch.randn(n, n, generator=torch.Generator().manual_seed(bits)), bits=bits,
+                                  group_size=GROUP)
+            module = QuantLinear.from_result(result, None, torch.bfloat16).to(device)
+            forced = QuantLinear.from_result(result, None, torch.bfloat16).to(device)
+            forced.kernel = "dequant"
+            for batch in (1, 16, 256):
+                x = torch.randn(batch, n, dtype=torch.bfloat16, device=device)
+                fns = {"dense_bf16": lambda x=x: dense(x), "auto": lambda x=x, m=module: m(x),
+                       "dequant_uncached": lambda x=x, m=forced: m(x)}
+                timing = _time_calls(fns, device, min_time=1.0, block=6, skip=2)
+                row = {"device": device, "bits": bits, "batch": batch}
+                for name, (p10, _median) in timing.items():
+                    row[f"{name}_ms"] = p10
+                row["speedup_auto"] = row["dense_bf16_ms"] / row["auto_ms"]
+                rows.append(row)
+    return rows
+
+
+def render_bits(rows: list[dict]) -> str:
+    lines = ["QuantLinear 4096x4096 at 2 and 8 bits (g128, hot) vs dense bf16, ms per call (p10)", "",
+             "| device | bits | batch | dense bf16 | auto (default) | dequant+matmul | speedup default |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['bits']} | {r['batch']} | {r['dense_bf16_ms']:.3f} | {r['auto_ms']:.3f} | "
+                     f"{r['dequant_uncached_ms']:.3f} | {r['speedup_auto']:.2f}x |")
+    return "\n".join(lines)
+
+
 def render(solves: list[dict], matmuls: list[dict]) -> str:
     lines = [
         "GPTQ solve (4-bit, g128, sym), seconds, best of 2",
@@ -236,7 +274,8 @@ def main() -> None:
     solves = [bench_solve(4096, 4096), bench_solve(11008, 4096)]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     matmuls = [row for device in devices for row in bench_matmul(device)]
-    table = render(solves, matmuls)
+    other_bits = [row for device in devices for row in bench_bits(device)]
+    table = render(solves, matmuls) + "\n\n" + render_bits(other_bits)
     logger.info("%s", table)
     meta = {
         "torch": torch.__version__,
@@ -253,7 +292,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     tag = "cuda" if torch.cuda.is_available() else "cpu"
-    payload = {"meta": meta, "solve": solves, "matmul": matmuls}
+    payload = {"meta": meta, "solve": solves, "matmul": matmuls, "other_bits": other_bits}
     (RESULTS / f"ops_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"ops_{tag}.md").write_text(f"# ops benchmark ({tag})\n\n{table}\n\n`{json.dumps(meta)}`\n")
     logger.info("wrote %s (%.0f s)", RESULTS / f"ops_{tag}.json", meta["wall_s"])
