@@ -142,15 +142,33 @@ def _use_triton_sweep(w: torch.Tensor) -> bool:
     return reason is None
 
 
+# device -> whether the fused sweep agreed with the torch loop on its first layer there (checked once)
+_sweep_verified: dict[str, bool] = {}
+SWEEP_AGREEMENT = 0.999  # share of identical codes (rounding ties may flip a few)
+
+
 def _column_sweep(
     w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_gptq_columns`, or its fused Triton twin where that applies (same contract)."""
-    if _use_triton_sweep(w):
-        from .triton_gptq import gptq_columns_triton
+    """:func:`_gptq_columns`, or its fused Triton twin where that applies (same contract). The first layer
+    solved on a device runs both and compares the codes: a kernel that disagrees (it was only tested in
+    Triton's interpreter before release) is logged and not used again in this process."""
+    if not _use_triton_sweep(w) or _sweep_verified.get(str(w.device)) is False:
+        return _gptq_columns(w, u, bits, group_size, sym, clip, block_size)
+    from .triton_gptq import gptq_columns_triton
 
-        return gptq_columns_triton(w, u, bits, group_size, sym, clip, block_size)
-    return _gptq_columns(w, u, bits, group_size, sym, clip, block_size)
+    fused = gptq_columns_triton(w, u, bits, group_size, sym, clip, block_size)
+    if str(w.device) in _sweep_verified:
+        return fused
+    torch_loop = _gptq_columns(w, u, bits, group_size, sym, clip, block_size)
+    agreement = float((fused[0] == torch_loop[0]).float().mean())
+    ok = agreement >= SWEEP_AGREEMENT and all_finite(fused[3])
+    _sweep_verified[str(w.device)] = ok
+    if not ok:
+        logger.warning("fused Triton GPTQ sweep disagrees with the torch loop on %s (%.4f of codes equal); "
+                       "using the torch loop", w.device, agreement)
+        return torch_loop
+    return fused
 
 
 def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,37 @@ def test_shared_solve_uses_the_fused_sweep_for_stacked_weights(monkeypatch):
         _check_solve(wi, h, f, r)
 
 
+def test_first_layer_checks_the_fused_sweep_against_the_torch_loop(monkeypatch, caplog):
+    """On each device the first solve runs both; a fused sweep that disagrees is reported and dropped."""
+    monkeypatch.setattr(G, "_sweep_verified", {})
+    monkeypatch.setattr(G, "_use_triton_sweep", lambda w: True)
+    real, calls = TG.gptq_columns_triton, []
+
+    def broken(w, *a):
+        calls.append(tuple(w.shape))
+        codes, *rest = real(w, *a)
+        return (codes ^ 1, *rest)  # every code off by one bit
+
+    monkeypatch.setattr(TG, "gptq_columns_triton", broken)
+    w, h = _inputs(16, 64, seed=3)
+    first = gptq_quantize(w, h, bits=4, group_size=32)
+    second = gptq_quantize(w, h, bits=4, group_size=32)
+    monkeypatch.setattr(G, "_use_triton_sweep", lambda w: False)
+    ref = gptq_quantize(w, h, bits=4, group_size=32)
+    assert calls == [(16, 64)]  # checked once, then never used again
+    assert "disagrees" in caplog.text
+    assert torch.equal(first.codes, ref.codes) and torch.equal(second.codes, ref.codes)
+    assert G._sweep_verified == {str(w.device): False}
+
+
+def test_a_fused_sweep_that_agrees_is_kept(monkeypatch):
+    monkeypatch.setattr(G, "_sweep_verified", {})
+    monkeypatch.setattr(G, "_use_triton_sweep", lambda w: True)
+    w, h = _inputs(16, 64, seed=4)
+    gptq_quantize(w, h, bits=4, group_size=32)
+    assert G._sweep_verified == {str(w.device): True}
+
+
 def test_dispatch_is_cuda_float32_only():
     assert not G._use_triton_sweep(torch.zeros(4, 4))  # CPU tensors keep the torch loop
     assert "float32" in TG.columns_unavailable_reason(torch.zeros(4, 4, dtype=torch.float64, device=DEVICE))
