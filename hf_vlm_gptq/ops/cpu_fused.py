@@ -159,9 +159,10 @@ def _load() -> None:
 
 
 def _kernel():
-    with _lock:
-        if not _state:
-            _load()
+    if not _state:  # looked for once per process; the lock only guards that first look
+        with _lock:
+            if not _state:
+                _load()
     return _state.get("lib")
 
 
