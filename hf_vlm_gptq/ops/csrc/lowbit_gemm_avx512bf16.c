@@ -29,7 +29,7 @@
 #endif
 #define MR 6 /* rows per micro-kernel call: 6 x 4 accumulators + 4 weight vectors + 1 broadcast */
 #ifndef MC_MAX
-#define MC_MAX 480 /* rows per task (multiple of MR): the weight is dequantized once per MC_MAX rows */
+#define MC_MAX 1020 /* rows per task (multiple of MR): the weight is dequantized once per MC_MAX rows */
 #endif
 
 static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
