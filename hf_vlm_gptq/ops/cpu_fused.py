@@ -13,7 +13,8 @@ data is the zero points as uint8 ``[n_groups, out]``. Act-order (any ``g_idx``) 
 
 The shared library is built with the system C compiler (``$CC``, else ``cc`` / ``gcc``) into a cache
 directory (``$HF_VLM_GPTQ_CACHE``, else ``$XDG_CACHE_HOME/hf_vlm_gptq``, else ``~/.cache/hf_vlm_gptq``),
-named by a hash of the source, flags and compiler, written under a temporary name and renamed. Without
+named by a hash of the source, flags and compiler, written under a temporary name and renamed; builds of
+older sources are removed then. Without
 Linux on x86-64 with AVX512F/BW/VL/VBMI/BF16, a compiler or OpenMP, or with ``HF_VLM_GPTQ_CPU_KERNEL=0``, the
 kernel is unavailable and :func:`fused_unavailable_reason` says why; callers then use the other paths.
 """
@@ -111,7 +112,7 @@ def _build(cc: str) -> Path:
     """Compile the kernel into the cache (once per source / flags / compiler) and return the library path."""
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(CFLAGS).encode() + _compiler_id(cc).encode()).hexdigest()[:16]
-    target = cache_dir() / f"lowbit_gemm_avx512bf16-{key}.so"
+    target = cache_dir() / f"{SOURCE.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,9 @@ def _build(cc: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     logger.info("compiled the fused CPU low-bit kernel into %s", target)
+    for stale in target.parent.glob(f"{SOURCE.stem}-*.so"):  # builds of older sources / compilers
+        if stale != target:
+            stale.unlink(missing_ok=True)  # a process still using it keeps its mapping
     return target
 
 

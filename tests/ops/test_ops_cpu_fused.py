@@ -209,7 +209,10 @@ def test_missing_cpu_features_and_compiler_are_reported(fresh_state, monkeypatch
 
 @needs_kernel
 def test_library_is_compiled_once_into_the_cache(fresh_state):
+    stale = fresh_state / f"{CF.SOURCE.stem}-0000000000000000.so"  # a build of an older source
+    stale.write_bytes(b"old")
     assert CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu")) is None
+    assert not stale.exists()
     built = sorted(fresh_state.iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
