@@ -22,15 +22,12 @@ from .ops import QuantConv, QuantLinear
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 CallsPerBatch = Callable[[dict], int]
 
-__all__ = ["Call", "StopForward", "advance", "capture_calls", "dense_cache", "first_output", "replay",
-           "replay_until", "run_batches", "with_hidden"]
+__all__ = ["Call", "StopForward", "advance", "capture_calls", "capture_chain_calls", "dense_cache", "first_output",
+           "hidden_of", "replay", "replay_until", "run_batches", "with_hidden"]
 
 
 class StopForward(Exception):
     """Raised from a hook to end a forward pass once the wanted inputs are caught."""
-
-
-CallsPerBatch = Callable[[dict], int]
 
 
 @torch.no_grad()
@@ -82,6 +79,47 @@ def capture_calls(model: nn.Module, target: nn.Module, batches: list[dict], devi
     return calls
 
 
+@torch.no_grad()
+def capture_chain_calls(model: nn.Module, blocks: list[nn.Module], batches: list[dict], device: torch.device,
+                        calls_per_batch: CallsPerBatch | None = None, input_device: torch.device | None = None,
+                        ) -> tuple[list[Call], list[list[Call]]]:
+    """One forward pass per batch through all of `blocks` (a chain): the first block's calls, and for every
+    block its own calls with the hidden states left out (None), to be filled with the chain's.
+
+    For blocks that take different arguments (window vs full attention). Tensors the blocks share in the
+    real pass (rotary embeddings, masks) stay shared on `device`.
+    """
+    own: list[list[Call]] = [[] for _ in blocks]
+    first: list[Call] = []
+    memo: dict[int, torch.Tensor] = {}
+    sources: list[Call] = []  # keeps the memo's keys (ids) valid for the whole capture
+
+    def hook_for(index: int):
+        def pre_hook(_module, args, kwargs):
+            stripped = with_hidden((args, kwargs), None)
+            sources.append(stripped)
+            call = move_to(stripped, device, memo)
+            own[index].append(call)
+            if index == 0:
+                first.append(with_hidden(call, move_to(hidden_of((args, kwargs)), device)))
+        return pre_hook
+
+    handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    try:
+        run_batches(model, blocks[-1], batches, calls_per_batch, input_device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    memo.clear()
+    return first, own
+
+
+def hidden_of(call: Call) -> torch.Tensor:
+    """The hidden-states input of a call (first positional, else `hidden_states=`)."""
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def first_output(out: Any) -> torch.Tensor:
     """The hidden states in a block's output (a tensor, the first of a tuple, or `last_hidden_state`)."""
     if isinstance(out, torch.Tensor):
@@ -93,7 +131,7 @@ def first_output(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the hidden states in a block output of type {type(out).__name__}")
 
 
-def with_hidden(call: Call, hidden: torch.Tensor) -> Call:
+def with_hidden(call: Call, hidden: torch.Tensor | None) -> Call:
     """The same call with its hidden-states input replaced (first positional, else `hidden_states=`)."""
     args, kwargs = call
     if args:

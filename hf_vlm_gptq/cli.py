@@ -2,7 +2,7 @@
 
     hf-vlm-gptq quantize MODEL OUT [--llm-w-bits 4 --w-groupsize 128 --act-order ...]
     hf-vlm-gptq export-vllm SRC OUT [--target cuda|cpu] [--dense-unsupported]
-    hf-vlm-gptq demo [--arch qwen2_vl|video_llama_3]
+    hf-vlm-gptq demo [--arch NAME]   (NAME: a registered architecture, see --help)
 
 The options of `quantize` mirror VLMGPTQConfig's fields (`--no-quant-llm`, `--visual-w-rtn`, ...).
 Output is written to a temporary folder beside OUT and renamed into place at the end, so an interrupted
@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export_vllm)
 
     d = sub.add_parser("demo", help="build a tiny VLM offline, quantize, save, reload, generate")
-    d.add_argument("--arch", default="qwen2_vl", choices=sorted(DEMO_ARCHS))
+    d.add_argument("--arch", default="qwen2_vl", choices=sorted(DEMO_ARCHS),
+                   help="the tiny model family to build (a registered architecture); default qwen2_vl")
     d.add_argument("--out", default=None, help="where to keep the quantized checkpoint (default: a temp folder)")
     d.add_argument("--num-samples", type=int, default=16)
     d.set_defaults(func=cmd_demo)

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
+from .arch import ARCHITECTURES, spec_for_name
 from .calib import build_model_inputs, builtin_samples
 from .config import VLMGPTQConfig
 from .report import records_to_table
 
-_BUILDERS = {"qwen2_vl": "build_tiny_qwen2vl", "video_llama_3": "build_tiny_videollama3"}
-DEMO_ARCHS = tuple(_BUILDERS)
+DEMO_ARCHS = tuple(spec.name for spec in ARCHITECTURES)
 
 
 def _prompts(processor) -> dict[str, dict]:
@@ -35,12 +35,10 @@ def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samp
 
     from . import get_quantizers
     from .cli import atomic_save
-    from .testing import tiny_models
-
-    if arch not in _BUILDERS:
-        raise ValueError(f"demo arch must be one of {sorted(_BUILDERS)}, got {arch!r}")
+    if arch not in DEMO_ARCHS:
+        raise ValueError(f"demo arch must be one of {sorted(DEMO_ARCHS)}, got {arch!r}")
     work = Path(tempfile.mkdtemp(prefix="hf_vlm_gptq_demo_"))
-    source = getattr(tiny_models, _BUILDERS[arch])(work / "tiny-float")
+    source = spec_for_name(arch).build_tiny(work / "tiny-float")
     out = Path(out_dir) if out_dir is not None else work / "tiny-w4g32"
 
     processor = AutoProcessor.from_pretrained(source)

@@ -29,16 +29,25 @@ logger = logging.getLogger(__name__)
 __all__ = ["ExecutionOffload", "move_to", "same_device"]
 
 
-def move_to(obj: Any, device: torch.device) -> Any:
-    """Move every tensor inside nested tuples / lists / dicts to `device`."""
+def move_to(obj: Any, device: torch.device, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """Move every tensor inside nested tuples / lists / dicts to `device`.
+
+    With `memo` (id of a source tensor -> its moved copy), a tensor seen before is moved once and shared,
+    as it was in the source (blocks of one forward pass share their rotary embeddings and masks); the
+    caller keeps the sources alive while the memo is in use.
+    """
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(move_to(o, device) for o in obj)
+        return tuple(move_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [move_to(o, device) for o in obj]
+        return [move_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: move_to(v, device) for k, v in obj.items()}
+        return {k: move_to(v, device, memo) for k, v in obj.items()}
     return obj
 
 

@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -31,10 +31,13 @@ from .capture import (
     CallsPerBatch,
     advance,
     capture_calls,
+    capture_chain_calls,
     dense_cache,
+    hidden_of,
     replay,
     replay_until,
     run_batches,
+    with_hidden,
 )
 from .config import VLMGPTQConfig
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
@@ -200,24 +203,55 @@ class ComponentQuantizer:
             return [(path, container)]
         return [(f"{path}.{i}", block) for i, block in enumerate(container)]
 
-    def quantize_blocks(self, batches: list[dict]) -> None:
+    def block_inputs(self, batches: list[dict]) -> Iterator[tuple[str, nn.Module, list[Call], Callable[[], None]]]:
+        """Each block (on the calibration device) with the calls it is fed, in order.
+
+        The consumer quantizes the block before asking for the next one, so each block is fed the outputs
+        of the already quantized blocks before it: replayed along the chain (with each block's own other
+        arguments when `per_block_kwargs`), or caught from a real forward pass of the partly quantized
+        model for the blocks the spec marks fresh. The yielded function makes the block's packed modules
+        keep their dequantized weight while it is replayed (see `dense_cache`).
+        """
         blocks = self._blocks()
-        with self._forward_on_device():
-            calls = capture_calls(self.model, blocks[0][1], batches, self.device, self.calls_per_batch,
-                                  self._input_device())
-        if not calls and not self.opts["rtn"]:
-            logger.warning("%s: no calibration sample reached this part (e.g. no image or video in the data); "
-                           "its linears get RTN and are flagged", self.comp.name)
-        bar = tqdm(blocks, desc=f"{self.comp.name}", unit="block", disable=not self.progress, leave=False)
-        for index, (path, block) in enumerate(bar):
+        fresh = self.comp.fresh_blocks(self.model.config, len(blocks))
+        calls: list[Call] = []
+        own: dict[int, list[Call]] = {}
+        for index, (path, block) in enumerate(blocks):
+            if index in fresh:
+                calls, own = self._catch(blocks, index, fresh, batches)
+                if not calls and not self.opts["rtn"]:
+                    logger.warning("%s: no calibration sample reached %s (e.g. no image or video in the data); "
+                                   "its linears get RTN and are flagged", self.comp.name, path)
+            elif index in own:
+                calls = [with_hidden(own[index][i], hidden_of(call)) for i, call in enumerate(calls)]
             home = next(block.parameters()).device
             block.to(self.device)
             with dense_cache(block) as keep_dense:
-                self._quantize_block(path, block, calls, keep_dense)
-                if index + 1 < len(blocks):
+                yield path, block, calls, keep_dense
+                if index + 1 < len(blocks) and index + 1 not in fresh:
                     keep_dense()
                     advance(block, calls)
             block.to(home)
+
+    def _catch(self, blocks: list[tuple[str, nn.Module]], index: int, fresh: set[int], batches: list[dict],
+               ) -> tuple[list[Call], dict[int, list[Call]]]:
+        """Calls of block `index` from real forward passes, and with `per_block_kwargs` each later block's own
+        arguments up to the next fresh block."""
+        with self._forward_on_device():
+            if not self.comp.per_block_kwargs:
+                return capture_calls(self.model, blocks[index][1], batches, self.device, self.calls_per_batch,
+                                     self._input_device()), {}
+            stop = min([i for i in fresh if i > index] + [len(blocks)])
+            first, own = capture_chain_calls(self.model, [b for _, b in blocks[index:stop]], batches, self.device,
+                                             self.calls_per_batch, self._input_device())
+        return first, {index + i: calls for i, calls in enumerate(own)}
+
+    def quantize_blocks(self, batches: list[dict]) -> None:
+        feed = self.block_inputs(batches)
+        total = len(self._blocks())
+        bar = tqdm(feed, total=total, desc=f"{self.comp.name}", unit="block", disable=not self.progress, leave=False)
+        for path, block, calls, keep_dense in bar:
+            self._quantize_block(path, block, calls, keep_dense)
 
     def _stages(self, block: nn.Module) -> list[list[tuple[str, ...]]]:
         groups = [tuple(n for n in g if _has(block, n)) for g in self.comp.sequential]

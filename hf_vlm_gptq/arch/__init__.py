@@ -1,16 +1,41 @@
-"""Architecture registry: model_type -> ArchSpec. Adding a model family is adding a small data file."""
+"""Architecture registry: every module of this package that defines `ARCH` (an ArchSpec) is one family.
+
+Adding a family is adding one file here (plus its tiny builder in `hf_vlm_gptq.testing`); nothing else in
+the package names a family: the pipeline, loader, export, demo, CLI and tests read the registry.
+"""
 
 from __future__ import annotations
 
-from .qwen2_vl import QWEN2_VL
-from .spec import ArchSpec, ComponentSpec, find_module
-from .video_llama_3 import VIDEO_LLAMA_3
+import importlib
+import pkgutil
 
-ARCHITECTURES: tuple[ArchSpec, ...] = (QWEN2_VL, VIDEO_LLAMA_3)
+from .spec import ArchSpec, ComponentSpec, VllmLayout, find_module
+
+
+def _discover() -> tuple[ArchSpec, ...]:
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_") or info.name == "spec":
+            continue
+        spec = getattr(importlib.import_module(f"{__name__}.{info.name}"), "ARCH", None)
+        if isinstance(spec, ArchSpec):
+            found.append(spec)
+    return tuple(found)
+
+
+ARCHITECTURES: tuple[ArchSpec, ...] = _discover()
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for spec in ARCHITECTURES for t in spec.model_types)
+
+
+def spec_for_name(name: str) -> ArchSpec:
+    """The ArchSpec called `name` (its `name` field), or a ValueError listing them."""
+    for spec in ARCHITECTURES:
+        if spec.name == name:
+            return spec
+    raise ValueError(f"no architecture named {name!r}; registered: {', '.join(s.name for s in ARCHITECTURES)}")
 
 
 def spec_for_model_type(model_type: str) -> ArchSpec:
@@ -24,5 +49,5 @@ def spec_for_model_type(model_type: str) -> ArchSpec:
     )
 
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "ComponentSpec", "find_module", "spec_for_model_type",
-           "supported_model_types"]
+__all__ = ["ARCHITECTURES", "ArchSpec", "ComponentSpec", "VllmLayout", "find_module", "spec_for_model_type",
+           "spec_for_name", "supported_model_types"]

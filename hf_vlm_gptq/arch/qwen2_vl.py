@@ -1,13 +1,14 @@
 """Qwen2-VL (transformers' native `Qwen2VLForConditionalGeneration`, model_type `qwen2_vl`)."""
 
-from .qwen2_llm import qwen2_llm_component
+from ._qwen import QWEN_SAVED_PREFIXES, qwen_llm_component, qwen_vllm
 from .spec import ArchSpec, ComponentSpec
 
-QWEN2_VL = ArchSpec(
+ARCH = ArchSpec(
     name="qwen2_vl",
+    display_name="Qwen2-VL",
     model_types=("qwen2_vl",),
-    # transformers 5.x saves Qwen2-VL as model.layers.N.* / visual.* and maps the keys back on load.
-    saved_prefixes=(("model.language_model.", "model."), ("model.visual.", "visual.")),
+    tiny_builder="hf_vlm_gptq.testing.tiny_models:build_tiny_qwen2vl",
+    saved_prefixes=QWEN_SAVED_PREFIXES,
     components=(
         ComponentSpec(
             name="vision",
@@ -28,6 +29,7 @@ QWEN2_VL = ArchSpec(
             calls_per_media=True,
             sequential=(("mlp.0",), ("mlp.2",)),
         ),
-        qwen2_llm_component(("model.language_model.layers", "model.layers")),
+        qwen_llm_component(("model.language_model.layers", "model.layers")),
     ),
+    vllm=qwen_vllm("Qwen2VLForConditionalGeneration"),
 )

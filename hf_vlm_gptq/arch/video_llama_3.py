@@ -3,11 +3,14 @@
 Remote-code checkpoints name the parts `vision_encoder` / `mm_projector`; those paths are listed second.
 """
 
-from .qwen2_llm import qwen2_llm_component
+from ._qwen import qwen_llm_component
 from .spec import ArchSpec, ComponentSpec
 
-VIDEO_LLAMA_3 = ArchSpec(
+ARCH = ArchSpec(
     name="video_llama_3",
+    display_name="VideoLLaMA3",
+    tiny_builder="hf_vlm_gptq.testing.tiny_models:build_tiny_videollama3",
+    vllm_missing="vLLM has no model class for VideoLLaMA3 (checked 0.32); serve it with transformers",
     model_types=("video_llama_3",),
     components=(
         ComponentSpec(
@@ -35,6 +38,6 @@ VIDEO_LLAMA_3 = ArchSpec(
             calls_per_media=True,
             sequential=(("readout.0",), ("readout.2",)),
         ),
-        qwen2_llm_component(("model.language_model.layers", "model.model.layers")),
+        qwen_llm_component(("model.language_model.layers", "model.model.layers")),
     ),
 )

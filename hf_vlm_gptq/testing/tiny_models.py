@@ -113,6 +113,68 @@ def _save(model: nn.Module, processor: Any, tokenizer: Any, out_dir: Path) -> Pa
     return out_dir
 
 
+def qwen_tokenizer(opts: dict[str, Any]) -> tuple[Any, dict[str, int]]:
+    """The trained tiny tokenizer and the ids of its Qwen special tokens."""
+    tokenizer = train_tiny_tokenizer(opts.get("vocab_size", 640))
+    return tokenizer, {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.extra_special_tokens}
+
+
+def qwen_text_config(tokenizer: Any, ids: dict[str, int], *, hidden_size: int, num_llm_layers: int,
+                     head_dim: int, mrope_section: list[int] | None = None, **extra: Any) -> dict[str, Any]:
+    """A tiny Qwen2 / Qwen3 text config: ``head_dim``-wide heads, grouped-query attention, M-RoPE sections."""
+    heads, kv_heads = _heads(hidden_size, head_dim)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    if mrope_section is not None:
+        rope["mrope_section"] = mrope_section
+    config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_llm_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": rope,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    config.update(extra)
+    return config
+
+
+def qwen_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The top-level token-id fields of a Qwen VL config."""
+    return {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+            "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"]}
+
+
+def qwen_processor(processor_cls: type, image_cls: type, video_cls: type, tokenizer: Any, opts: dict[str, Any],
+                   patch_size: int) -> Any:
+    """A Qwen-style processor (real classes) with the tiny pixel budgets and the Qwen chat template."""
+    pixels = {"min_pixels": opts.get("min_pixels", _MIN_PIXELS), "max_pixels": opts.get("max_pixels", _MAX_PIXELS)}
+    geometry = {"patch_size": patch_size, "temporal_patch_size": 2, "merge_size": 2}
+    image_processor = image_cls(**pixels, **geometry)
+    # cap_pixels_per_frame=True is the upcoming default; setting it silences the deprecation warning.
+    video_processor = video_cls(min_pixels=pixels["min_pixels"],
+                                max_pixels=opts.get("video_max_pixels", _QWEN_VIDEO_MAX_PIXELS),
+                                cap_pixels_per_frame=True, **geometry)
+    return processor_cls(image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
+                         chat_template=QWEN2VL_CHAT_TEMPLATE)
+
+
+def save_tiny(model_cls: type, config: Any, processor: Any, tokenizer: Any, out_dir: str | Path, seed: int,
+              opts: dict[str, Any]) -> Path:
+    """Seed-initialize `model_cls(config)` and write it with its processor to `out_dir`."""
+    model = _build_model(model_cls, config, seed, opts.get("logit_scale", 3.0))
+    out = _save(model, processor, tokenizer, Path(out_dir))
+    logger.info("wrote tiny %s checkpoint to %s", config.model_type, out)
+    return out
+
+
 def build_tiny_qwen2vl(
     out_dir: str | Path,
     *,
@@ -144,27 +206,12 @@ def build_tiny_qwen2vl(
     )
 
     top, text_over, vision_over, opts = _split_overrides(dict(overrides))
-    tokenizer = train_tiny_tokenizer(opts.get("vocab_size", 640))
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.extra_special_tokens}
     if head_dim <= 0 or head_dim % 16:
         raise ValueError(f"head_dim must be a positive multiple of 16, got {head_dim}")
-    heads, kv_heads = _heads(hidden_size, head_dim)
+    tokenizer, ids = qwen_tokenizer(opts)
     mrope_section = [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_llm_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "max_window_layers": num_llm_layers,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+    text_config = qwen_text_config(tokenizer, ids, hidden_size=hidden_size, num_llm_layers=num_llm_layers,
+                                   head_dim=head_dim, mrope_section=mrope_section, max_window_layers=num_llm_layers)
     text_config.update(text_over)
     vision_config = {
         "depth": vision_depth,
@@ -178,38 +225,10 @@ def build_tiny_qwen2vl(
         "spatial_merge_size": 2,
     }
     vision_config.update(vision_over)
-    config = Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-        **top,
-    )
-    model = _build_model(Qwen2VLForConditionalGeneration, config, seed, opts.get("logit_scale", 3.0))
-
-    pixels = {"min_pixels": opts.get("min_pixels", _MIN_PIXELS), "max_pixels": opts.get("max_pixels", _MAX_PIXELS)}
-    geometry = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
-    processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**pixels, **geometry),
-        # cap_pixels_per_frame=True is the upcoming default; setting it silences the deprecation warning.
-        video_processor=Qwen2VLVideoProcessor(
-            min_pixels=pixels["min_pixels"],
-            max_pixels=opts.get("video_max_pixels", _QWEN_VIDEO_MAX_PIXELS),
-            cap_pixels_per_frame=True,
-            **geometry,
-        ),
-        tokenizer=tokenizer,
-        chat_template=QWEN2VL_CHAT_TEMPLATE,
-    )
-    out = _save(model, processor, tokenizer, Path(out_dir))
-    logger.info("wrote tiny qwen2_vl checkpoint to %s", out)
-    return out
+    config = Qwen2VLConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False,
+                           **qwen_token_ids(ids), **top)
+    processor = qwen_processor(Qwen2VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, tokenizer, opts, 14)
+    return save_tiny(Qwen2VLForConditionalGeneration, config, processor, tokenizer, out_dir, seed, opts)
 
 
 def build_tiny_videollama3(
@@ -239,26 +258,10 @@ def build_tiny_videollama3(
     )
 
     top, text_over, vision_over, opts = _split_overrides(dict(overrides))
-    tokenizer = train_tiny_tokenizer(opts.get("vocab_size", 640))
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in tokenizer.extra_special_tokens}
-    heads, kv_heads = _heads(hidden_size)
-    text_config = {
-        "model_type": "qwen2",
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": num_llm_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "max_window_layers": num_llm_layers,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
-        "tie_word_embeddings": False,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
+    tokenizer, ids = qwen_tokenizer(opts)
+    text_config = qwen_text_config(tokenizer, ids, hidden_size=hidden_size, num_llm_layers=num_llm_layers,
+                                   head_dim=16, model_type="qwen2", max_window_layers=num_llm_layers,
+                                   tie_word_embeddings=False)
     text_config.update(text_over)
     vision_config = {
         "hidden_size": vision_hidden_size,
@@ -279,8 +282,6 @@ def build_tiny_videollama3(
         tie_word_embeddings=False,
         **top,
     )
-    model = _build_model(VideoLlama3ForConditionalGeneration, config, seed, opts.get("logit_scale", 3.0))
-
     pixels = {"min_pixels": opts.get("min_pixels", _MIN_PIXELS), "max_pixels": opts.get("max_pixels", _MAX_PIXELS)}
     processor = VideoLlama3Processor(
         image_processor=VideoLlama3ImageProcessor(**pixels, patch_size=14, temporal_patch_size=1, merge_size=1),
@@ -294,6 +295,4 @@ def build_tiny_videollama3(
         tokenizer=tokenizer,
         chat_template=VIDEOLLAMA3_CHAT_TEMPLATE,
     )
-    out = _save(model, processor, tokenizer, Path(out_dir))
-    logger.info("wrote tiny video_llama_3 checkpoint to %s", out)
-    return out
+    return save_tiny(VideoLlama3ForConditionalGeneration, config, processor, tokenizer, out_dir, seed, opts)

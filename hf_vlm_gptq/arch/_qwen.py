@@ -1,0 +1,39 @@
+"""Pieces shared by the Qwen-based definitions: the Qwen2 / Qwen3 decoder layer and vLLM's Qwen naming."""
+
+from .spec import ComponentSpec, VllmLayout
+
+
+def qwen_llm_component(blocks: tuple[str, ...], **kwargs) -> ComponentSpec:
+    """The `quant_llm` component for a Qwen2 / Qwen3 decoder stack found at one of `blocks` (Qwen3's
+    q_norm / k_norm sit between the projections and the attention and need nothing here)."""
+    return ComponentSpec(
+        name="llm",
+        flag="quant_llm",
+        part="llm",
+        blocks=blocks,
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.o_proj",),
+            ("mlp.up_proj", "mlp.gate_proj"),
+            ("mlp.down_proj",),
+        ),
+        split_target="mlp.down_proj",
+        **kwargs,
+    )
+
+
+# transformers 5.x saves the Qwen VL models as model.layers.N.* / visual.* and maps the keys back on load.
+QWEN_SAVED_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+
+# vLLM's Qwen*VLForConditionalGeneration.hf_to_vllm_mapper (orig_to_new_prefix), in its order.
+QWEN_VLLM_PREFIXES = (("model.language_model.", "language_model.model."), ("model.visual.", "visual."),
+                      ("lm_head.", "language_model.lm_head."), ("model.", "language_model.model."))
+
+# Qwen2ForCausalLM / Qwen3ForCausalLM packed_modules_mapping, applied to the language model.
+QWEN_LLM_FUSED = (("language_model.", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                  ("language_model.", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def qwen_vllm(model_class: str, *, vision_fused: tuple = (), dense: tuple[str, ...] = ()) -> VllmLayout:
+    return VllmLayout(model_class=model_class, prefixes=QWEN_VLLM_PREFIXES, fused=QWEN_LLM_FUSED + vision_fused,
+                      dense=dense)

@@ -1,0 +1,59 @@
+"""Qwen3-VL (transformers' native `Qwen3VLForConditionalGeneration`, model_type `qwen3_vl`).
+
+DeepStack: after the vision blocks of `deepstack_visual_indexes`, the hidden states also go through one
+`deepstack_merger_list` merger each, and those features are added to the hidden states after the first
+LLM layers. So the DeepStack mergers are independent modules (each caught from a real forward pass), and
+the inputs of LLM layers 1..len(deepstack_visual_indexes) are caught again from a real forward pass of the
+partly quantized model (the chain would miss the added features).
+"""
+
+from ._qwen import QWEN_SAVED_PREFIXES, qwen_llm_component, qwen_vllm
+from .spec import ArchSpec, ComponentSpec
+
+_MERGER_LINEARS = (("linear_fc1",), ("linear_fc2",))
+
+
+def _after_deepstack(config) -> range:
+    """LLM layers whose input has DeepStack features added (layer i's output gets feature i)."""
+    return range(1, len(config.vision_config.deepstack_visual_indexes) + 1)
+
+
+ARCH = ArchSpec(
+    name="qwen3_vl",
+    display_name="Qwen3-VL",
+    model_types=("qwen3_vl",),
+    tiny_builder="hf_vlm_gptq.testing.tiny_qwen3_vl:build_tiny_qwen3_vl",
+    saved_prefixes=QWEN_SAVED_PREFIXES,
+    components=(
+        ComponentSpec(
+            name="vision",
+            flag="quant_visual_clip",
+            part="visual",
+            stem=("model.visual.patch_embed.proj", "visual.patch_embed.proj"),
+            blocks=("model.visual.blocks", "visual.blocks"),
+            sequential=(("attn.qkv",), ("attn.proj",), ("mlp.linear_fc1",), ("mlp.linear_fc2",)),
+            split_target="mlp.linear_fc2",
+            calls_per_media=True,
+        ),
+        ComponentSpec(
+            name="merger",
+            flag="quant_cross_attention",
+            part="visual",
+            blocks=("model.visual.merger", "visual.merger"),
+            single=True,
+            calls_per_media=True,
+            sequential=_MERGER_LINEARS,
+        ),
+        ComponentSpec(
+            name="deepstack",
+            flag="quant_cross_attention",
+            part="visual",
+            blocks=("model.visual.deepstack_merger_list", "visual.deepstack_merger_list"),
+            calls_per_media=True,
+            chained=False,
+            sequential=_MERGER_LINEARS,
+        ),
+        qwen_llm_component(("model.language_model.layers", "model.layers"), fresh_inputs=_after_deepstack),
+    ),
+    vllm=qwen_vllm("Qwen3VLForConditionalGeneration"),
+)
