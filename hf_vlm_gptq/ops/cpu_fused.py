@@ -13,8 +13,22 @@ data is the zero points as uint8 ``[n_groups, out]``. Act-order (any ``g_idx``) 
 
 The shared library is built with the system C compiler (``$CC``, else ``cc`` / ``gcc``) into a cache
 directory (``$HF_VLM_GPTQ_CACHE``, else ``$XDG_CACHE_HOME/hf_vlm_gptq``, else ``~/.cache/hf_vlm_gptq``),
-named by a hash of the source, flags and compiler, written under a temporary name and renamed; builds of
-older sources are removed then. Without
+named by a hash of the source, flags and compiler. The cache is never trusted blindly (a truncated library
+kills the process with SIGBUS inside ``dlopen``, before Python can catch anything):
+
+* each ``<name>.so`` has a record ``<name>.json`` beside it: the hash of source + flags + compiler (the
+  cache key, in full) and the size and SHA-256 of the library itself;
+* before ``dlopen`` the library is read and checked against its record (and for the kernel's symbol name);
+  an entry that fails (truncated, changed, no record, another build's record) is logged, removed and rebuilt;
+* a build is written under a temporary name, fsync'ed, then renamed (library first, record last, then the
+  folder is fsync'ed), all under a lock on the folder, so a killed build or a concurrent one never leaves a half
+  entry that passes; builds of older sources and stale temporaries are removed then;
+* a library that loads but lacks the kernel's symbol makes the kernel unavailable in this process (said
+  why, other paths used) and is removed, so the next process rebuilds it.
+
+Before the first layer uses it, the kernel is checked once per process against dequantize + matmul on small
+probe layers (each of its paths: 1-4 row and GEMM, 2/4/8 bits, act-order, one and several threads); a
+kernel that disagrees is logged and not used in this process. Without
 Linux on x86-64 with AVX512F/BW/VL/VBMI/BF16, a compiler or OpenMP, or with ``HF_VLM_GPTQ_CPU_KERNEL=0``, the
 kernel is unavailable and :func:`fused_unavailable_reason` says why; callers then use the other paths.
 """
@@ -23,19 +37,22 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .kernels import contiguous_groups
+from .kernels import contiguous_groups, dequantize_packed, unpack_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +62,15 @@ CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx
           "-fopenmp", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16")
 ENV_SWITCH = "HF_VLM_GPTQ_CPU_KERNEL"
+SYMBOL = "hvg_lowbit_gemm_bf16"
+RECORD_FORMAT = 1
 _COMPILE_TIMEOUT_S = 120
+_STALE_TMP_S = 600  # a temporary file this old belongs to a build that was killed
 SERIAL_MACS = 1 << 20
 
 _lock = threading.Lock()
-_state: dict = {}  # "lib" -> ctypes function, or "reason" -> str
+# "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
+_state: dict = {}
 
 
 @dataclass
@@ -108,30 +129,164 @@ def _compiler_id(cc: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cc
 
 
-def _build(cc: str) -> Path:
-    """Compile the kernel into the cache (once per source / flags / compiler) and return the library path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + _compiler_id(cc).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{SOURCE.stem}-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _build_inputs(cc: str) -> dict:
+    """What a build depends on; its hash (the cache key) names the entry and is recorded beside it."""
+    inputs = {"source_sha256": _sha256(SOURCE.read_bytes()), "cflags": list(CFLAGS),
+              "compiler": _compiler_id(cc), "compiler_path": os.path.realpath(cc)}
+    return {"key": _sha256(json.dumps(inputs, sort_keys=True).encode()), **inputs}
+
+
+def _entry_paths(key: str) -> tuple[Path, Path]:
+    """(library, record) of the cache entry of ``key``."""
+    stem = cache_dir() / f"{SOURCE.stem}-{key[:16]}"
+    return stem.with_suffix(".so"), stem.with_suffix(".json")
+
+
+def _entry_problem(library: Path, record: Path, inputs: dict) -> str | None:
+    """Why the cache entry cannot be trusted (None when the library matches its record and the key)."""
+    try:
+        data = library.read_bytes()
+    except FileNotFoundError:
+        return "missing"
+    try:
+        rec = json.loads(record.read_text())
+    except FileNotFoundError:
+        return f"no record {record.name} beside it"
+    except (OSError, ValueError) as err:
+        return f"unreadable record {record.name}: {err}"
+    if not isinstance(rec, dict) or rec.get("format") != RECORD_FORMAT:
+        return f"record {record.name} is not a format-{RECORD_FORMAT} record"
+    if rec.get("key") != inputs["key"]:
+        return "its record belongs to another source / flags / compiler"
+    if rec.get("size") != len(data):
+        return f"size {len(data)} bytes, the record says {rec.get('size')} (truncated or overwritten)"
+    if rec.get("sha256") != _sha256(data):
+        return "its SHA-256 differs from the record (the file changed after it was built)"
+    if SYMBOL.encode() not in data:
+        return f"it does not contain the symbol {SYMBOL}"
+    return None
+
+
+def _remove_entry(library: Path, record: Path) -> None:
+    library.unlink(missing_ok=True)
+    record.unlink(missing_ok=True)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the renames are still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+class _CacheLock:
+    """An exclusive ``flock`` on the cache folder (checks and builds of concurrent processes take turns);
+    where the file system has no locks, it goes on without (every write is still temporary + rename)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.fd: int | None = None
+
+    def __enter__(self):
+        try:
+            import fcntl  # POSIX only (the kernel is Linux-only anyway)
+
+            self.fd = os.open(self.folder, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except (ImportError, OSError) as err:
+            logger.debug("no lock on %s (%s); going on without", self.folder, err)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+
+
+def _compile(cc: str, library: Path, record: Path, inputs: dict) -> None:
+    """Build into temporaries, fsync them, rename the library, then its record (a crash in between leaves
+    a library without a record: rebuilt next time)."""
+    folder = library.parent
+    fd, tmp = tempfile.mkstemp(prefix=library.name + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    fd, tmp_record = tempfile.mkstemp(prefix=record.name + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         cmd = [cc, *CFLAGS, "-o", tmp, str(SOURCE)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-800:]}")
-        os.replace(tmp, target)
+        data = Path(tmp).read_bytes()
+        if SYMBOL.encode() not in data:
+            raise RuntimeError(f"{' '.join(cmd)} wrote a library without the symbol {SYMBOL}")
+        _fsync_file(tmp)
+        Path(tmp_record).write_text(json.dumps(
+            {"format": RECORD_FORMAT, **inputs, "size": len(data), "sha256": _sha256(data)}, indent=1))
+        _fsync_file(tmp_record)
+        os.chmod(tmp, 0o755)
+        os.chmod(tmp_record, 0o644)
+        os.replace(tmp, library)
+        os.replace(tmp_record, record)
+        _fsync_dir(folder)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    logger.info("compiled the fused CPU low-bit kernel into %s", target)
-    for stale in target.parent.glob(f"{SOURCE.stem}-*.so"):  # builds of older sources / compilers
-        if stale != target:
-            stale.unlink(missing_ok=True)  # a process still using it keeps its mapping
-    return target
+        for path in (tmp, tmp_record):
+            if os.path.exists(path):
+                os.unlink(path)
+    logger.info("compiled the fused CPU low-bit kernel into %s", library)
+
+
+def _remove_stale(library: Path) -> None:
+    """Builds of older sources / compilers, and temporaries of killed builds (called under the lock)."""
+    now = time.time()
+    for path in library.parent.glob(f"{SOURCE.stem}-*"):
+        if path.stem == library.stem:
+            continue
+        if path.suffix == ".tmp":
+            try:
+                if now - path.stat().st_mtime < _STALE_TMP_S:
+                    continue  # maybe a build of a process that found no lock
+            except OSError:
+                continue
+        elif path.suffix not in (".so", ".json"):
+            continue
+        path.unlink(missing_ok=True)  # a process still using an old library keeps its mapping
+
+
+def _build(cc: str) -> Path:
+    """The checked library path: the cached entry when it matches its record, else a fresh build."""
+    inputs = _build_inputs(cc)
+    library, record = _entry_paths(inputs["key"])
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with _CacheLock(library.parent):
+        problem = _entry_problem(library, record, inputs)
+        if problem is None:
+            return library
+        if problem != "missing" or record.exists():
+            logger.warning("cached fused CPU kernel %s failed its check (%s); rebuilding it", library, problem)
+        _remove_entry(library, record)
+        _compile(cc, library, record, inputs)
+        problem = _entry_problem(library, record, inputs)
+        if problem is not None:
+            raise RuntimeError(f"the fresh build {library} fails its own check: {problem}")
+        _remove_stale(library)
+    return library
 
 
 def _load() -> None:
@@ -150,12 +305,20 @@ def _load() -> None:
         _state["reason"] = "no C compiler found (set CC, or install gcc)"
         return
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        path = _build(cc)
+        lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         _state["reason"] = f"could not build the kernel: {err}"
         logger.warning("fused CPU low-bit kernel unavailable, using the other paths: %s", err)
         return
-    fn = lib.hvg_lowbit_gemm_bf16
+    try:
+        fn = getattr(lib, SYMBOL)
+    except AttributeError:
+        # this process keeps the bad mapping (dlopen would hand it back for the same path): the next one rebuilds
+        _remove_entry(path, path.with_suffix(".json"))
+        _state["reason"] = f"the cached library {path} has no symbol {SYMBOL} (removed; the next process rebuilds)"
+        logger.warning("fused CPU low-bit kernel unavailable, using the other paths: %s", _state["reason"])
+        return
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -163,11 +326,79 @@ def _load() -> None:
 
 
 def _kernel():
-    if not _state:  # looked for once per process; the lock only guards that first look
+    if not _state.get("ready"):  # looked for and checked once per process; the lock only guards that
         with _lock:
-            if not _state:
-                _load()
+            if not _state.get("ready"):
+                if "lib" not in _state and "reason" not in _state:
+                    _load()
+                if "lib" in _state:
+                    problem = _self_check(_state["lib"])
+                    if problem is not None:
+                        del _state["lib"]
+                        _state["reason"] = f"the kernel failed its self-check against dequantize + matmul: {problem}"
+                        logger.warning("fused CPU low-bit kernel not used in this process: %s", _state["reason"])
+                _state["ready"] = True
     return _state.get("lib")
+
+
+# (bits, in, out, group_size, act_order, rows): the kernel's paths -- 1-row and 2-4-row 4-bit paths, the GEMM
+# micro-kernel (5+ rows, 2/8 bits, act-order), a partial last group, and several threads (>= SERIAL_MACS)
+_PROBES = (
+    (4, 160, 32, 64, False, (1, 3, 4, 7)),
+    (4, 256, 64, 64, False, (64,)),
+    (4, 128, 32, 32, True, (1, 6)),
+    (2, 128, 16, 64, False, (5,)),
+    (8, 96, 48, -1, False, (2, 9)),
+)
+
+
+def _probe_layer(bits: int, in_f: int, out_f: int, group_size: int, act_order: bool, gen: torch.Generator):
+    """Random packed buffers of one layer (any codes, zero points and fp16 scales), and its bias."""
+    from .packing import pack_gptq
+
+    n_groups = 1 if group_size == -1 else -(-in_f // group_size)
+    codes = torch.randint(0, 2**bits, (out_f, in_f), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits, (out_f, n_groups), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(out_f, n_groups, generator=gen) * 0.05 + 0.002).half().float()
+    g_idx = torch.zeros(in_f, dtype=torch.int32) if group_size == -1 else torch.arange(in_f, dtype=torch.int32) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_f, generator=gen)].contiguous()
+    packed = pack_gptq(codes, scales, zeros, g_idx, bits)
+    bias = torch.randn(out_f, generator=gen).to(torch.bfloat16)
+    return packed, bias
+
+
+def _self_check(fn) -> str | None:
+    """Run the kernel on the probe layers and compare with dequantize + matmul; None when it agrees.
+
+    Bound per element: 2**-7 of |reference| + 2**-7 of sum |x| |w| (a correct kernel stays within bf16
+    rounding of the output and, on its 1-4 row paths, of the weight: ~4x below), and 1% relative error overall."""
+    gen = torch.Generator().manual_seed(1234)
+    try:
+        for bits, in_f, out_f, group_size, act_order, all_rows in _PROBES:
+            packed, bias = _probe_layer(bits, in_f, out_f, group_size, act_order, gen)
+            w = build_fused(packed["qweight"], packed["scales"], unpack_zeros(packed["qzeros"], bits, out_f),
+                            packed["g_idx"], group_size, bits)
+            dense = dequantize_packed(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
+                                      bits=bits, in_features=in_f, out_features=out_f, group_size=group_size,
+                                      dtype=torch.bfloat16).double()
+            for rows in all_rows:
+                x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
+                y = _call(fn, x, w, bias).double()
+                ref = x.double() @ dense.T + bias.double()
+                scale = x.double().abs() @ dense.abs().T
+                where = f"{bits}-bit {out_f}x{in_f} group {group_size}{' act-order' if act_order else ''}, {rows} rows"
+                if not bool(torch.isfinite(y).all()):
+                    return f"non-finite outputs ({where})"
+                err = (y - ref).abs()
+                if not bool((err <= 2**-7 * (ref.abs() + scale) + 1e-6).all()):
+                    return f"max error {float(err.max()):.3g} against outputs up to {float(ref.abs().max()):.3g} ({where})"
+                rel = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+                if not math.isfinite(rel) or rel > 1e-2:
+                    return f"relative error {rel:.3g} ({where})"
+    except Exception as err:  # a kernel that raises (bad return code, ctypes error) is a failed check too
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def fused_unavailable_reason(
@@ -236,6 +467,10 @@ def fused_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -
     fn = _kernel()
     if fn is None:
         raise RuntimeError(f"the fused CPU kernel is unavailable: {_state.get('reason')}")
+    return _call(fn, x2, w, bias)
+
+
+def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
     if x2.dtype != torch.bfloat16 or x2.dim() != 2 or x2.shape[1] != w.in_features or x2.device.type != "cpu":
         raise ValueError(f"x must be bfloat16 [rows, {w.in_features}] on the CPU, got {x2.dtype} {tuple(x2.shape)}")
     x2 = x2.contiguous()

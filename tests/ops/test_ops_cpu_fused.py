@@ -214,8 +214,8 @@ def test_library_is_compiled_once_into_the_cache(fresh_state):
     assert CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu")) is None
     assert not stale.exists()
     built = sorted(fresh_state.iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"
-    stamp = built[0].stat().st_mtime_ns
+    assert [p.suffix for p in built] == [".json", ".so"]  # the library and its record
+    stamp = built[1].stat().st_mtime_ns
     CF._state.clear()
     assert CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu")) is None
-    assert sorted(fresh_state.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    assert sorted(fresh_state.iterdir()) == built and built[1].stat().st_mtime_ns == stamp
