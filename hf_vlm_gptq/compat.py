@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from .api import quantize
+from .arch import spec_for_model_type
 from .config import VLMGPTQConfig
 from .report import QuantRecord
 
@@ -42,9 +43,15 @@ def config_from_args(args: Any, dev: Any = None, **overrides: Any) -> VLMGPTQCon
     return VLMGPTQConfig(**values)
 
 
-# model_type -> (family name, the family's whole-model entry point)
-_FAMILIES = {"qwen2_vl": ("Qwen2-VL", "qwen2vl_rtn_gptq_fwrd_plus"),
-             "video_llama_3": ("VideoLLaMA3", "videollama3_rtn_gptq_fwrd_plus")}
+# model_type -> the research code's whole-model entry point for that family (it had these two only)
+_WHOLE_MODEL_ENTRY = {"qwen2_vl": "qwen2vl_rtn_gptq_fwrd_plus", "video_llama_3": "videollama3_rtn_gptq_fwrd_plus"}
+
+
+def _display(model_type: str | None) -> str:
+    try:
+        return spec_for_model_type(str(model_type)).display_name
+    except ValueError:
+        return str(model_type)
 
 
 def _check_family(name: str, family: str, model) -> None:
@@ -52,10 +59,10 @@ def _check_family(name: str, family: str, model) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type == family:
         return
-    other = _FAMILIES.get(model_type)
-    hint = (f"use the {other[0]} functions ({other[1]} and its per-part siblings)" if other
+    other = _WHOLE_MODEL_ENTRY.get(model_type)
+    hint = (f"use the {_display(model_type)} functions ({other} and its per-part siblings)" if other
             else "use hf_vlm_gptq.api.quantize, which reads the architecture from the model")
-    raise ValueError(f"{name}() is for {_FAMILIES[family][0]} models (model_type {family!r}) but got a model "
+    raise ValueError(f"{name}() is for {_display(family)} models (model_type {family!r}) but got a model "
                      f"of model_type {model_type!r}; {hint}.")
 
 

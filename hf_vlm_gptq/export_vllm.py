@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .arch import spec_for_model_type
+from .arch import VllmLayout, spec_for_model_type
 from .config import QUANT_METHOD, VLMGPTQConfig
 from .ops.kernels import contiguous_groups, dequantize_packed
 
@@ -51,41 +51,9 @@ _INDEX = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class _Family:
-    """How vLLM names the modules of one model family."""
-
-    prefixes: tuple[tuple[str, str], ...]
-    """Checkpoint-key prefix -> vLLM prefix, tried in order, each on the result of the previous one."""
-    fused: dict[str, tuple[str, ...]]
-    """vLLM fused module leaf -> checkpoint shard leaves (packed_modules_mapping)."""
-    fused_under: str
-    """Only modules under this vLLM prefix are fused (the language model)."""
-
-
-# vLLM's Qwen2VLForConditionalGeneration.hf_to_vllm_mapper and Qwen2ForCausalLM.packed_modules_mapping.
-_FAMILIES = {
-    "qwen2_vl": _Family(
-        prefixes=(("model.language_model.", "language_model.model."), ("model.visual.", "visual."),
-                  ("lm_head.", "language_model.lm_head."), ("model.", "language_model.model.")),
-        fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
-        fused_under="language_model.",
-    ),
-}
-_NO_VLLM_MODEL = {"video_llama_3": "VideoLLaMA3"}
-
-
-def vllm_module_name(family: _Family, key: str) -> str:
+def vllm_module_name(layout: VllmLayout, key: str) -> str:
     """The name vLLM gives the module stored under checkpoint key prefix `key` (fused name for shards)."""
-    for old, new in family.prefixes:
-        if key.startswith(old):
-            key = new + key[len(old):]
-    parent, _, leaf = key.rpartition(".")
-    if key.startswith(family.fused_under):
-        for fused, shards in family.fused.items():
-            if leaf in shards:
-                return f"{parent}.{fused}"
-    return key
+    return layout.module_name(key)
 
 
 def unsupported_reason(entry: dict[str, Any], sym: bool, contiguous: bool, target: str,
@@ -152,7 +120,7 @@ def _tensor(src: Path, files: dict[str, str], key: str) -> torch.Tensor:
         return handle.get_tensor(key)
 
 
-def _check_source(src: Path) -> tuple[dict[str, Any], _Family]:
+def _check_source(src: Path) -> tuple[dict[str, Any], VllmLayout]:
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json: not a saved checkpoint.")
     config = json.loads((src / "config.json").read_text())
@@ -163,18 +131,19 @@ def _check_source(src: Path) -> tuple[dict[str, Any], _Family]:
             f"quant_method {qc.get('quant_method')!r}, expected {QUANT_METHOD!r}. export-vllm converts only "
             "checkpoints this package saved.")
     model_type = config.get("model_type")
-    if model_type in _NO_VLLM_MODEL:
+    try:
+        spec = spec_for_model_type(model_type)
+    except ValueError as err:
+        raise ValueError(f"{src}: {err}") from None
+    if spec.vllm is None:
         raise ValueError(
-            f"model_type {model_type!r} ({_NO_VLLM_MODEL[model_type]}): vLLM (checked {VLLM_VERSION_CHECKED}) "
-            "has no model class for it, so there is no vLLM checkpoint to write. Serve it with transformers "
-            "after `import hf_vlm_gptq`.")
-    if model_type not in _FAMILIES:
-        raise ValueError(f"model_type {model_type!r}: export-vllm supports {', '.join(sorted(_FAMILIES))}.")
+            f"model_type {model_type!r} ({spec.display_name}): {spec.vllm_missing or 'no vLLM model class'}, so "
+            "there is no vLLM checkpoint to write. Serve it with transformers after `import hf_vlm_gptq`.")
     VLMGPTQConfig.from_dict(qc)  # format version and options, with the package's own messages
-    return config, _FAMILIES[model_type]
+    return config, spec.vllm
 
 
-def _plan(src: Path, config: dict[str, Any], family: _Family, files: dict[str, str], target: str,
+def _plan(src: Path, config: dict[str, Any], family: VllmLayout, files: dict[str, str], target: str,
           dense_unsupported: bool) -> list[_Module]:
     """Every quantized module with its checkpoint key, vLLM name and dense-or-packed decision."""
     qc = config["quantization_config"]
@@ -192,6 +161,8 @@ def _plan(src: Path, config: dict[str, Any], family: _Family, files: dict[str, s
             mod.dense = "conv patch embedding (vLLM runs it dense)"
         elif entry["kind"] == "split_linear":
             mod.dense = "split layer (.L1 + .L2) merged back (vLLM has no split linear)"
+        elif any(part in key for part in family.dense):
+            mod.dense = f"{family.model_class} builds this layer without the quantization config (runs it dense)"
         else:
             g_idx = _tensor(src, files, f"{key}.g_idx")
             fused = not mod.vllm.endswith("." + key.rpartition(".")[2])
@@ -210,7 +181,7 @@ def _plan(src: Path, config: dict[str, Any], family: _Family, files: dict[str, s
     return modules
 
 
-def _check_fused(modules: list[_Module], family: _Family, target: str, dense_unsupported: bool) -> list[str]:
+def _check_fused(modules: list[_Module], family: VllmLayout, target: str, dense_unsupported: bool) -> list[str]:
     """vLLM runs fused shards as one layer: all packed alike (bits, group size) or all dense."""
     problems = []
     groups: dict[str, list[_Module]] = {}
@@ -219,7 +190,7 @@ def _check_fused(modules: list[_Module], family: _Family, target: str, dense_uns
             groups.setdefault(mod.vllm, []).append(mod)
     for name, members in groups.items():
         parent = members[0].key.rpartition(".")[0]
-        shards = family.fused[name.rpartition(".")[2]]
+        shards = family.shards_of(name.rpartition(".")[2], name)
         packed = [m for m in members if m.dense is None]
         why = None
         if len(members) < len(shards):

@@ -231,7 +231,7 @@ def test_fused_shards_must_run_packed_alike(saved, tmp_path, edit, match):
 @pytest.mark.parametrize(("case", "error", "match"), [
     ("float", ValueError, r"not a checkpoint written by hf_vlm_gptq.*quant_method None"),
     ("video_llama_3", ValueError, r"model_type 'video_llama_3' \(VideoLLaMA3\): vLLM .* has no model class"),
-    ("llava", ValueError, r"model_type 'llava': export-vllm supports qwen2_vl"),
+    ("llava", ValueError, r"no handler for model_type 'llava'; supported: .*qwen2_vl"),
     ("out-exists", FileExistsError, r"exists; pass --overwrite"),
 ])
 def test_bad_inputs_fail_before_writing_anything(saved, tiny_qwen2vl_dir, tmp_path, case, error, match):

@@ -10,7 +10,7 @@ ARCH = ArchSpec(
     name="video_llama_3",
     display_name="VideoLLaMA3",
     tiny_builder="hf_vlm_gptq.testing.tiny_models:build_tiny_videollama3",
-    vllm_missing="vLLM has no model class for VideoLLaMA3 (checked 0.32); serve it with transformers",
+    vllm_missing="vLLM (checked 0.32) has no model class for it",
     model_types=("video_llama_3",),
     components=(
         ComponentSpec(
