@@ -1,6 +1,6 @@
 """Quality: relative logit error against the unquantized model, RTN vs GPTQ, per part switched on.
 
-    python bench/quality.py [--archs qwen2_vl,video_llama_3] [--samples 32] [--quick]
+    python bench/quality.py [--archs NAME,NAME] [--samples 32] [--quick]     (default: every registered arch)
 
 Builds a model of a few million parameters offline (random weights, real processor), calibrates on the
 built-in set, and evaluates on held-out built-in samples (another seed: images, clips, text). Every row is
@@ -10,6 +10,7 @@ measured in the same run against the same float logits. Writes bench/results/qua
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import tempfile
 import time
@@ -20,34 +21,36 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import hf_vlm_gptq  # noqa: F401
 from hf_vlm_gptq import VLMGPTQConfig
+from hf_vlm_gptq.arch import ARCHITECTURES, spec_for_name
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
-from hf_vlm_gptq.testing import build_tiny_qwen2vl, build_tiny_videollama3
 
 RESULTS = Path(__file__).parent / "results"
 HELD_OUT = 24  # held-out built-in samples (another seed): 18 pictures, 4 clips, 2 text-only turns
 
-BRIDGE = {"qwen2_vl": "quant_cross_attention", "video_llama_3": "quant_visual_projector"}
 PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
 
 
 def build(arch: str, root: Path) -> Path:
     """A few-million-parameter model of `arch` (widths that group size 128 divides, some it does not)."""
-    if arch == "qwen2_vl":
-        return build_tiny_qwen2vl(root / arch, seed=0, num_llm_layers=4, vision_depth=4, hidden_size=256,
-                                  vision_embed_dim=128)
-    return build_tiny_videollama3(root / arch, seed=0, num_llm_layers=4, vision_depth=4, hidden_size=256,
-                                  vision_hidden_size=128, vision_intermediate_size=432)
+    builder = spec_for_name(arch).tiny_builder_function()
+    params = inspect.signature(builder).parameters
+    size = {"seed": 0, "num_llm_layers": 4, "vision_depth": 4, "hidden_size": 256}
+    size["vision_embed_dim" if "vision_embed_dim" in params else "vision_hidden_size"] = 128
+    if "vision_intermediate_size" in params:
+        size["vision_intermediate_size"] = 432
+    return builder(root / arch, **size)
 
 
 def parts(arch: str) -> dict[str, dict[str, bool]]:
-    """Row name -> flags: each part alone, then everything."""
+    """Row name -> flags: each part alone (the bridge: every visual component after the vision tower), then
+    everything."""
+    comps = spec_for_name(arch).components
     off = dict.fromkeys(PART_FLAGS, False)
-    return {
-        "vision": {**off, "quant_visual_clip": True},
-        "bridge": {**off, BRIDGE[arch]: True},
-        "llm": {**off, "quant_llm": True},
-        "all": {**off, "quant_visual_clip": True, BRIDGE[arch]: True, "quant_llm": True},
-    }
+    vision = {c.flag: True for c in comps if c.name == "vision"}
+    bridge = {c.flag: True for c in comps if c.part == "visual" and c.name != "vision"}
+    llm = {c.flag: True for c in comps if c.part == "llm"}
+    return {"vision": {**off, **vision}, "bridge": {**off, **bridge}, "llm": {**off, **llm},
+            "all": {**off, **vision, **bridge, **llm}}
 
 
 def kind_of(batch: dict) -> str:
@@ -141,7 +144,7 @@ beat it; the row shows the split path runs and costs nothing."""
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archs", default="qwen2_vl,video_llama_3")
+    parser.add_argument("--archs", default=",".join(spec.name for spec in ARCHITECTURES))
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="4-bit only, no split rows")
     args = parser.parse_args()

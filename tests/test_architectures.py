@@ -11,6 +11,7 @@ What each definition implies is checked here, for every family in the registry:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,45 @@ def test_demo_runs_for_every_architecture(name, tmp_path, capsys):
     assert (out / "config.json").is_file()
     assert json.loads((out / "config.json").read_text())["model_type"] in SPECS[name].model_types
     assert "reload_logits_max_abs_diff" in capsys.readouterr().out
+
+
+def _vllm_scheme(qc: dict, name: str) -> tuple[int, int] | None:
+    """(bits, group size) vLLM gives module `name` (its own name), None when a `-:` rule keeps it dense:
+    the first `dynamic` key whose regex matches the start of the name decides, else the base config."""
+    for key, override in qc["dynamic"].items():
+        if re.match(key[2:], name):
+            return None if key.startswith("-:") else (override.get("bits", qc["bits"]),
+                                                      override.get("group_size", qc["group_size"]))
+    return qc["bits"], qc["group_size"]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if SPECS[n].vllm is not None])
+def test_vllm_export_rules_cover_every_module_as_vllm_reads_them(name, quantized, tmp_path):
+    from safetensors import safe_open
+
+    from hf_vlm_gptq.export_vllm import export_vllm
+
+    gptq, _rtn, _float, _inputs, saved = quantized[name]
+    layout = SPECS[name].vllm
+    out = export_vllm(saved, tmp_path / "vllm", target="cuda", dense_unsupported=True)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+    packed = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")}
+    dense = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".weight")}
+    assert packed, "nothing stayed packed"
+    records = hf_vlm_gptq.get_quantizers(gptq)
+    fused: dict[str, set] = {}
+    for prefix in packed:
+        vllm_name = layout.module_name(prefix)
+        scheme = _vllm_scheme(qc, vllm_name)
+        record = next(r for p, r in records.items() if p.endswith(prefix.split(".", 1)[1]))
+        assert scheme == (record.bits, record.group_size), f"{prefix} ({vllm_name}): vLLM reads {scheme}"
+        fused.setdefault(vllm_name, set()).add(prefix.rpartition(".")[2])
+    for vllm_name, leaves in fused.items():  # a fused vLLM layer is packed only with all of its shards
+        shards = layout.shards_of(vllm_name.rpartition(".")[2], vllm_name)
+        assert not shards or leaves == set(shards), f"{vllm_name}: packed shards {sorted(leaves)} of {shards}"
+    for prefix in dense:
+        vllm_name = layout.module_name(prefix)
+        if any(prefix.endswith(p.split(".", 1)[1]) for p in records):  # a quantized module written dense
+            assert _vllm_scheme(qc, vllm_name) is None, f"{prefix} is dense but vLLM would read it packed"

@@ -25,7 +25,8 @@ def qwen_llm_component(blocks: tuple[str, ...], **kwargs) -> ComponentSpec:
 # transformers 5.x saves the Qwen VL models as model.layers.N.* / visual.* and maps the keys back on load.
 QWEN_SAVED_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
-# vLLM's Qwen*VLForConditionalGeneration.hf_to_vllm_mapper (orig_to_new_prefix), in its order.
+# vLLM's Qwen2VL / Qwen2_5_VL ForConditionalGeneration.hf_to_vllm_mapper (orig_to_new_prefix), in its order
+# (vllm/model_executor/models/qwen2_vl.py, qwen2_5_vl.py; the same in 0.32 and 0.33).
 QWEN_VLLM_PREFIXES = (("model.language_model.", "language_model.model."), ("model.visual.", "visual."),
                       ("lm_head.", "language_model.lm_head."), ("model.", "language_model.model."))
 
@@ -34,6 +35,8 @@ QWEN_LLM_FUSED = (("language_model.", "qkv_proj", ("q_proj", "k_proj", "v_proj")
                   ("language_model.", "gate_up_proj", ("gate_proj", "up_proj")))
 
 
-def qwen_vllm(model_class: str, *, vision_fused: tuple = (), dense: tuple[str, ...] = ()) -> VllmLayout:
-    return VllmLayout(model_class=model_class, prefixes=QWEN_VLLM_PREFIXES, fused=QWEN_LLM_FUSED + vision_fused,
-                      dense=dense)
+def qwen_vllm(model_class: str, *, prefixes: tuple[tuple[str, str], ...] = QWEN_VLLM_PREFIXES,
+              vision_fused: tuple = (), dense: tuple[str, ...] = ()) -> VllmLayout:
+    """vLLM's layout of a Qwen VL model: the LLM's fused q/k/v and gate/up, plus `vision_fused`. The patch
+    embedding is a dense Conv3dLayer in vLLM (written dense by the export for every conv)."""
+    return VllmLayout(model_class=model_class, prefixes=prefixes, fused=QWEN_LLM_FUSED + vision_fused, dense=dense)

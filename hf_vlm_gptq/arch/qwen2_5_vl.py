@@ -37,6 +37,8 @@ ARCH = ArchSpec(
         ),
         qwen_llm_component(("model.language_model.layers", "model.layers")),
     ),
+    # vllm/model_executor/models/qwen2_5_vl.py (0.32 / 0.33): packed_modules_mapping fuses gate/up by leaf name
+    # everywhere, so the vision MLP is visual.blocks.N.mlp.gate_up_proj there.
     vllm=qwen_vllm("Qwen2_5_VLForConditionalGeneration",
                    vision_fused=(("visual.", "gate_up_proj", ("gate_proj", "up_proj")),)),
 )

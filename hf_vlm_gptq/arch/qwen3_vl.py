@@ -7,7 +7,7 @@ the inputs of LLM layers 1..len(deepstack_visual_indexes) are caught again from 
 partly quantized model (the chain would miss the added features).
 """
 
-from ._qwen import QWEN_SAVED_PREFIXES, qwen_llm_component, qwen_vllm
+from ._qwen import qwen_llm_component, qwen_vllm
 from .spec import ArchSpec, ComponentSpec
 
 _MERGER_LINEARS = (("linear_fc1",), ("linear_fc2",))
@@ -23,7 +23,7 @@ ARCH = ArchSpec(
     display_name="Qwen3-VL",
     model_types=("qwen3_vl",),
     tiny_builder="hf_vlm_gptq.testing.tiny_qwen3_vl:build_tiny_qwen3_vl",
-    saved_prefixes=QWEN_SAVED_PREFIXES,
+    # saved as model.language_model.* / model.visual.* (no legacy layout)
     components=(
         ComponentSpec(
             name="vision",
@@ -55,5 +55,9 @@ ARCH = ArchSpec(
         ),
         qwen_llm_component(("model.language_model.layers", "model.layers"), fresh_inputs=_after_deepstack),
     ),
-    vllm=qwen_vllm("Qwen3VLForConditionalGeneration"),
+    # vllm/model_executor/models/qwen3_vl.py (0.32 / 0.33): no legacy "model." rule; its packed_modules_mapping
+    # names gate_proj / up_proj, which the vision MLP (linear_fc1 / linear_fc2) does not have.
+    vllm=qwen_vllm("Qwen3VLForConditionalGeneration",
+                   prefixes=(("model.visual.", "visual."), ("lm_head.", "language_model.lm_head."),
+                             ("model.language_model.", "language_model.model."))),
 )

@@ -142,10 +142,14 @@ class ArchSpec:
             return 1
         return sum(1 for key in self.media_inputs if batch.get(key) is not None)
 
+    def tiny_builder_function(self) -> Callable[..., Path]:
+        """The function behind `tiny_builder` (imported on demand: test helpers are not loaded otherwise)."""
+        module, _, function = self.tiny_builder.partition(":")
+        return getattr(importlib.import_module(module), function)
+
     def build_tiny(self, out_dir: str | Path, **kwargs: Any) -> Path:
         """Write this family's tiny offline checkpoint (real config, model and processor classes)."""
-        module, _, function = self.tiny_builder.partition(":")
-        return getattr(importlib.import_module(module), function)(out_dir, **kwargs)
+        return self.tiny_builder_function()(out_dir, **kwargs)
 
 
 def find_module(root: nn.Module, candidates: tuple[str, ...]) -> tuple[str, nn.Module] | None:
