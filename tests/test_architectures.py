@@ -233,3 +233,19 @@ def test_vllm_export_rules_cover_every_module_as_vllm_reads_them(name, quantized
         vllm_name = layout.module_name(prefix)
         if any(prefix.endswith(p.split(".", 1)[1]) for p in records):  # a quantized module written dense
             assert _vllm_scheme(qc, vllm_name) is None, f"{prefix} is dense but vLLM would read it packed"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_split_acts_on_each_parts_split_target(name, tiny_dirs):
+    spec = SPECS[name]
+    model = _quantize(tiny_dirs[name], num_samples=4, visual_split=True, llm_split=True, visual_w_rtn=True,
+                      llm_w_rtn=True)
+    records = hf_vlm_gptq.get_quantizers(model)
+    for comp in spec.components:
+        if comp.split_target is None:
+            continue
+        path, container = find_module(model, comp.blocks)
+        for index, block in enumerate(container):
+            split = block.get_submodule(comp.split_target)
+            assert isinstance(split, SplitLinear), f"{path}.{index}.{comp.split_target} was not split"
+            assert f"{path}.{index}.{comp.split_target}.L2" in records
