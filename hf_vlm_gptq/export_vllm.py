@@ -292,6 +292,8 @@ def _write_weights(src: Path, tmp: Path, files: dict[str, str], index: dict[str,
     """Write the source's shards under the same names: packed modules copied, dense ones replaced."""
     dense = [m for m in modules if m.dense]
     consumed = {k for m in dense for k in _consumed_keys(m, files)}
+    # the plugin's guard tensor (modules_swap.GUARD_TEXT) sits at a packed module's `weight` key: not for vLLM
+    consumed |= {f"{m.key}.weight" for m in modules if f"{m.key}.weight" in files}
     home = {m.path: files[f"{m.packed_prefix}.qweight"] for m in dense}
     weight_map, total = {}, 0
     for file in sorted(set(files.values())):

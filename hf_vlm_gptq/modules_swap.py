@@ -1,10 +1,11 @@
 """Swapping float modules for packed ones, describing them for the checkpoint, and rebuilding them on load.
 
-The checkpoint's `quantization_config.modules` maps each quantized module path to an entry: its kind
-("linear", "conv", "split_linear"), shapes, bits and group size. The loader rebuilds exactly those modules
-on the meta device before transformers fills their buffers from safetensors, then `verify_loaded` checks
-that every packed tensor was really read and is sane, so a broken checkpoint fails by name instead of
-running on random weights.
+The checkpoint's `quantization_config.modules` maps each quantized module path to a record
+(`records.ModuleRecord`: kind "linear" / "conv" / "split_linear", shapes, bits, group size, bias). The loader
+rebuilds exactly those modules on the meta device before transformers fills their buffers from safetensors,
+having checked the safetensors headers (`check_checkpoint_files`); then `verify_loaded` checks that every
+tensor a record implies was really read and is sane, so a broken checkpoint fails by name instead of running
+on random weights. The guard tensor (`GUARD_TEXT`) makes plain transformers refuse a packed checkpoint.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import torch
 import torch.nn as nn
 
 from .ops import QuantConv, QuantLinear, QuantResult
-
-PACKED_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
+from .records import PACKED_BUFFERS, ModuleRecord
 
 
 class SplitLinear(nn.Module):
@@ -65,46 +65,25 @@ def build_split_linear(module: nn.Linear, result: QuantResult) -> SplitLinear:
 
 def module_entry(module: nn.Module) -> dict[str, Any]:
     """The JSON entry that lets the loader rebuild `module` (a QuantLinear, QuantConv or SplitLinear)."""
-    if isinstance(module, SplitLinear):
-        entry = module_entry(module.L2)
-        entry.update(kind="split_linear", in_features=module.in_features)
-        return entry
-    common = {"bits": module.bits, "group_size": module.group_size, "bias": module.bias is not None}
-    if isinstance(module, QuantConv):
-        return {"kind": "conv", "conv_kind": module.conv_kind, "in_channels": module.in_channels,
-                "out_channels": module.out_channels, "kernel_size": list(module.kernel_size),
-                "stride": list(module.stride), "padding": _padding_entry(module.padding), **common}
-    if isinstance(module, QuantLinear):
-        return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
-                **common}
-    raise TypeError(f"no checkpoint entry for a {type(module).__name__}")
+    return ModuleRecord.from_module(module).to_dict()
 
 
-def _padding_entry(padding: Any, kind: type = list) -> Any:
-    """Conv padding as stored: "valid" / "same" stay strings (VideoLLaMA3's stem), numbers become a list."""
-    return padding if isinstance(padding, str) else kind(padding)
+def build_from_record(record: ModuleRecord, dtype: torch.dtype) -> nn.Module:
+    """An empty packed module shaped as `record` says (buffers are filled by the loader)."""
+    r = record
+    if r.kind == "linear":
+        return QuantLinear(r.in_features, r.out_features, r.bits, r.group_size, bias=r.bias, dtype=dtype)
+    if r.kind == "conv":
+        return QuantConv(r.conv_kind, r.in_channels, r.out_channels, r.kernel_size, r.stride, r.padding,
+                         r.bits, r.group_size, bias=r.bias, dtype=dtype)
+    l1 = nn.Linear(1, r.out_features, bias=False, dtype=dtype)
+    l2 = QuantLinear(r.in_features - 1, r.out_features, r.bits, r.group_size, bias=r.bias, dtype=dtype)
+    return SplitLinear(l1, l2)
 
 
-def build_from_entry(entry: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-    """An empty packed module shaped as `entry` says (buffers are filled by the loader)."""
-    kind = entry.get("kind")
-    bits, group, bias = entry["bits"], entry["group_size"], entry["bias"]
-    if kind == "linear":
-        return QuantLinear(entry["in_features"], entry["out_features"], bits, group, bias=bias, dtype=dtype)
-    if kind == "conv":
-        return QuantConv(entry["conv_kind"], entry["in_channels"], entry["out_channels"],
-                         tuple(entry["kernel_size"]), tuple(entry["stride"]), _padding_entry(entry["padding"], tuple),
-                         bits, group, bias=bias, dtype=dtype)
-    if kind == "split_linear":
-        l1 = nn.Linear(1, entry["out_features"], bias=False, dtype=dtype)
-        l2 = QuantLinear(entry["in_features"] - 1, entry["out_features"], bits, group, bias=bias, dtype=dtype)
-        return SplitLinear(l1, l2)
-    raise ValueError(f"unknown quantized module kind {kind!r} in quantization_config.modules")
-
-
-def replace_with_quant_modules(model: nn.Module, modules: dict[str, dict[str, Any]], dtype: torch.dtype) -> None:
-    """Swap every module listed in `modules` for its empty packed twin (run on the meta device)."""
-    for path, entry in modules.items():
+def replace_with_quant_modules(model: nn.Module, records: dict[str, ModuleRecord], dtype: torch.dtype) -> None:
+    """Swap every module listed in `records` for its empty packed twin (run on the meta device)."""
+    for path, record in records.items():
         try:
             model.get_submodule(path)
         except AttributeError:
@@ -113,25 +92,41 @@ def replace_with_quant_modules(model: nn.Module, modules: dict[str, dict[str, An
                 "was written for another architecture or the transformers layout changed."
             ) from None
         with torch.device("meta"):
-            new = build_from_entry(entry, dtype)
+            new = build_from_record(record, dtype)
         set_submodule(model, path, new)
 
 
-def _packed_parts(module: nn.Module, path: str) -> list[tuple[str, QuantLinear | QuantConv]]:
-    if isinstance(module, SplitLinear):
-        return [(f"{path}.L2", module.L2)]
-    return [(path, module)]
+# --- the guard tensor: plain transformers must refuse a packed checkpoint --------------------------------
+GUARD_TEXT = ("hf_vlm_gptq packed checkpoint: `import hf_vlm_gptq` before from_pretrained; without it "
+              "transformers would run the quantized layers on random weights")
+"""Stored as uint8 bytes under `<guard module>.weight`. Without the plugin that key names the float weight of
+an nn.Linear, and its shape [len(GUARD_TEXT)] never matches, so transformers stops with a size-mismatch
+error (unless the caller passes ignore_mismatched_sizes=True). With the plugin the module is packed and
+the key is an ignored extra."""
 
 
-def _packed_tensors(module: nn.Module, path: str) -> dict[str, torch.Tensor]:
-    """Full name -> (meta) tensor of every packed buffer of a rebuilt module."""
-    return {f"{part_path}.{name}": getattr(part, name)
-            for part_path, part in _packed_parts(module, path) for name in PACKED_BUFFERS}
+def guard_module(records: dict[str, ModuleRecord]) -> str | None:
+    """The module whose `weight` key holds the guard: the last packed Linear by path (None: no module)."""
+    linear = sorted(p for p, r in records.items() if r.kind == "linear")
+    return linear[-1] if linear else max(records, default=None)
 
 
-def check_checkpoint_files(model: nn.Module, modules: dict[str, dict[str, Any]], checkpoint_files: list[str],
+def guard_tensor() -> torch.Tensor:
+    return torch.tensor(list(GUARD_TEXT.encode()), dtype=torch.uint8)
+
+
+# --- checks around loading ---------------------------------------------------------------------------
+def _checkpoint_dtype(dtype: torch.dtype | None) -> tuple[str, ...]:
+    """safetensors dtype names accepted for an expected torch dtype (None: any floating dtype)."""
+    if dtype is None:
+        return ("F16", "BF16", "F32", "F64")
+    return {torch.int32: ("I32",), torch.float16: ("F16",)}[dtype]
+
+
+def check_checkpoint_files(records: dict[str, ModuleRecord], checkpoint_files: list[str] | None,
                            checkpoint_names) -> None:
-    """Before loading: every packed tensor the config lists is in the files with the right shape and dtype.
+    """Before loading: the files hold every tensor each record implies (packed buffers, bias, split L1) with
+    the right shape and dtype, and no packed tensors of a module the records do not list.
 
     `checkpoint_names(name)` gives the keys a tensor may be saved under (transformers' legacy layouts).
     Only safetensors headers are read, so this costs milliseconds and fails before any weight is loaded.
@@ -144,27 +139,38 @@ def check_checkpoint_files(model: nn.Module, modules: dict[str, dict[str, Any]],
             return  # pickle checkpoints: left to the post-load verification
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
-                if key.rpartition(".")[2] in PACKED_BUFFERS:
-                    sl = handle.get_slice(key)
-                    found[key] = (list(sl.get_shape()), sl.get_dtype())
-    expected_dtype = {"qweight": "I32", "qzeros": "I32", "g_idx": "I32"}
-    for path in modules:
-        for name, tensor in _packed_tensors(model.get_submodule(path), path).items():
-            key = next((k for k in checkpoint_names(name) if k in found), None)
+                sl = handle.get_slice(key)
+                found[key] = (list(sl.get_shape()), sl.get_dtype())
+    claimed: set[str] = set()
+    for path, record in records.items():
+        for name, (shape, dtype) in record.tensors(path).items():
+            names = checkpoint_names(name)
+            claimed.update(names)
+            key = next((k for k in names if k in found), None)
             if key is None:
                 raise ValueError(
-                    f"checkpoint is missing the quantized tensor {name!r} (looked for "
-                    f"{checkpoint_names(name)}); the files are incomplete. Re-save the quantized model."
+                    f"checkpoint is missing the tensor {name!r} of quantized module {path!r} (looked for "
+                    f"{names}); the files are incomplete. Re-save the quantized model."
                 )
-            shape, dtype = found[key]
-            if shape != list(tensor.shape):
+            got_shape, got_dtype = found[key]
+            if got_shape != list(shape):
                 raise ValueError(
-                    f"quantized tensor {key!r} has shape {shape} in the checkpoint but the config's module "
-                    f"entry needs {list(tensor.shape)}; the checkpoint is corrupt or its config was edited."
+                    f"tensor {key!r} has shape {got_shape} in the checkpoint but the config's module record "
+                    f"needs {list(shape)}; the checkpoint is corrupt or its config was edited."
                 )
-            want = expected_dtype.get(name.rpartition(".")[2])
-            if want is not None and dtype != want:
-                raise ValueError(f"quantized tensor {key!r} is stored as {dtype}, expected int32 ({want}).")
+            if got_dtype not in _checkpoint_dtype(dtype):
+                want = "a floating dtype" if dtype is None else str(dtype).removeprefix("torch.")
+                raise ValueError(f"tensor {key!r} is stored as {got_dtype}, expected {want}; the checkpoint is "
+                                 "corrupt or was not written by hf_vlm_gptq.")
+    leftover = sorted({k.rpartition(".")[0] for k in found
+                       if k.rpartition(".")[2] in PACKED_BUFFERS and k not in claimed})
+    if leftover:
+        shown = ", ".join(repr(p) for p in leftover[:5]) + (f" and {len(leftover) - 5} more" if len(leftover) > 5 else "")
+        raise ValueError(
+            f"checkpoint holds packed tensors ({'/'.join(PACKED_BUFFERS)}) for module(s) {shown} that "
+            "quantization_config.modules does not list; they would be built as float layers on random "
+            "weights. The config.json does not belong to these weights or was edited."
+        )
 
 
 def check_packed(module: QuantLinear | QuantConv, path: str) -> None:
@@ -180,19 +186,22 @@ def check_packed(module: QuantLinear | QuantConv, path: str) -> None:
         raise ValueError(f"corrupt quantized tensor '{path}.scales': it holds NaN or inf values.")
 
 
-def verify_loaded(model: nn.Module, modules: dict[str, dict[str, Any]]) -> None:
-    """Fail, naming the tensor, when a packed tensor was not read from the checkpoint or is corrupt."""
-    for path, _entry in modules.items():
-        module = model.get_submodule(path)
-        for part_path, part in _packed_parts(module, path):
-            for name in PACKED_BUFFERS:
-                tensor = getattr(part, name)
-                full = f"{part_path}.{name}"
-                if tensor.device.type == "meta" or not getattr(tensor, "_is_hf_initialized", False):
-                    raise ValueError(
-                        f"checkpoint is missing the quantized tensor {full!r}; the files are incomplete or "
-                        "were not written by hf_vlm_gptq. Re-save the quantized model."
-                    )
-            check_packed(part, part_path)
-        if isinstance(module, SplitLinear) and not getattr(module.L1.weight, "_is_hf_initialized", False):
-            raise ValueError(f"checkpoint is missing the full-precision tensor '{path}.L1.weight'.")
+def verify_loaded(model: nn.Module, records: dict[str, ModuleRecord]) -> None:
+    """Fail, naming the tensor, when a tensor a record implies was not read from the checkpoint (bias and
+    a split layer's L1 included), has the wrong shape or dtype, or holds corrupt values."""
+    for path, record in records.items():
+        for name, (shape, dtype) in record.tensors(path).items():
+            owner, _, leaf = name.rpartition(".")
+            tensor = getattr(model.get_submodule(owner), leaf, None)
+            if (tensor is None or tensor.device.type == "meta"
+                    or not getattr(tensor, "_is_hf_initialized", False)):
+                raise ValueError(
+                    f"checkpoint is missing the tensor {name!r} of quantized module {path!r}; the files are "
+                    "incomplete or were not written by hf_vlm_gptq. Re-save the quantized model."
+                )
+            bad_dtype = tensor.dtype != dtype if dtype is not None else not tensor.dtype.is_floating_point
+            if tuple(tensor.shape) != shape or bad_dtype:
+                raise ValueError(f"tensor {name!r} was loaded as {tensor.dtype} {list(tensor.shape)}, expected "
+                                 f"{dtype or 'floating'} {list(shape)}; the checkpoint is corrupt.")
+        prefix = record.packed_prefix(path)
+        check_packed(model.get_submodule(prefix), prefix)

@@ -4,13 +4,16 @@ Fresh model (`quantization_config=VLMGPTQConfig(...)`):
   before weights load: check the architecture and read the calibration samples (bad input fails fast);
   after weights load: run the processor on the samples, run the layerwise pipeline, record the result.
 Pre-quantized checkpoint (`quant_method: "vlm_gptq"` in config.json):
-  before weights load: swap the listed modules for empty packed twins on the meta device;
-  after weights load: verify every packed tensor was really read.
+  before weights load: check the module records and the safetensors headers, swap the listed modules for
+  empty packed twins on the meta device;
+  after weights load: verify every tensor the records imply was really read.
+Saving adds the guard tensor (modules_swap.GUARD_TEXT) that makes plain transformers refuse the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
@@ -19,8 +22,15 @@ from transformers.quantizers.base import HfQuantizer
 from .arch import spec_for_model_type
 from .calib import build_model_inputs, load_samples
 from .config import VLMGPTQConfig
-from .modules_swap import check_checkpoint_files, replace_with_quant_modules, verify_loaded
+from .modules_swap import (
+    check_checkpoint_files,
+    guard_module,
+    guard_tensor,
+    replace_with_quant_modules,
+    verify_loaded,
+)
 from .pipeline import check_part_flags, quantize_model
+from .records import ModuleRecord, parse_records
 from .report import QuantRecord, records_from_config, records_to_table
 
 logger = logging.getLogger(__name__)
@@ -37,6 +47,7 @@ class VLMGPTQHfQuantizer(HfQuantizer):
         self.samples: list[dict] | None = None
         self.records: dict[str, QuantRecord] = {}
         self.dtype: torch.dtype | None = None
+        self.module_records: dict[str, ModuleRecord] = {}
 
     def update_dtype(self, dtype: torch.dtype | None) -> torch.dtype | None:
         self.dtype = dtype
@@ -50,10 +61,15 @@ class VLMGPTQHfQuantizer(HfQuantizer):
                     "this checkpoint's quantization_config (quant_method 'vlm_gptq') lists no quantized modules; "
                     "it was not written by hf_vlm_gptq's save_pretrained."
                 )
+            self.module_records = parse_records(config.modules)
             dtype = self.dtype if isinstance(self.dtype, torch.dtype) else torch.float16
-            replace_with_quant_modules(model, config.modules, dtype)
+            replace_with_quant_modules(model, self.module_records, dtype)
             spec = spec_for_model_type(model.config.model_type)
-            check_checkpoint_files(model, config.modules, kwargs.get("checkpoint_files"), spec.checkpoint_names)
+            check_checkpoint_files(self.module_records, kwargs.get("checkpoint_files"), spec.checkpoint_names)
+            guard = guard_module(self.module_records)
+            if guard is not None:  # the guard key is an extra for the packed module: not worth a warning
+                model._keys_to_ignore_on_load_unexpected = {
+                    *(model._keys_to_ignore_on_load_unexpected or ()), rf"{re.escape(guard)}\.weight$"}
             return model
         # Unsupported architectures and flags that leave nothing to do fail before loading weights.
         check_part_flags(spec_for_model_type(model.config.model_type), config)
@@ -63,8 +79,8 @@ class VLMGPTQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         config = self.quantization_config
         if self.pre_quantized:
-            verify_loaded(model, config.modules)
-            records = records_from_config(config.modules, config.stats, config.sym, config.act_order)
+            verify_loaded(model, self.module_records)
+            records = records_from_config(self.module_records, config.stats, config.sym, config.act_order)
             rank = {name: i for i, (name, _) in enumerate(model.named_modules())}  # config.json sorts keys
             self.records = dict(sorted(records.items(), key=lambda kv: rank.get(kv[0], len(rank))))
             return model
@@ -84,6 +100,14 @@ class VLMGPTQHfQuantizer(HfQuantizer):
         self.samples = None
         logger.info("quantization report\n%s", records_to_table(self.records))
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """The model's state dict plus the guard tensor under the guard module's `weight` key."""
+        state_dict = model.state_dict()
+        guard = guard_module(parse_records(self.quantization_config.modules))
+        if guard is not None:
+            state_dict[f"{guard}.weight"] = guard_tensor()
+        return state_dict, {}
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True

@@ -55,26 +55,27 @@ def _finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def records_from_config(modules: dict[str, dict[str, Any]], stats: dict[str, dict[str, Any]], sym: bool,
+def records_from_config(modules: dict[str, Any], stats: dict[str, dict[str, Any]], sym: bool,
                         act_order: bool) -> dict[str, QuantRecord]:
-    """Rebuild the records of a loaded checkpoint from its `quantization_config` (`modules` + `stats`)."""
+    """Rebuild the records of a loaded checkpoint from its `quantization_config` (`modules` + `stats`).
+
+    `modules`: path -> `ModuleRecord` or its JSON object (checked; ValueError names a bad one).
+    """
+    from .records import parse_records
+
+    module_records = parse_records(modules)
     records = {}
     for path, st in stats.items():
-        entry = modules.get(path) or modules.get(path.removesuffix(".L2"), {})
-        if entry.get("kind") == "conv":
-            in_f = entry["in_channels"] * math.prod(entry["kernel_size"])
-            out_f = entry["out_channels"]
-        else:
-            in_f = entry.get("in_features", 0) - (1 if entry.get("kind") == "split_linear" else 0)
-            out_f = entry.get("out_features", 0)
+        mod = module_records.get(path) or module_records.get(path.removesuffix(".L2"))
         nan = float("nan")
         records[path] = QuantRecord(
-            path=path, component=st.get("component", ""), kind=entry.get("kind", ""), method=st.get("method", ""),
-            bits=entry.get("bits", 0), group_size=entry.get("group_size", 0), sym=sym,
-            act_order=act_order and st.get("method") == "gptq", in_features=in_f, out_features=out_f,
-            samples=st.get("samples", 0), tokens=st.get("tokens", 0),
-            damp=nan if st.get("damp") is None else st["damp"], loss=nan if st.get("loss") is None else st["loss"],
-            fallback=st.get("fallback"), seconds=st.get("seconds", 0.0))
+            path=path, component=st.get("component", ""), kind=mod.kind if mod else "", method=st.get("method", ""),
+            bits=mod.bits if mod else 0, group_size=mod.group_size if mod else 0, sym=sym,
+            act_order=act_order and st.get("method") == "gptq", in_features=mod.packed_in_features if mod else 0,
+            out_features=mod.packed_out_features if mod else 0, samples=st.get("samples", 0),
+            tokens=st.get("tokens", 0), damp=nan if st.get("damp") is None else st["damp"],
+            loss=nan if st.get("loss") is None else st["loss"], fallback=st.get("fallback"),
+            seconds=st.get("seconds", 0.0))
     return records
 
 

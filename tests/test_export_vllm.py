@@ -127,6 +127,9 @@ def test_packed_modules_are_copied_byte_for_byte(exported, saved):
     src, out = load_file(saved / "model.safetensors"), load_file(exported / "model.safetensors")
     converted = (STEM, *SPLIT)
     for key, tensor in src.items():
+        if tensor.dtype == torch.uint8:  # the plugin's guard tensor (plain transformers refuses the source)
+            assert key not in out, key
+            continue
         if key.startswith(converted):
             assert key not in out or key.endswith(".bias"), key
             continue

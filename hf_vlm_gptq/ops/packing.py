@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
 
+PACKED_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
+"""The packed tensors of one quantized weight, in checkpoint order (the one list the package uses)."""
+
 
 def pack_unit(bits: int) -> tuple[int, int]:
     """(values, words) of one packing unit: 32/bits values per word, or 32 values in 3 words for 3 bits."""
@@ -146,13 +149,13 @@ def unpack_gptq(
     """Inverse of :func:`pack_gptq`: ``(codes uint8 [out, in], scales fp32 [out, G], zeros int32 [out, G],
     g_idx int32 [in])``."""
     check_bits(bits)
-    for name in ("qweight", "qzeros", "scales", "g_idx"):
+    for name in PACKED_BUFFERS:
         if name not in tensors:
             raise ValueError(f"tensors is missing {name!r}")
     for name, v in (("in_features", in_features), ("out_features", out_features)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive int, got {name}={v!r}")
-    qweight, qzeros, scales, g_idx = (tensors[k] for k in ("qweight", "qzeros", "scales", "g_idx"))
+    qweight, qzeros, scales, g_idx = (tensors[k] for k in PACKED_BUFFERS)
     if qweight.dtype != torch.int32 or tuple(qweight.shape) != (packed_rows(in_features, bits), out_features):
         raise ValueError(
             f"qweight must be int32 [{packed_rows(in_features, bits)}, {out_features}], "

@@ -23,13 +23,12 @@ from .kernels import (
     unpack_codes,
     unpack_zeros,
 )
-from .packing import pack_gptq, packed_rows
+from .packing import PACKED_BUFFERS, pack_gptq, packed_rows
 from .result import QuantResult
 
 logger = logging.getLogger(__name__)
 
 KERNEL_MODES = ("auto", "int4", "fused", "dequant", "triton")
-_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -108,7 +107,7 @@ class PackedWeightModule(nn.Module):
     def _stamp(self) -> tuple:
         # inference tensors (made under torch.inference_mode) carry no version counter: their pointer must do
         return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device)
-                     for t in (getattr(self, n) for n in _BUFFERS))
+                     for t in (getattr(self, n) for n in PACKED_BUFFERS))
 
     def _cached(self, key: tuple, build):
         stamp = self._stamp()
