@@ -5,8 +5,9 @@
     hf-vlm-gptq demo [--arch NAME]   (NAME: a registered architecture, see --help)
 
 The options of `quantize` mirror VLMGPTQConfig's fields (`--no-quant-llm`, `--visual-w-rtn`, ...).
-Output is written to a temporary folder beside OUT and renamed into place at the end, so an interrupted
-run never leaves a half-written checkpoint.
+OUT is checked before any work (not a file, not MODEL / SRC or a folder holding it, writable) and written
+to a temporary folder beside it (`.OUT.hf_vlm_gptq-tmp-*`), renamed into place at the end, so an interrupted
+run never leaves a half-written checkpoint. `--overwrite` replaces only a previous output of this package.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from .config import VLMGPTQConfig
 from .demo import DEMO_ARCHS
+from .outdir import OutputDir, OutputError
 
 logger = logging.getLogger("hf_vlm_gptq.cli")
 
@@ -61,30 +59,6 @@ def _config_from_args(args: argparse.Namespace) -> VLMGPTQConfig:
                          calibration_device=args.device, calibration_offload=args.offload, **values)
 
 
-def atomic_save(model, out_dir: str | Path, processor=None, overwrite: bool = False,
-                extra_files: dict[str, str] | None = None) -> Path:
-    """Save `model` (and `processor`, and `extra_files` name -> text) into `out_dir` via a temporary sibling
-    folder and a rename, so `out_dir` appears complete or not at all."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite (or choose another OUT) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -92,18 +66,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from . import quantization_report
 
     config = _config_from_args(args)  # bad options fail here, before any loading
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"error: {out} exists; pass --overwrite or choose another OUT")
-    processor = AutoProcessor.from_pretrained(args.model)
-    config.processor = processor
-    start = time.perf_counter()
-    model = AutoModelForImageTextToText.from_pretrained(
-        args.model, quantization_config=config, dtype=getattr(torch, args.dtype))
-    elapsed = time.perf_counter() - start
-    config.processor = None
-    atomic_save(model, out, processor=processor, overwrite=args.overwrite,
-                extra_files={"quantization_report.json": quantization_report(model, as_json=True)})
+    # OUT is checked and its temporary folder created before the model is loaded: a bad OUT fails in seconds
+    with OutputDir(args.out, overwrite=args.overwrite, protect=[args.model], command="quantize") as target:
+        processor = AutoProcessor.from_pretrained(args.model)
+        config.processor = processor
+        start = time.perf_counter()
+        model = AutoModelForImageTextToText.from_pretrained(
+            args.model, quantization_config=config, dtype=getattr(torch, args.dtype))
+        elapsed = time.perf_counter() - start
+        config.processor = None
+        with target.writing() as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            (tmp / "quantization_report.json").write_text(quantization_report(model, as_json=True))
+        out = target.commit()
     print(quantization_report(model))
     print(f"\nquantized in {elapsed:.1f} s; saved to {out} (report: {out / 'quantization_report.json'})")
     return 0
@@ -139,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="model folder or hub id (Qwen2-VL or VideoLLaMA3)")
     q.add_argument("out", help="output folder for the quantized checkpoint (written atomically)")
     q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous output of this package")
     _add_config_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -152,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiple of 32); default cuda")
     e.add_argument("--dense-unsupported", action="store_true",
                    help="write modules vLLM cannot run packed as dense weights (default: fail naming them)")
-    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous output of this package")
     e.set_defaults(func=cmd_export_vllm)
 
     d = sub.add_parser("demo", help="build a tiny VLM offline, quantize, save, reload, generate")
@@ -170,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, FileExistsError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

