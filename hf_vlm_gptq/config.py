@@ -9,8 +9,10 @@ calibration data or the processor.
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any
 
+import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "vlm_gptq"
@@ -60,19 +62,23 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         sym: symmetric grid (zero point 2**(bits-1)); False gives an asymmetric grid.
         dataset: calibration samples (list of dicts, a `datasets.Dataset`, a folder of images);
             None means the built-in synthetic set. Never serialized.
-        num_samples: how many calibration samples to use.
+        num_samples: how many calibration samples to use (at most 1024 with the built-in set, which is
+            drawn before the model loads).
         max_seq_len: longest calibration sequence in tokens.
-        processor: the processor to turn samples into model inputs; None loads the model's own.
+        processor: the processor object to turn samples into model inputs (it needs `apply_chat_template`,
+            e.g. `AutoProcessor.from_pretrained(path)`); None loads the model's own.
         block_size: GPTQ lazy-update block width.
         true_sequential: solve the groups of a block one after the other, each on the outputs of the
             already quantized groups before it (False: all groups of a block see float inputs).
-        calibration_device: device that runs one block at a time ("cuda", "cpu"); None picks CUDA when
-            present, else the model's device.
+        calibration_device: device that runs one block at a time ("cuda", "cuda:1", "cpu"); it must exist
+            on this machine. None picks CUDA when present, else the model's device.
         calibration_offload: run the calibration forward passes on `calibration_device` one module at a
             time, leaving the weights where they are (for models larger than the GPU); None does so when
             the weights are on another device than `calibration_device`.
-        modules_to_not_convert: module paths (or path prefixes) to keep in full precision.
-        seed: seed of the built-in calibration set.
+        modules_to_not_convert: a list of module paths (or path prefixes, "model.visual" keeps every module
+            under it) to keep in full precision. A single string is an error (pass a one-item list);
+            prefixes that match no module of the model get a warning naming them when quantizing starts.
+        seed: seed of the built-in calibration set (an int >= 0).
     """
 
     def __init__(
@@ -132,10 +138,13 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         self.processor = processor
         self.block_size = block_size
         self.true_sequential = true_sequential
-        self.calibration_device = calibration_device
+        self.calibration_device = str(calibration_device) if isinstance(calibration_device, torch.device) \
+            else calibration_device
         self.calibration_offload = calibration_offload
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.seed = seed
+        # a string stays a string here, so that post_init refuses it (list("abc") would be 3 prefixes)
+        self.modules_to_not_convert = ([] if modules_to_not_convert is None else list(modules_to_not_convert)
+                                       if isinstance(modules_to_not_convert, (list, tuple)) else modules_to_not_convert)
+        self.seed = int(seed) if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) else seed
         # Filled by quantization; read back by the loader.
         self.modules = dict(modules or {})
         self.stats = dict(stats or {})
@@ -171,20 +180,19 @@ class VLMGPTQConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"VLMGPTQConfig.{name} must be an int >= {low}, got {value!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"VLMGPTQConfig.seed must be an int, got {self.seed!r}.")
-        if self.calibration_device is not None and not isinstance(self.calibration_device, str):
-            raise ValueError(
-                f"VLMGPTQConfig.calibration_device must be a device string such as 'cuda' or 'cpu', "
-                f"got {self.calibration_device!r}."
-            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"VLMGPTQConfig.seed must be an int >= 0, got {self.seed!r}.")
+        self._check_calibration_device()
         if self.calibration_offload is not None and not isinstance(self.calibration_offload, bool):
             raise ValueError(f"VLMGPTQConfig.calibration_offload must be True, False or None (automatic), "
                              f"got {self.calibration_offload!r}.")
-        if not all(isinstance(m, str) for m in self.modules_to_not_convert):
+        self._check_modules_to_not_convert()
+        if self.processor is not None and not callable(getattr(self.processor, "apply_chat_template", None)):
+            hint = (" (a path or Hub name: pass AutoProcessor.from_pretrained(...) instead)"
+                    if isinstance(self.processor, str) else "")
             raise ValueError(
-                "VLMGPTQConfig.modules_to_not_convert must be a list of module paths (strings), "
-                f"got {self.modules_to_not_convert!r}."
+                "VLMGPTQConfig.processor must be None (the model's own processor) or a processor object with "
+                f"apply_chat_template, got {type(self.processor).__name__} {self.processor!r}{hint}."
             )
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
@@ -201,6 +209,46 @@ class VLMGPTQConfig(QuantizationConfigMixin):
                 "VLMGPTQConfig: every part is switched off (quant_visual_clip, quant_cross_attention, "
                 "quant_visual_projector, quant_llm are all False); switch at least one on."
             )
+
+    @property
+    def _for_quantization(self) -> bool:
+        """True for a config that will quantize (a loaded checkpoint's config lists its modules): checks that
+        depend on this machine or on calibration data apply only then."""
+        return not self.modules
+
+    def _check_calibration_device(self) -> None:
+        value = self.calibration_device
+        if value is None:
+            return
+        field = "VLMGPTQConfig.calibration_device"
+        if not isinstance(value, str):
+            raise ValueError(f"{field} must be a device string such as 'cuda' or 'cpu', got {value!r}.")
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"{field}={value!r} is not a device: {err}") from None
+        if device.type == "meta":
+            raise ValueError(f"{field}='meta' holds no data; use 'cuda' or 'cpu'.")
+        if device.type == "cpu" or not self._for_quantization:
+            return
+        backend = getattr(torch, device.type, None)
+        is_available = getattr(backend, "is_available", None)
+        if callable(is_available) and not is_available():
+            raise ValueError(f"{field}={value!r}, but this machine has no {device.type} device "
+                             f"(torch.{device.type}.is_available() is False); use 'cpu' or None.")
+        count = getattr(backend, "device_count", None)
+        if device.index is not None and callable(count) and device.index >= count():
+            raise ValueError(f"{field}={value!r}, but this machine has {count()} {device.type} device(s) "
+                             f"(indices 0..{count() - 1}).")
+
+    def _check_modules_to_not_convert(self) -> None:
+        value = self.modules_to_not_convert
+        field = "VLMGPTQConfig.modules_to_not_convert"
+        if isinstance(value, str):
+            raise ValueError(f"{field} must be a list of module paths, got the string {value!r}; "
+                             f"pass [{value!r}] for one path.")
+        if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+            raise ValueError(f"{field} must be a list of module paths (non-empty strings), got {value!r}.")
 
     # --- per-part views -------------------------------------------------------------------------
     def part_options(self, part: str) -> dict[str, Any]:

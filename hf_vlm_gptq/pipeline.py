@@ -39,6 +39,7 @@ from .capture import (
     run_batches,
     with_hidden,
 )
+from .checks import run_model_checks
 from .config import VLMGPTQConfig
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
 from .offload import ExecutionOffload, same_device
@@ -311,6 +312,7 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     if unknown:
         raise ValueError(f"{spec.name} has no part named {sorted(unknown)}; its parts are "
                          f"{[c.name for c in spec.components]} (is this function meant for another model?)")
+    checks = run_model_checks(model, spec, config, select)  # weights, modules_to_not_convert; inputs while it runs
     device = resolve_device(config, model)
     offload = use_offload(config, model, device)
     if offload:
@@ -331,6 +333,7 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
             worker.quantize_stem(batches)
         if which in ("all", "blocks"):
             worker.quantize_blocks(batches)
+    checks.finish(records)  # float16 scales that underflowed -> the records' stats
     model.train(was_training)
     return records, entries
 

@@ -59,7 +59,8 @@ def test_unknown_option_and_all_parts_off_are_errors():
 
 def test_to_dict_never_holds_calibration_data_and_round_trips():
     data = [{"text": "a secret calibration prompt"}]
-    cfg = VLMGPTQConfig(dataset=data, processor=object(), llm_w_bits=3, act_order=True)
+    processor = type("Processor", (), {"apply_chat_template": lambda self, *a, **k: {}})()
+    cfg = VLMGPTQConfig(dataset=data, processor=processor, llm_w_bits=3, act_order=True)
     d = cfg.to_dict()
     assert "dataset" not in d and "processor" not in d
     text = json.dumps(d)

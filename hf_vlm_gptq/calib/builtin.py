@@ -12,7 +12,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["builtin_samples"]
+__all__ = ["MAX_BUILTIN_SAMPLES", "builtin_samples"]
+
+# The set is drawn in memory before calibration (and, in from_pretrained, before the weights load): a few ms
+# and ~0.4 MB per sample. Asking for more than this is refused, not drawn for minutes or hours.
+MAX_BUILTIN_SAMPLES = 1024
 
 _COLORS = {
     "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 200), "yellow": (230, 200, 40),
@@ -264,9 +268,18 @@ def builtin_samples(num_samples: int, seed: int = 0, *, with_video: bool = True)
     Kinds rotate through scenes, shapes, rendered text, bar/line charts, video clips and text-only turns, so
     every set of 8 or more contains pictures, clips (when ``with_video``) and text-only samples. Images are
     PIL RGB pictures of 128..512 pixels a side; clips are lists of 4-8 PIL frames. Deterministic for a seed.
+    At most :data:`MAX_BUILTIN_SAMPLES` samples (ValueError beyond).
     """
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
+    if num_samples > MAX_BUILTIN_SAMPLES:
+        raise ValueError(
+            f"num_samples={num_samples} with the built-in calibration set (dataset=None): it is drawn in memory "
+            f"before calibration starts, so at most {MAX_BUILTIN_SAMPLES} samples. Ask for fewer (128-512 is "
+            f"usual for GPTQ) or pass your own dataset."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     samples = []
     for index in range(num_samples):
         kind = _ROTATION[index % len(_ROTATION)]

@@ -41,8 +41,12 @@ _MEDIA_KEYS = ("image", "video", "text", "messages")
 _ROLES = ("system", "user", "assistant")
 
 
-def _array_to_image(array: Any) -> Image.Image:
-    """HxW, HxWxC or CxHxW (C in 1, 3, 4), uint8 or float in [0, 1] -> RGB PIL image."""
+def _array_to_image(array: Any, sixteen_bit: bool = False) -> Image.Image:
+    """HxW, HxWxC or CxHxW (C in 1, 3, 4) -> RGB PIL image.
+
+    Values: uint8 (and other integers up to 255) as they are; 16-bit data (uint16, ``sixteen_bit``, or
+    integers above 255) scaled from 0..65535 to 0..255; float in [0, 1] (scaled) or [0, 255]; bool as 0 / 255.
+    NaN / inf, or integers beyond 16 bits, are errors (never silently black or white)."""
     if hasattr(array, "detach"):  # a torch tensor
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
@@ -52,31 +56,59 @@ def _array_to_image(array: Any) -> Image.Image:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or array.size == 0:
         raise ValueError(f"expected an HxW, HxWxC or CxHxW array with C in (1, 3, 4), got shape {array.shape}")
-    if array.dtype.kind == "f":
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            kinds = " and ".join(k for k, bad in (("NaN", np.isnan(array).any()), ("inf", np.isinf(array).any()))
+                                 if bad)
+            raise ValueError(f"the float array holds {kinds} ({int((~finite).sum())} of {array.size} values)")
         scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
         array = np.clip(array * scale, 0, 255).round()
-    elif array.dtype.kind not in "ui" and array.dtype != np.bool_:
+    elif array.dtype.kind in "ui":
+        high = int(array.max())
+        if sixteen_bit or (array.dtype.kind == "u" and array.dtype.itemsize == 2) or high > 255:
+            if high > 65535:
+                raise ValueError(f"integer pixel values go up to {high}: expected 0..255 (8-bit) or 0..65535 "
+                                 f"(16-bit)")
+            array = np.round(np.clip(array, 0, 65535).astype(np.float32) / 257.0)  # 65535 -> 255
+    else:
         raise ValueError(f"unsupported array dtype {array.dtype}")
     return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of a PIL image; 16-bit and 32-bit modes (which PIL's convert clips to white) are scaled."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        return _array_to_image(np.asarray(image), sixteen_bit=image.mode in _SIXTEEN_BIT_MODES)
+    return image.convert("RGB")
+
+
+def _open_image(source: Any, name: str) -> Image.Image:
+    """Open and decode a file / file object with PIL; every failure (a decompression bomb too) is a ValueError."""
+    try:
+        with Image.open(source) as opened:
+            return _pil_to_rgb(opened)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"cannot read {name}: {err} (PIL.Image.MAX_IMAGE_PIXELS guards against decompression "
+                         f"bombs; downscale the image, or raise that limit if you trust the file)") from err
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {name}: {err}") from err
 
 
 def _to_image(value: Any) -> Image.Image:
     """PIL image, array, path, or a ``datasets`` image dict ({"bytes", "path"}) -> loaded RGB PIL image."""
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return _pil_to_rgb(value)
     if isinstance(value, (str, Path)):
-        try:
-            with Image.open(value) as opened:
-                return opened.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read image '{value}': {err}") from err
+        return _open_image(value, f"image '{value}'")
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes") is not None:
-            try:
-                with Image.open(io.BytesIO(value["bytes"])) as opened:
-                    return opened.convert("RGB")
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot read image bytes: {err}") from err
+            return _open_image(io.BytesIO(value["bytes"]), "image bytes")
         return _to_image(value["path"])
     if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
         return _array_to_image(value)
@@ -227,6 +259,22 @@ def _folder_samples(folder: Path, num_samples: int) -> list[dict]:
     return [{"image": str(path), "text": DEFAULT_IMAGE_PROMPT} for path in files[:num_samples]]
 
 
+def _read_rows(rows: Iterable) -> list[dict]:
+    """Rows of a ``datasets`` dataset as dicts; it decodes images while iterating, so a row that cannot be
+    decoded (a corrupt file, a decompression bomb) is a ValueError naming its index."""
+    out: list[dict] = []
+    iterator = iter(rows)
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return out
+        except Exception as err:  # PIL / datasets raise many kinds (DecompressionBombError is no OSError)
+            raise ValueError(f"sample {len(out)}: cannot read this row of the dataset: "
+                             f"{type(err).__name__}: {err}") from err
+        out.append(dict(row))
+
+
 def _is_hf_dataset(dataset: Any) -> bool:
     """True for ``datasets.Dataset`` / ``IterableDataset`` without importing ``datasets`` ourselves."""
     return type(dataset).__module__.split(".")[0] == "datasets"
@@ -254,9 +302,9 @@ def load_samples(dataset: Any, num_samples: int, seed: int = 0) -> list[dict]:
             raise ValueError(f"the datasets.Dataset needs one of the columns {', '.join(_MEDIA_KEYS)}; "
                              f"it has {columns}")
         if hasattr(dataset, "select") and hasattr(dataset, "__len__"):
-            raw = [dict(row) for row in dataset.select(range(min(num_samples, len(dataset))))]
+            raw = _read_rows(dataset.select(range(min(num_samples, len(dataset)))))
         else:
-            raw = [dict(row) for row in itertools.islice(iter(dataset), num_samples)]
+            raw = _read_rows(itertools.islice(iter(dataset), num_samples))
     elif isinstance(dataset, dict):
         raise ValueError("dataset must be a list of sample dicts, not a single dict; wrap it in a list")
     elif isinstance(dataset, Iterable):
