@@ -12,10 +12,18 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .ops.gptq import NO_CALIBRATION  # the solver's fallback when the Hessian holds nothing
+
 
 @dataclass
 class QuantRecord:
-    """What happened to one quantized module."""
+    """What happened to one quantized module.
+
+    Honest by construction: a module whose Hessian held nothing (no rows reached it, or all of them were
+    zero) has no proxy loss (NaN, `null` in JSON; a loss against a zero Hessian is 0 whatever the weights),
+    and the solver's "no calibration input" fallback is reworded when samples did reach the layer: "inputs
+    all zero (S samples, T rows)". `extra["scales_underflow"]`: groups whose float16 scale is 0.
+    """
 
     path: str
     component: str
@@ -34,6 +42,22 @@ class QuantRecord:
     fallback: str | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fallback == NO_CALIBRATION and self.samples > 0:  # samples came, but nothing usable
+            self.fallback = (f"inputs all zero ({self.samples} samples, {self.tokens} rows)" if self.tokens
+                             else f"no calibration rows ({self.samples} calls with empty inputs)")
+        no_input = (self.fallback or "").startswith((NO_CALIBRATION, "inputs all zero", "no calibration rows"))
+        if no_input or (self.samples == 0 and self.tokens == 0):
+            self.loss = float("nan")  # measured against nothing
+
+    @property
+    def note(self) -> str:
+        """The table's note: the fallback, and float16 scales that underflowed."""
+        notes = [self.fallback] if self.fallback else []
+        if self.extra.get("scales_underflow"):
+            notes.append(f"{self.extra['scales_underflow']} scales underflow to 0 (fp16)")
+        return "; ".join(notes)
 
     def stats(self) -> dict[str, Any]:
         """The JSON-able stats saved in `quantization_config.stats` (NaN becomes None)."""
@@ -99,7 +123,7 @@ def records_to_table(records: dict[str, QuantRecord]) -> str:
         shape = f"{rec.out_features}x{rec.in_features}"
         damp = "-" if not math.isfinite(rec.damp) else f"{rec.damp:.3g}"
         loss = "-" if not math.isfinite(rec.loss) else f"{rec.loss:.4g}"
-        note = rec.fallback or ""
+        note = rec.note
         lines.append(
             f"{_shorten(rec.path, 48):<48} {rec.method:<6} {rec.bits:>4} {rec.group_size:>5} {shape:>11} "
             f"{rec.samples:>7} {damp:>8} {loss:>10} {rec.seconds:>6.2f}  {note}"

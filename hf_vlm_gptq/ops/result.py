@@ -91,8 +91,9 @@ def check_common(bits: object, group_size: object, sym: object, clip: object) ->
 
 
 def proxy_loss(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor | None) -> float:
-    """``tr((W - Q) H (W - Q)^T)`` in the wider of the inputs' dtypes; NaN without a Hessian."""
-    if hessian is None:
+    """``tr((W - Q) H (W - Q)^T)`` in the wider of the inputs' dtypes; NaN without a Hessian, or with an
+    all-zero one (no usable input: the trace would be 0 whatever the weights)."""
+    if hessian is None or not bool((hessian != 0).any()):
         return math.nan
     dtype = compute_dtype(weight, hessian)
     d = weight.to(dtype) - quantized.to(device=weight.device, dtype=dtype)
