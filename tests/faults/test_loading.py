@@ -94,6 +94,7 @@ def test_loading_without_the_plugin_fails_loudly(packed_qwen2vl_dir):
         print("LOADED")
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["TRANSFORMERS_VERBOSITY"] = "warning"  # its warnings are part of what the user sees
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert "plugin imported: False" in run.stdout, run.stdout + run.stderr
     assert run.returncode != 0 and "LOADED" not in run.stdout
