@@ -20,6 +20,7 @@ scales that underflowed to 0 (their groups dequantize to 0) are recorded in the 
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from functools import partial
 
@@ -109,9 +110,8 @@ def _listing(items: list[str]) -> str:
     return "; ".join(items[:_LISTED]) + (f"; and {more} more" if more > 0 else "")
 
 
-def _max_scale(weight: torch.Tensor, bits: int, sym: bool) -> float:
-    """The largest grid scale any row / group of `weight` can need (the whole range of its largest group)."""
-    lo, hi = (float(v) for v in torch.aminmax(weight.detach()))
+def _max_scale(lo: float, hi: float, bits: int, sym: bool) -> float:
+    """The largest grid scale a row / group with values in [lo, hi] can need (the whole range, unclipped)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if sym:
         return max(-lo, hi) / (2 ** (bits - 1) - 1)
@@ -119,21 +119,24 @@ def _max_scale(weight: torch.Tensor, bits: int, sym: bool) -> float:
 
 
 def scan_weights(layers: list[tuple[str, nn.Module, int, bool]], sym: bool) -> None:
-    """Raise ValueError naming every layer whose weight is not finite, or whose scale overflows float16."""
+    """Raise ValueError naming every layer whose weight is not finite, or whose scale overflows float16.
+
+    One min / max pass per weight (two for a split layer, whose channel 0 stays in full precision)."""
     broken, too_large = [], []
     for path, module, bits, split in layers:
-        weight = module.weight
+        weight = module.weight.detach()
         if weight.is_meta or weight.numel() == 0:
             continue
-        if not all_finite(weight):
-            bad = int((~torch.isfinite(weight.detach())).sum())
+        lo, hi = (float(v) for v in torch.aminmax(weight))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = int((~torch.isfinite(weight)).sum())
             broken.append(f"{path} ({bad} of {weight.numel()} values)")
             continue
-        quantized = weight.detach().flatten(1)[:, 1:] if split else weight.detach().flatten(1)
-        scale = _max_scale(quantized, bits, sym) if quantized.numel() else 0.0
+        if split and weight.flatten(1).shape[1] > 1:
+            lo, hi = (float(v) for v in torch.aminmax(weight.flatten(1)[:, 1:]))
+        scale = _max_scale(lo, hi, bits, sym)
         if scale > FP16_MAX:
-            too_large.append(f"{path} (largest weight {float(quantized.abs().max()):.4g} needs a {bits}-bit scale "
-                             f"of {scale:.4g})")
+            too_large.append(f"{path} (largest weight {max(-lo, hi):.4g} needs a {bits}-bit scale of {scale:.4g})")
     if broken:
         raise ValueError(
             f"non-finite weights (inf or nan) in {len(broken)} layer(s) that would be quantized: {_listing(broken)}. "
