@@ -75,6 +75,9 @@ class QuantRecord:
         return out
 
 
+_STAT_KEYS = frozenset(("component", "method", "samples", "tokens", "damp", "loss", "fallback", "seconds"))
+
+
 def _finite_or_none(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -99,7 +102,7 @@ def records_from_config(modules: dict[str, Any], stats: dict[str, dict[str, Any]
             out_features=mod.packed_out_features if mod else 0, samples=st.get("samples", 0),
             tokens=st.get("tokens", 0), damp=nan if st.get("damp") is None else st["damp"],
             loss=nan if st.get("loss") is None else st["loss"], fallback=st.get("fallback"),
-            seconds=st.get("seconds", 0.0))
+            seconds=st.get("seconds", 0.0), extra={k: v for k, v in st.items() if k not in _STAT_KEYS})
     return records
 
 

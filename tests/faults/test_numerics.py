@@ -126,6 +126,19 @@ def test_scales_that_underflow_in_float16_are_recorded_and_reported(tiny_qwen2vl
     assert "scales_underflow" not in report_rows(model)[f"{LLM}.0.mlp.up_proj"]["extra"]
 
 
+def test_the_underflow_note_survives_save_and_reload(tiny_qwen2vl_dir, tmp_path):
+    model = load(tiny_qwen2vl_dir)
+    gate = f"{LLM}.0.mlp.gate_proj"
+    with torch.no_grad():
+        model.get_submodule(gate).weight[:, :32].mul_(1e-12)
+    quantize(model, config(quant_visual_clip=False, quant_cross_attention=False), data=TEXT, progress=False)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    rows = model.get_submodule(gate).out_features
+    assert report_rows(reloaded)[gate]["extra"]["scales_underflow"] == rows
+    assert f"{rows} scales underflow to 0" in hf_vlm_gptq.quantization_report(reloaded)
+
+
 # --- point 15 ---------------------------------------------------------------------------------------
 
 
