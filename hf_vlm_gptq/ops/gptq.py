@@ -18,6 +18,23 @@ On CUDA the column sweep runs as a fused Triton kernel (``triton_gptq.py``: one 
 of a few launches per column) when it applies (float32, Triton importable); otherwise, and on CPU, the
 torch loop below.
 
+Options (each off by default; each reduces to the plain algorithm when it has nothing to do):
+
+* ``group_order`` (group-aware reordering, as GPTQModel's default): the columns of each group of
+  ``group_size`` are solved in order of decreasing ``diag(H)``, and the groups in order of their largest
+  ``diag(H)`` (a partial last group stays last), so every group stays contiguous and the checkpoint keeps
+  ``g_idx = col // group_size`` (no act-order permutation for the kernels or vLLM). With one group it is
+  act-order.
+* ``gptaq_cross`` (GPTAQ, "GPTQ v2", Li et al., ICML'25; asymmetric calibration): the layer is fitted to
+  the float model's outputs ``W X`` while it sees the quantized model's inputs ``X~``. The caller passes
+  ``dXXT = 2/n * sum (x - x~) x~^T`` next to ``H = 2/n * sum x~ x~^T``; with ``U`` the upper Cholesky factor
+  of ``H^-1``, ``P = alpha * triu(dXXT U^T, 1) U`` and quantizing column ``j`` also moves every later
+  column ``k`` by ``+ w_j P[j, k]`` (``w_j`` the column before rounding), next to the usual error
+  feedback. (The published code uses the rounded columns for the updates between blocks of
+  ``block_size``; here the unrounded ones are used everywhere, so the result does not depend on the block
+  size.) ``dXXT = 0`` is plain GPTQ.
+* ``full_range``: the symmetric grid with all ``2**bits`` codes (``grid.py``).
+
 Faults: a failed Cholesky is retried with damping x10 (up to ``MAX_REL_DAMP``); if it still fails, or the
 Hessian carries no samples, the result is RTN with ``fallback`` saying why. Non-finite inputs raise.
 """
@@ -30,11 +47,12 @@ import math
 
 import torch
 
-from .grid import find_params, num_groups
+from .grid import check_full_range, find_params, num_groups
 from .result import QuantResult, all_finite, check_common, check_hessian, check_weight, compute_dtype
 from .rtn import rtn_core
 
-__all__ = ["MAX_REL_DAMP", "QuantResult", "gptq_quantize", "gptq_quantize_shared", "upper_inverse_cholesky"]
+__all__ = ["GPTAQ_ALPHA", "MAX_REL_DAMP", "QuantResult", "gptaq_correction", "gptq_quantize", "gptq_quantize_shared",
+           "group_aware_order", "upper_inverse_cholesky"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +60,36 @@ logger = logging.getLogger(__name__)
 MAX_REL_DAMP = 1.0
 _SUB_BLOCK = 16  # columns per rank-1-updated sub-block inside a block
 NO_CALIBRATION = "no calibration input"
+GPTAQ_ALPHA = 0.25  # the published default scale of the asymmetry term
+
+
+def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-aware column order for ``diag`` = ``diag(H)`` [n]: ``(perm [n], group_perm [G])``.
+
+    ``perm[pos]`` is the column solved at position ``pos``; the groups (``col // group_size``) stay
+    contiguous, taken in ``group_perm`` order: full groups by decreasing largest ``diag``, a partial last
+    group last; inside a group columns go by decreasing ``diag``. Sorts are stable (ties keep column
+    order). One group (``group_size`` -1 or >= n): ``perm`` is act-order's ``argsort(diag, descending)``.
+    """
+    n = diag.shape[0]
+    if group_size == -1 or group_size >= n:
+        return torch.argsort(diag, descending=True, stable=True), torch.zeros(1, dtype=torch.long, device=diag.device)
+    full = n // group_size
+    blocks = diag[: full * group_size].view(full, group_size)
+    group_perm = torch.argsort(blocks.amax(1), descending=True, stable=True)
+    within = torch.argsort(blocks, dim=1, descending=True, stable=True)
+    starts = torch.arange(full, device=diag.device).unsqueeze(1) * group_size
+    perm = (within + starts)[group_perm].reshape(-1)
+    if full * group_size < n:
+        tail = diag[full * group_size :]
+        perm = torch.cat([perm, full * group_size + torch.argsort(tail, descending=True, stable=True)])
+        group_perm = torch.cat([group_perm, torch.tensor([full], device=diag.device)])
+    return perm, group_perm
+
+
+def gptaq_correction(cross: torch.Tensor, u: torch.Tensor, alpha: float = GPTAQ_ALPHA) -> torch.Tensor:
+    """GPTAQ's ``P = alpha * triu(cross @ U^T, 1) @ U`` (strictly upper triangular; see the module docstring)."""
+    return torch.triu(cross @ u.t(), diagonal=1).matmul(u).mul_(alpha)
 
 
 def upper_inverse_cholesky(h: torch.Tensor, damp: float = 0.0) -> torch.Tensor | None:
@@ -83,10 +131,12 @@ def _cut_points(start: int, stop: int, step: int, group_size: int) -> list[int]:
 
 
 def _gptq_columns(
-    w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int
+    w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int,
+    full_range: bool = False, p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over ``w[out, n]`` (columns in processing order; not modified).
 
+    ``p``: GPTAQ's asymmetry matrix (:func:`gptaq_correction`, processing order) or None.
     Returns ``codes uint8 [out, n]``, ``scales [out, G]``, ``zeros [out, G]`` (float, w's dtype) and the
     dequantized weight transposed, ``q_t [n, out]``.
     """
@@ -100,18 +150,20 @@ def _gptq_columns(
     scales = torch.empty(n_groups, out_f, dtype=wt.dtype, device=wt.device)
     zeros = torch.empty_like(scales)
     if group_size == -1:
-        scale, zero = find_params(wt.t(), bits, sym, clip)
+        scale, zero = find_params(wt.t(), bits, sym, clip, full_range)
         scales[0], zeros[0] = scale, zero
     block = block_size if group_size == -1 else group_size * max(1, block_size // group_size)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
         err1 = torch.empty_like(w1)
+        pre1 = torch.empty_like(w1) if p is not None else None  # GPTAQ: the columns before rounding
+        p1 = p[i1:i2, i1:i2] if p is not None else None
         cuts = _cut_points(i1, i2, _SUB_BLOCK, group_size)
         for s1, s2 in itertools.pairwise(cuts):
             if group_size > 0 and s1 % group_size == 0:
                 gi = s1 // group_size
-                scale, zero = find_params(wt[s1 : min(s1 + group_size, n)].t(), bits, sym, clip)
+                scale, zero = find_params(wt[s1 : min(s1 + group_size, n)].t(), bits, sym, clip, full_range)
                 scales[gi], zeros[gi] = scale, zero
             a, b = s1 - i1, s2 - i1
             for j in range(a, b):
@@ -120,13 +172,21 @@ def _gptq_columns(
                 codes_t[i1 + j] = code
                 q = (code - zero).mul_(scale)
                 torch.sub(col, q, out=err1[j]).div_(u1[j, j])
+                if pre1 is not None:
+                    pre1[j].copy_(col)
                 col.copy_(q)
                 if j + 1 < b:
                     w1[j + 1 : b].addr_(u1[j, j + 1 : b], err1[j], alpha=-1)
+                    if pre1 is not None:
+                        w1[j + 1 : b].addr_(p1[j, j + 1 : b], pre1[j])
             if b < i2 - i1:
                 w1[b:].addmm_(u1[a:b, b:].t(), err1[a:b], alpha=-1)
+                if pre1 is not None:
+                    w1[b:].addmm_(p1[a:b, b:].t(), pre1[a:b])
         if i2 < n:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
+            if pre1 is not None:
+                wt[i2:].addmm_(p[i1:i2, i2:].t(), pre1)
     return codes_t.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), wt
 
 
@@ -148,13 +208,16 @@ SWEEP_AGREEMENT = 0.999  # share of identical codes (rounding ties may flip a fe
 
 
 def _column_sweep(
-    w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int
+    w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int,
+    full_range: bool = False, p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_gptq_columns`, or its fused Triton twin where that applies (same contract). The first layer
-    solved on a device runs both and compares the codes: a kernel that disagrees (it was only tested in
-    Triton's interpreter before release) is logged and not used again in this process."""
-    if not _use_triton_sweep(w) or _sweep_verified.get(str(w.device)) is False:
-        return _gptq_columns(w, u, bits, group_size, sym, clip, block_size)
+    """:func:`_gptq_columns`, or its fused Triton twin where that applies (same contract; the plain grid
+    without GPTAQ only). The first layer solved on a device runs both and compares the codes: a kernel that
+    disagrees (it was only tested in Triton's interpreter before release) is logged and not used again in
+    this process."""
+    if (full_range or p is not None or not _use_triton_sweep(w)
+            or _sweep_verified.get(str(w.device)) is False):
+        return _gptq_columns(w, u, bits, group_size, sym, clip, block_size, full_range, p)
     from .triton_gptq import gptq_columns_triton
 
     fused = gptq_columns_triton(w, u, bits, group_size, sym, clip, block_size)
@@ -189,6 +252,10 @@ def _solve(
     block_size: int,
     clip: bool,
     nsamples: int | None,
+    group_order: bool = False,
+    full_range: bool = False,
+    gptaq_cross: torch.Tensor | None = None,
+    gptaq_alpha: float = GPTAQ_ALPHA,
 ) -> tuple:
     """Solve the stacked problem ``w[out, n]`` (compute dtype; not modified).
 
@@ -201,7 +268,7 @@ def _solve(
 
     def rtn(reason: str, damp: float) -> tuple:
         logger.warning("GPTQ falls back to RTN: %s", reason)
-        codes, scale, zero, g_idx = rtn_core(w, bits, group_size, sym, clip)
+        codes, scale, zero, g_idx = rtn_core(w, bits, group_size, sym, clip, full_range)
         g = g_idx.long()
         q_t = (scale[:, g] * (codes.to(w.dtype) - zero[:, g])).t()
         h_orig = hessian.to(device=w.device, dtype=w.dtype)
@@ -212,10 +279,19 @@ def _solve(
     diag = h.diagonal()
     dead = diag == 0
     diag[dead] = 1
-    perm = None
+    perm = group_perm = None
     if act_order:
         perm = torch.argsort(diag, descending=True, stable=True)
+    elif group_order:
+        perm, group_perm = group_aware_order(diag, group_size)
+    cross = None
+    if gptaq_cross is not None:
+        cross = gptaq_cross.to(device=w.device, dtype=w.dtype).clone()
+        cross[:, dead] = 0
+    if perm is not None:
         w_p, h, dead = w[:, perm], h[perm][:, perm], dead[perm]
+        if cross is not None:
+            cross = cross[perm][:, perm]
     else:
         w_p = w
     work = w_p.clone() if bool(dead.any()) else w_p
@@ -230,8 +306,10 @@ def _solve(
     if u is None:
         del h
         return rtn(f"cholesky failed up to relative damping {used:g}", used)
-    codes_p, scales, zeros, q_t = _column_sweep(work, u, bits, group_size, sym, clip, block_size)
-    del u, work
+    p = gptaq_correction(cross, u, gptaq_alpha) if cross is not None else None
+    del cross
+    codes_p, scales, zeros, q_t = _column_sweep(work, u, bits, group_size, sym, clip, block_size, full_range, p)
+    del u, work, p
     h.diagonal()[dead] = 0  # back to the caller's Hessian (permuted) for the loss
     row_losses = _row_losses(w_p, q_t, h)
     del h, q_t
@@ -240,8 +318,33 @@ def _solve(
     if perm is None:
         return codes_p, scales, zeros, group_of_pos, row_losses, used, "gptq", None
     codes = torch.empty_like(codes_p).index_copy_(1, perm, codes_p)
+    if group_perm is not None:  # groups stayed contiguous: the grid of position-group k is column-group group_perm[k]
+        if group_size != -1 and group_size < n:
+            scales = torch.empty_like(scales).index_copy_(1, group_perm, scales)
+            zeros = torch.empty_like(zeros).index_copy_(1, group_perm, zeros)
+        cols = torch.arange(n, device=w.device, dtype=torch.int32)
+        g_idx = torch.zeros_like(cols) if group_size == -1 else cols // group_size
+        return codes, scales, zeros, g_idx, row_losses, used, "gptq", None
     g_idx = torch.empty_like(group_of_pos).index_copy_(0, perm, group_of_pos)
     return codes, scales, zeros, g_idx, row_losses, used, "gptq", None
+
+
+def _check_options(group_order: object, act_order: object, full_range: object, gptaq_cross: object,
+                   gptaq_alpha: object, columns: int) -> None:
+    if not isinstance(group_order, bool):
+        raise ValueError(f"group_order must be a bool, got group_order={group_order!r}")
+    if group_order and act_order:
+        raise ValueError("act_order and group_order are two column orders; pick one")
+    check_full_range(full_range)
+    if gptaq_cross is not None:
+        if not isinstance(gptaq_cross, torch.Tensor) or tuple(gptaq_cross.shape) != (columns, columns):
+            shape = tuple(gptaq_cross.shape) if isinstance(gptaq_cross, torch.Tensor) else type(gptaq_cross).__name__
+            raise ValueError(f"gptaq_cross must be [{columns}, {columns}] to match the weight, got {shape}")
+        if not gptaq_cross.is_floating_point() or not all_finite(gptaq_cross):
+            raise ValueError("gptaq_cross must be a finite floating-point tensor")
+    if (isinstance(gptaq_alpha, bool) or not isinstance(gptaq_alpha, (int, float))
+            or not math.isfinite(gptaq_alpha) or gptaq_alpha < 0):
+        raise ValueError(f"gptaq_alpha must be a finite number >= 0, got gptaq_alpha={gptaq_alpha!r}")
 
 
 def _check_solver_args(percdamp: object, block_size: object, act_order: object, nsamples: object) -> None:
@@ -300,9 +403,14 @@ def gptq_quantize_shared(
     block_size: int = 128,
     clip: bool = False,
     nsamples: int | None = None,
+    group_order: bool = False,
+    full_range: bool = False,
+    gptaq_cross: torch.Tensor | None = None,
+    gptaq_alpha: float = GPTAQ_ALPHA,
 ) -> list[QuantResult]:
     """GPTQ for several layers fed the same input (q/k/v, gate/up): one damping and one Cholesky, the
-    weights solved as one problem stacked along the output dim, results split back per layer."""
+    weights solved as one problem stacked along the output dim, results split back per layer.
+    ``group_order``, ``full_range``, ``gptaq_cross`` / ``gptaq_alpha``: see the module docstring."""
     if not isinstance(weights, (list, tuple)) or not weights:
         raise ValueError(f"weights must be a non-empty list of 2-D tensors, got {type(weights).__name__}")
     check_common(bits, group_size, sym, clip)
@@ -314,6 +422,7 @@ def gptq_quantize_shared(
                 f"weights[{i}] has {wi.shape[1]} input columns, weights[0] has {weights[0].shape[1]}"
             )
     check_hessian(hessian, weights[0].shape[1])
+    _check_options(group_order, act_order, full_range, gptaq_cross, gptaq_alpha, weights[0].shape[1])
     dtype = compute_dtype(hessian, *weights)
     device = weights[0].device
     stacked = torch.cat([wi.detach().to(device=device, dtype=dtype) for wi in weights], 0)
@@ -328,6 +437,10 @@ def gptq_quantize_shared(
         block_size=block_size,
         clip=clip,
         nsamples=nsamples,
+        group_order=group_order,
+        full_range=full_range,
+        gptaq_cross=gptaq_cross,
+        gptaq_alpha=float(gptaq_alpha),
     )
     return _results(list(weights), solved, bits, group_size, sym, nsamples)
 
@@ -344,6 +457,10 @@ def gptq_quantize(
     block_size: int = 128,
     clip: bool = False,
     nsamples: int | None = None,
+    group_order: bool = False,
+    full_range: bool = False,
+    gptaq_cross: torch.Tensor | None = None,
+    gptaq_alpha: float = GPTAQ_ALPHA,
 ) -> QuantResult:
     """GPTQ-quantize ``weight[out, in]`` given the layer Hessian ``[in, in]`` (see the module docstring).
 
@@ -363,4 +480,8 @@ def gptq_quantize(
         block_size=block_size,
         clip=clip,
         nsamples=nsamples,
+        group_order=group_order,
+        full_range=full_range,
+        gptaq_cross=gptaq_cross,
+        gptaq_alpha=gptaq_alpha,
     )[0]

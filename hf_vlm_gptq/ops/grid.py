@@ -3,7 +3,11 @@
 Conventions (docs/ARCHITECTURE.md, "Conventions"): codes are unsigned integers in ``[0, 2**bits - 1]`` and
 ``w ≈ scale * (code - zero)``.
 
-* symmetric: ``zero = 2**(bits-1)``, ``scale = absmax / (2**(bits-1) - 1)``;
+* symmetric: ``zero = 2**(bits-1)``, ``scale = absmax / (2**(bits-1) - 1)``; code 0 (the value
+  ``-2**(bits-1) * scale``) is then only reached by clipping, so a 4-bit row has 15 levels in use;
+* symmetric, full range (``full_range=True``; the AutoGPTQ / IST-DASLab grid): ``zero = 2**(bits-1)``,
+  ``scale = 2 * absmax / (2**bits - 1)`` (4 bits: ``2 * absmax / 15``), so all ``2**bits`` codes are used
+  and the largest positive value is clipped by half a step;
 * asymmetric: the range is widened to include 0, ``scale = (max - min) / (2**bits - 1)``,
   ``zero = round(-min / scale)``.
 
@@ -61,14 +65,20 @@ def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
     return scale * (q - zero)
 
 
+def check_full_range(full_range: object) -> bool:
+    if not isinstance(full_range, bool):
+        raise ValueError(f"full_range must be a bool, got full_range={full_range!r}")
+    return full_range
+
+
 def _range_params(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for the (already widened, non-degenerate) range [xmin, xmax]."""
     maxq = 2**bits - 1
     if sym:
         absmax = torch.maximum(-xmin, xmax)
-        scale = absmax / (2 ** (bits - 1) - 1)
+        scale = 2 * absmax / maxq if full_range else absmax / (2 ** (bits - 1) - 1)
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         scale = (xmax - xmin) / maxq
@@ -77,13 +87,15 @@ def _range_params(
 
 
 def find_params(
-    w: torch.Tensor, bits: int, sym: bool, clip: bool = False
+    w: torch.Tensor, bits: int, sym: bool, clip: bool = False, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row grid parameters of ``w[rows, cols]``: ``(scale[rows], zero[rows])`` in ``w``'s float dtype.
 
-    ``zero`` holds integral values (kept as float for the arithmetic); ``scale`` is never 0.
+    ``zero`` holds integral values (kept as float for the arithmetic); ``scale`` is never 0. ``full_range``
+    picks the symmetric grid that uses all ``2**bits`` codes (ignored when ``sym`` is False).
     """
     check_bits(bits)
+    check_full_range(full_range)
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D [rows, cols], got shape {tuple(w.shape)}")
     x = w if w.is_floating_point() else w.float()
@@ -93,7 +105,7 @@ def find_params(
     dead = (xmin == 0) & (xmax == 0)
     xmin = torch.where(dead, -1.0, xmin)
     xmax = torch.where(dead, 1.0, xmax)
-    scale, zero = _range_params(xmin, xmax, bits, sym)
+    scale, zero = _range_params(xmin, xmax, bits, sym, full_range)
     if not clip:
         return scale, zero
     maxq = 2**bits - 1
@@ -104,7 +116,7 @@ def find_params(
         best = torch.full((r1 - r0,), float("inf"), dtype=x.dtype, device=x.device)
         for i in range(CLIP_STEPS):
             p = 1 - i / CLIP_GRID
-            s1, z1 = _range_params(p * lo, p * hi, bits, sym)
+            s1, z1 = _range_params(p * lo, p * hi, bits, sym, full_range)
             err = (
                 (_quant_dequant(xc, s1.unsqueeze(1), z1.unsqueeze(1), maxq) - xc)
                 .abs_()
@@ -141,16 +153,18 @@ class QuantGrid:
 
     bits: int
     sym: bool = True
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        check_full_range(self.full_range)
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
 
     def find_params(self, w: torch.Tensor, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        return find_params(w, self.bits, self.sym, clip)
+        return find_params(w, self.bits, self.sym, clip, self.full_range)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         return quantize_codes(w, scale, zero, self.bits)

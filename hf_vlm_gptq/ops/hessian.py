@@ -1,4 +1,4 @@
-"""Streaming layer Hessians ``H = 2/n * sum_i x_i x_i^T`` for GPTQ.
+"""Streaming layer Hessians ``H = 2/n * sum_i w_i x_i x_i^T`` for GPTQ (token weights ``w_i``, default 1).
 
 Rows ``x_i`` are the inputs a layer sees: one per token for a Linear, one per input patch for a conv (the
 patch flattened in ``conv.weight.reshape(out, -1)`` column order). ``n`` counts those rows. The running
@@ -10,6 +10,15 @@ Half-precision rows on CUDA (bf16 / fp16 into the default fp32 accumulator) skip
 fp16 values are exact in fp32, so only the summation order differs from fp32 accumulation), then
 ``H <- H * n_old / n + (2 / n) * X^T X``. That ``mm`` overload has no CPU kernel (torch 2.14), so CPU rows
 and fp32 rows keep the fp32 path: rows cast to fp32, scaled by ``sqrt(2 / n)``, one ``addmm_``.
+
+Token weights (``weights=``, one per row, or one number for the whole batch; >= 0): ``H = X^T diag(w) X``
+up to the same ``2 / n`` (``n`` still counts rows), computed by scaling each row by ``sqrt(w_i)`` on the
+fp32 path, so all-ones weights give exactly the unweighted matrix. They carry per-modality weights (image,
+video, text tokens) and importance weights from a backward pass.
+
+``AsymmetricAccumulator`` (GPTAQ, see ``gptq.py``) takes pairs of rows, the quantized model's ``x~`` and
+the float model's ``x`` for the same token: ``H = 2/n * sum w x~ x~^T`` and
+``cross = 2/n * sum w (x - x~) x~^T``.
 """
 
 from __future__ import annotations
@@ -131,6 +140,20 @@ def unfold_conv_input(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
     return x.permute(perm).reshape(-1, width)
 
 
+def row_scales(weights: torch.Tensor | float, n: int, like: torch.Tensor) -> torch.Tensor:
+    """``sqrt(weights)`` as a column ``[n, 1]`` (or a 0-d tensor for one number) in ``like``'s dtype/device;
+    weights must be finite and >= 0, one per row."""
+    w = torch.as_tensor(weights, dtype=like.dtype, device=like.device)
+    if w.dim() > 0:
+        w = w.reshape(-1)
+        if w.shape[0] != n:
+            raise ValueError(f"weights must have one entry per input row ({n}), got {w.shape[0]}")
+    if not all_finite(w) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and >= 0")
+    w = w.sqrt()
+    return w.unsqueeze(1) if w.dim() else w
+
+
 class HessianAccumulator:
     """Accumulates ``2/n * X^T X`` over batches of layer inputs (fp32 unless told otherwise)."""
 
@@ -148,28 +171,33 @@ class HessianAccumulator:
         """The accumulated matrix ``[columns, columns]`` (zeros before any input)."""
         return self._h
 
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Add Linear inputs ``x[..., columns]`` (every leading index is one sample row)."""
+    def add_batch(self, x: torch.Tensor, weights: torch.Tensor | float | None = None) -> None:
+        """Add Linear inputs ``x[..., columns]`` (every leading index is one sample row); ``weights``: one
+        per row (shape ``x.shape[:-1]``) or one number for all, >= 0."""
         if x.shape[-1] != self.columns:
             raise ValueError(f"x must end in {self.columns} features, got shape {tuple(x.shape)}")
-        self._add_rows(x.reshape(-1, self.columns))
+        self._add_rows(x.reshape(-1, self.columns), weights)
 
-    def add_conv_batch(self, x: torch.Tensor, conv_module: nn.Module) -> None:
-        """Add Conv2d / Conv3d inputs; see :func:`unfold_conv_input` for the accepted shapes."""
-        self._add_rows(unfold_conv_input(x, conv_module))
+    def add_conv_batch(self, x: torch.Tensor, conv_module: nn.Module,
+                       weights: torch.Tensor | float | None = None) -> None:
+        """Add Conv2d / Conv3d inputs; see :func:`unfold_conv_input` for the accepted shapes (``weights``: one
+        per unfolded patch row, or one number)."""
+        self._add_rows(unfold_conv_input(x, conv_module), weights)
 
-    def _add_rows(self, rows: torch.Tensor) -> None:
+    def _add_rows(self, rows: torch.Tensor, weights: torch.Tensor | float | None = None) -> None:
         if rows.shape[-1] != self.columns:
             raise ValueError(f"input rows must have {self.columns} columns, got {rows.shape[-1]}")
         n = rows.shape[0]
         if n == 0:
             return
         rows = rows.to(device=self._h.device)
-        xtx = half_xtx(rows, self._h.dtype)
+        xtx = half_xtx(rows, self._h.dtype) if weights is None else None
         if xtx is None:
             rows = rows.to(self._h.dtype)
         if not all_finite(rows):
             raise ValueError("x contains non-finite values (inf or nan)")
+        if weights is not None:
+            rows = rows * row_scales(weights, n, rows)
         if xtx is not None:
             update_running_hessian(self._h, rows, self.nsamples, xtx)
             self.nsamples += n
@@ -178,4 +206,44 @@ class HessianAccumulator:
         self._h.mul_(self.nsamples / total)
         rows = rows * math.sqrt(2.0 / total)
         self._h.addmm_(rows.t(), rows)
+        self.nsamples = total
+
+
+class AsymmetricAccumulator(HessianAccumulator):
+    """``H`` of the quantized model's inputs plus GPTAQ's ``cross = 2/n * sum w (x - x~) x~^T`` (fp32 by
+    default); feed it with :meth:`add_pair`. ``cross`` is exactly 0 when the two inputs are equal."""
+
+    def __init__(
+        self, columns: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ):
+        super().__init__(columns, device, dtype)
+        self._cross = torch.zeros(columns, columns, dtype=dtype, device=device)
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """The accumulated ``[columns, columns]`` matrix ``2/n * sum w (x - x~) x~^T``."""
+        return self._cross
+
+    def add_pair(self, x_quant: torch.Tensor, x_float: torch.Tensor,
+                 weights: torch.Tensor | float | None = None) -> None:
+        """Add Linear inputs of the same tokens: ``x_quant`` (the quantized model's) and ``x_float`` (the float
+        model's), both ``[..., columns]`` with the same shape; ``weights`` as in :meth:`add_batch`."""
+        if x_quant.shape != x_float.shape or x_quant.shape[-1] != self.columns:
+            raise ValueError(f"x_quant and x_float must have the same shape ending in {self.columns}, got "
+                             f"{tuple(x_quant.shape)} and {tuple(x_float.shape)}")
+        xq = x_quant.reshape(-1, self.columns).to(device=self._h.device, dtype=self._h.dtype)
+        xf = x_float.reshape(-1, self.columns).to(device=self._h.device, dtype=self._h.dtype)
+        n = xq.shape[0]
+        if n == 0:
+            return
+        if not (all_finite(xq) and all_finite(xf)):
+            raise ValueError("x contains non-finite values (inf or nan)")
+        if weights is not None:
+            scale = row_scales(weights, n, xq)
+            xq, xf = xq * scale, xf * scale
+        total = self.nsamples + n
+        factor = math.sqrt(2.0 / total)
+        xq, xf = xq * factor, xf * factor
+        self._h.mul_(self.nsamples / total).addmm_(xq.t(), xq)
+        self._cross.mul_(self.nsamples / total).addmm_((xf - xq).t(), xq)
         self.nsamples = total

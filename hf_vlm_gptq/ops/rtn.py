@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .grid import find_params, quantize_codes
+from .grid import check_full_range, find_params, quantize_codes
 from .result import QuantResult, check_common, check_hessian, check_weight, compute_dtype, proxy_loss
 
 
 def group_params(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid parameters of every column group of ``w[out, in]``: ``(scale, zero)`` each ``[out, n_groups]``.
 
@@ -17,13 +17,13 @@ def group_params(
     """
     out_f, in_f = w.shape
     if group_size == -1 or group_size >= in_f:
-        s, z = find_params(w, bits, sym, clip)
+        s, z = find_params(w, bits, sym, clip, full_range)
         return s.unsqueeze(1), z.unsqueeze(1)
     full = in_f // group_size
-    s, z = find_params(w[:, : full * group_size].reshape(out_f * full, group_size), bits, sym, clip)
+    s, z = find_params(w[:, : full * group_size].reshape(out_f * full, group_size), bits, sym, clip, full_range)
     s, z = s.view(out_f, full), z.view(out_f, full)
     if full * group_size < in_f:
-        s2, z2 = find_params(w[:, full * group_size :], bits, sym, clip)
+        s2, z2 = find_params(w[:, full * group_size :], bits, sym, clip, full_range)
         s, z = torch.cat([s, s2.unsqueeze(1)], 1), torch.cat([z, z2.unsqueeze(1)], 1)
     return s, z
 
@@ -35,10 +35,10 @@ def default_g_idx(in_features: int, group_size: int, device: torch.device | None
 
 
 def rtn_core(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, full_range: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN of ``w`` (float, not modified): codes uint8, scales, zeros (float, w's dtype), g_idx int32."""
-    scale, zero = group_params(w, bits, group_size, sym, clip)
+    scale, zero = group_params(w, bits, group_size, sym, clip, full_range)
     g_idx = default_g_idx(w.shape[1], group_size, w.device)
     g = g_idx.long()
     codes = quantize_codes(w, scale[:, g], zero[:, g], bits)
@@ -53,15 +53,18 @@ def rtn_quantize(
     sym: bool = True,
     clip: bool = False,
     hessian: torch.Tensor | None = None,
+    full_range: bool = False,
 ) -> QuantResult:
-    """Round-to-nearest quantization of ``weight[out, in]``; the loss is computed when ``hessian`` is given."""
+    """Round-to-nearest quantization of ``weight[out, in]``; the loss is computed when ``hessian`` is given.
+    ``full_range``: the symmetric grid with all ``2**bits`` codes (see ``grid.py``)."""
     check_common(bits, group_size, sym, clip)
+    check_full_range(full_range)
     check_weight(weight)
     if hessian is not None:
         check_hessian(hessian, weight.shape[1])
     dtype = compute_dtype(weight, *([hessian] if hessian is not None else []))
     w = weight.detach().to(dtype)
-    codes, scale, zero, g_idx = rtn_core(w, bits, group_size, sym, clip)
+    codes, scale, zero, g_idx = rtn_core(w, bits, group_size, sym, clip, full_range)
     result = QuantResult(
         codes=codes,
         scales=scale.float(),
