@@ -45,6 +45,7 @@ from .modules_swap import SplitLinear, build_split_linear, make_quant_module, mo
 from .offload import ExecutionOffload, same_device
 from .ops import HessianAccumulator, QuantResult, gptq_quantize_shared, rtn_quantize
 from .report import QuantRecord
+from .threads import adaptive_threads
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class ComponentQuantizer:
         self.entries = entries
         self.progress = progress
         self.offload = offload
+        self.before_block: Callable[[], object] = lambda: None
+        """Called before each block is solved (the CPU thread policy re-measures there)."""
 
     # --- helpers ------------------------------------------------------------------------------
     def _forward_on_device(self) -> ExecutionOffload | contextlib.nullcontext:
@@ -252,6 +255,7 @@ class ComponentQuantizer:
         total = len(self._blocks())
         bar = tqdm(feed, total=total, desc=f"{self.comp.name}", unit="block", disable=not self.progress, leave=False)
         for path, block, calls, keep_dense in bar:
+            self.before_block()
             self._quantize_block(path, block, calls, keep_dense)
 
     def _stages(self, block: nn.Module) -> list[list[tuple[str, ...]]]:
@@ -322,17 +326,20 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     entries: dict[str, dict] = {}
     was_training = model.training
     model.eval()
-    for comp in spec.components:
-        if not getattr(config, comp.flag) or (select is not None and comp.name not in select):
-            continue
-        which = "all" if select is None else select[comp.name]
-        logger.info("quantizing %s (%s bits, %s)", comp.name, config.part_options(comp.part)["bits"],
-                    "RTN" if config.part_options(comp.part)["rtn"] else "GPTQ")
-        worker = ComponentQuantizer(model, spec, comp, config, device, records, entries, progress, offload)
-        if comp.stem and which in ("all", "stem"):
-            worker.quantize_stem(batches)
-        if which in ("all", "blocks"):
-            worker.quantize_blocks(batches)
+    # on CPU: 1 thread while other processes hold the cores (threads.py)
+    with adaptive_threads(enabled=device.type == "cpu") as threads:
+        for comp in spec.components:
+            if not getattr(config, comp.flag) or (select is not None and comp.name not in select):
+                continue
+            which = "all" if select is None else select[comp.name]
+            logger.info("quantizing %s (%s bits, %s)", comp.name, config.part_options(comp.part)["bits"],
+                        "RTN" if config.part_options(comp.part)["rtn"] else "GPTQ")
+            worker = ComponentQuantizer(model, spec, comp, config, device, records, entries, progress, offload)
+            worker.before_block = threads.refresh
+            if comp.stem and which in ("all", "stem"):
+                worker.quantize_stem(batches)
+            if which in ("all", "blocks"):
+                worker.quantize_blocks(batches)
     checks.finish(records)  # float16 scales that underflowed -> the records' stats
     model.train(was_training)
     return records, entries

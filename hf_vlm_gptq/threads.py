@@ -1,0 +1,82 @@
+"""How many CPU threads torch uses while a model is quantized, chosen by measuring the machine as it is now.
+
+torch's CPU ops run on an OpenMP pool whose threads spin at every barrier (libgomp's default wait policy).
+When another process holds a core, a thread waits for its descheduled peer at each of the thousands of small
+ops of a block's replays and column sweeps: a 2-thread run then takes several times the wall time of a
+1-thread run and burns several times the CPU. `OMP_WAIT_POLICY=PASSIVE` fixes that, but libgomp reads it
+once, when torch is imported, so a library cannot set it (the `hf-vlm-gptq` command does, see
+`hf_vlm_gptq_launcher.py`). What a library can do is choose the thread count: `AdaptiveThreads` times a
+few parallel ops with the caller's thread count and with one thread, keeps the faster, re-measures before
+each block, and gives the caller's count back at the end. `HF_VLM_GPTQ_ADAPTIVE_THREADS=0` switches it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdaptiveThreads", "adaptive_threads", "probe_seconds"]
+
+_PROBE_ELEMENTS = 1 << 20  # 4 MB of float32: split over the threads by torch's parallel_for
+_PROBE_OPS = 24
+_KEEP_MORE_IF_FASTER = 0.85  # more threads must beat one thread by 15% to be kept
+
+
+def probe_seconds(threads: int, buffer: torch.Tensor) -> float:
+    """Wall time of a fixed run of small parallel ops with `threads` intra-op threads (the best of two)."""
+    torch.set_num_threads(threads)
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for _ in range(_PROBE_OPS):
+            buffer.mul_(1.0000001)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class AdaptiveThreads:
+    """Chooses between the caller's torch thread count and one thread, by measurement, while it is active."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.initial = torch.get_num_threads()
+        self.enabled = (enabled and self.initial > 1
+                        and os.environ.get("HF_VLM_GPTQ_ADAPTIVE_THREADS", "1") != "0")
+        self.current = self.initial
+        self._buffer = torch.ones(_PROBE_ELEMENTS) if self.enabled else None
+
+    def refresh(self) -> int:
+        """Measure both counts now, keep the faster one; returns the thread count in use."""
+        if not self.enabled:
+            return self.current
+        many = probe_seconds(self.initial, self._buffer)
+        one = probe_seconds(1, self._buffer)
+        chosen = self.initial if many < _KEEP_MORE_IF_FASTER * one else 1
+        if chosen != self.current:
+            logger.info("CPU threads for quantization: %d (parallel ops took %.1f ms with %d threads, %.1f ms "
+                        "with 1: %s)", chosen, many * 1e3, self.initial, one * 1e3,
+                        "the cores are free" if chosen > 1 else "other processes hold the cores")
+        self.current = chosen
+        torch.set_num_threads(chosen)
+        return chosen
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.initial)
+
+
+@contextlib.contextmanager
+def adaptive_threads(enabled: bool = True) -> Iterator[AdaptiveThreads]:
+    """Measure and choose now, let the caller `refresh()` before each block, restore the count on exit
+    (`enabled=False`: a no-op policy, e.g. when the blocks run on a GPU)."""
+    policy = AdaptiveThreads(enabled)
+    try:
+        policy.refresh()
+        yield policy
+    finally:
+        policy.restore()
