@@ -7,15 +7,13 @@
 
 from __future__ import annotations
 
-import logging
-
+from . import log  # first: installs the default handler (warnings reach the user; see log.py)
 from .config import FORMAT_VERSION, QUANT_METHOD, VLMGPTQConfig
+from .log import get_verbosity, set_verbosity
 from .quantizer import VLMGPTQHfQuantizer
 from .report import QuantRecord, records_to_json, records_to_table
 
 __version__ = "0.1.0"
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def _register() -> None:
@@ -64,5 +62,8 @@ __all__ = [
     "VLMGPTQHfQuantizer",
     "__version__",
     "get_quantizers",
+    "get_verbosity",
+    "log",
     "quantization_report",
+    "set_verbosity",
 ]
