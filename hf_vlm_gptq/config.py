@@ -9,6 +9,8 @@ calibration data or the processor.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import numbers
 from typing import Any
 
@@ -37,6 +39,77 @@ _BOOL_FIELDS = (
     "sym",
     "true_sequential",
 )
+
+# transformers' GPTQConfig names accepted as aliases of ours (README, "Options"): alias -> our field(s)
+GPTQ_ALIASES = {
+    "bits": ("visual_w_bits", "llm_w_bits"),
+    "group_size": ("w_groupsize",),
+    "desc_act": ("act_order",),
+    "damp_percent": ("percdamp",),
+    "model_seqlen": ("max_seq_len",),
+    "format": ("checkpoint_format",),
+}
+_KERNELS = "the kernel is chosen per layer when it runs (README: Performance; QuantLinear.kernel)"
+_BLOCKS = ("the blocks, their order and their inputs come from the architecture definitions (hf_vlm_gptq/arch); "
+           "switch parts with quant_visual_clip / quant_cross_attention / quant_visual_projector / quant_llm and "
+           "keep modules in full precision with modules_to_not_convert")
+# GPTQConfig options with no counterpart here: why, or what to pass instead
+GPTQ_WITHOUT_COUNTERPART = {
+    "tokenizer": "pass processor=AutoProcessor.from_pretrained(...) (None: the model's own processor)",
+    "act_group_aware": "act-order groups are stored with g_idx as GPTQ does; there is no group-aware reordering",
+    "meta": "the checkpoint records every option and module itself",
+    "backend": _KERNELS,
+    "use_exllama": _KERNELS,
+    "exllama_config": _KERNELS,
+    "use_cuda_fp16": _KERNELS,
+    "max_input_length": _KERNELS,
+    "block_name_to_quantize": _BLOCKS,
+    "module_name_preceding_first_block": _BLOCKS,
+    "modules_in_block_to_quantize": _BLOCKS,
+    "batch_size": "each calibration sample is its own forward pass (max_seq_len caps its tokens)",
+    "pad_token_id": "each calibration sample is its own forward pass, so nothing is padded",
+    "cache_block_outputs": "the inputs of one block at a time are always kept",
+}
+
+
+def _accept_gptq_names(init):
+    """Let ``__init__`` take GPTQConfig's names (:data:`GPTQ_ALIASES`): each fills our field(s) of the same
+    meaning. ``bits`` sets both ``visual_w_bits`` and ``llm_w_bits``, except one passed explicitly (so
+    ``bits=4, visual_w_bits=8`` is a 4-bit LLM with an 8-bit vision part); any other alias given together
+    with its field must agree with it. GPTQConfig options without a counterpart are refused with a hint."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args: Any, **kwargs: Any) -> None:
+        given = {**signature.bind_partial(self, *args).arguments, **kwargs}
+        used: dict[str, str] = {}  # our field -> "alias=value", for error messages
+        for alias, fields in GPTQ_ALIASES.items():
+            if alias not in kwargs:
+                continue
+            value = kwargs.pop(alias)
+            if len(fields) > 1 and all(f in given for f in fields) and value not in [given[f] for f in fields]:
+                raise ValueError(f"VLMGPTQConfig got {alias}={value!r} (GPTQConfig's name for {' and '.join(fields)}) "
+                                 f"and {', '.join(f'{f}={given[f]!r}' for f in fields)}; pass one or the other.")
+            for field in fields:
+                if field not in given:
+                    kwargs[field] = value
+                    used[field] = f"{alias}={value!r}"
+                elif len(fields) == 1 and given[field] != value:
+                    raise ValueError(f"VLMGPTQConfig got {alias}={value!r} (GPTQConfig's name for {field}) and "
+                                     f"{field}={given[field]!r}; pass one of them.")
+        refused = sorted(set(kwargs) & set(GPTQ_WITHOUT_COUNTERPART))
+        if refused:
+            raise ValueError("VLMGPTQConfig has no counterpart of GPTQConfig's " + "; ".join(
+                f"{name} ({GPTQ_WITHOUT_COUNTERPART[name]})" for name in refused) + ".")
+        try:
+            init(self, *args, **kwargs)
+        except ValueError as err:
+            field = next((f for f in used if f"VLMGPTQConfig.{f} " in str(err)), None)
+            if field is None:
+                raise
+            raise ValueError(f"{err} (set by GPTQConfig's name {used[field]})") from None
+
+    return wrapper
 
 
 class VLMGPTQConfig(QuantizationConfigMixin):
@@ -81,6 +154,7 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         seed: seed of the built-in calibration set (an int >= 0).
     """
 
+    @_accept_gptq_names
     def __init__(
         self,
         quant_visual_clip: bool = True,
@@ -154,7 +228,8 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         if kwargs:
             raise ValueError(
                 f"VLMGPTQConfig got unknown option(s) {sorted(kwargs)}; "
-                "see help(hf_vlm_gptq.VLMGPTQConfig) for the accepted fields."
+                "see help(hf_vlm_gptq.VLMGPTQConfig) for the accepted fields (GPTQConfig's bits, group_size, "
+                "desc_act, damp_percent, model_seqlen and format are accepted too)."
             )
         self.post_init()
 
