@@ -5,9 +5,10 @@ When another process holds a core, a thread waits for its descheduled peer at ea
 ops of a block's replays and column sweeps: a 2-thread run then takes several times the wall time of a
 1-thread run and burns several times the CPU. `OMP_WAIT_POLICY=PASSIVE` fixes that, but libgomp reads it
 once, when torch is imported, so a library cannot set it (the `hf-vlm-gptq` command does, see
-`hf_vlm_gptq_launcher.py`). What a library can do is choose the thread count: `AdaptiveThreads` times a
-few parallel ops with the caller's thread count and with one thread, keeps the faster, re-measures before
-each block, and gives the caller's count back at the end. `HF_VLM_GPTQ_ADAPTIVE_THREADS=0` switches it off.
+`hf_vlm_gptq_launcher.py`). What a library can do is choose the thread count: `AdaptiveThreads` takes one
+thread while Linux reports CPU pressure (other work waiting for the cores), else times a few parallel ops
+with the caller's thread count and with one thread and keeps the faster; it re-decides before each block
+and gives the caller's count back at the end. `HF_VLM_GPTQ_ADAPTIVE_THREADS=0` switches it off.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ __all__ = ["AdaptiveThreads", "adaptive_threads", "probe_seconds"]
 _PROBE_ELEMENTS = 1 << 20  # 4 MB of float32: split over the threads by torch's parallel_for
 _PROBE_OPS = 24
 _KEEP_MORE_IF_FASTER = 0.85  # more threads must beat one thread by 15% to be kept
+_BUSY_PRESSURE_PCT = 5.0  # PSI "some avg10" above this: other work is waiting for the cores
+
+
+def cpu_pressure() -> float | None:
+    """Share of the last 10 s in which runnable work waited for a CPU (Linux PSI "some avg10"), in %; None
+    where the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu") as handle:
+            return float(handle.readline().split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def probe_seconds(threads: int, buffer: torch.Tensor) -> float:
@@ -52,15 +64,23 @@ class AdaptiveThreads:
         self._buffer = torch.ones(_PROBE_ELEMENTS) if self.enabled else None
 
     def refresh(self) -> int:
-        """Measure both counts now, keep the faster one; returns the thread count in use."""
+        """Measure both counts now, keep the faster one; returns the thread count in use.
+
+        Where Linux reports CPU pressure (PSI), runnable work that waited for a CPU in the last 10 s means
+        other processes want these cores: one thread then, without probing (a short probe can fall inside
+        one scheduler slice and look fast)."""
         if not self.enabled:
             return self.current
-        many = probe_seconds(self.initial, self._buffer)
-        one = probe_seconds(1, self._buffer)
-        chosen = self.initial if many < _KEEP_MORE_IF_FASTER * one else 1
+        pressure = cpu_pressure()
+        if pressure is not None and pressure > _BUSY_PRESSURE_PCT:
+            many, one, chosen = float("nan"), float("nan"), 1
+        else:
+            many = probe_seconds(self.initial, self._buffer)
+            one = probe_seconds(1, self._buffer)
+            chosen = self.initial if many < _KEEP_MORE_IF_FASTER * one else 1
         if chosen != self.current:
-            logger.info("CPU threads for quantization: %d (parallel ops took %.1f ms with %d threads, %.1f ms "
-                        "with 1: %s)", chosen, many * 1e3, self.initial, one * 1e3,
+            logger.info("CPU threads for quantization: %d (CPU pressure %s%%; parallel ops took %.1f ms with %d "
+                        "threads, %.1f ms with 1: %s)", chosen, pressure, many * 1e3, self.initial, one * 1e3,
                         "the cores are free" if chosen > 1 else "other processes hold the cores")
         self.current = chosen
         torch.set_num_threads(chosen)

@@ -11,6 +11,12 @@ import hf_vlm_gptq.threads as threads
 from hf_vlm_gptq import VLMGPTQConfig
 
 
+@pytest.fixture(autouse=True)
+def no_pressure_reading(monkeypatch):
+    """The probes decide unless a test says the kernel reports CPU pressure."""
+    monkeypatch.setattr(threads, "cpu_pressure", lambda: None)
+
+
 @pytest.fixture
 def two_threads():
     before = torch.get_num_threads()
@@ -33,6 +39,16 @@ def test_busy_cores_give_one_thread_and_the_count_comes_back(two_threads, monkey
         monkeypatch.setattr(threads, "probe_seconds", fake_probe({"many": 0.004, 1: 0.010}))
         assert policy.refresh() == 2 and torch.get_num_threads() == 2  # the cores came free
     assert torch.get_num_threads() == 2
+
+
+def test_cpu_pressure_gives_one_thread_without_probing(two_threads, monkeypatch):
+    monkeypatch.setattr(threads, "probe_seconds", fake_probe({"many": 0.001, 1: 0.010}))
+    monkeypatch.setattr(threads, "cpu_pressure", lambda: 40.0)
+    with threads.adaptive_threads():
+        assert torch.get_num_threads() == 1
+    monkeypatch.setattr(threads, "cpu_pressure", lambda: 0.0)
+    with threads.adaptive_threads():
+        assert torch.get_num_threads() == 2
 
 
 def test_free_cores_keep_the_callers_count(two_threads, monkeypatch):
