@@ -13,6 +13,11 @@ import os
 
 def main() -> int | None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] in ("quantize", "export", "export-vllm", "demo"):
+        # the first line at once: importing torch and transformers takes seconds on a busy machine
+        print(f"[hf-vlm-gptq] {sys.argv[1]}: loading torch and transformers", file=sys.stderr, flush=True)
     from hf_vlm_gptq.cli import main as cli_main
 
     return cli_main()

@@ -29,18 +29,32 @@ def _prompts(processor) -> dict[str, dict]:
                                      max_seq_len=2048)[0] for kind, s in picked.items()}
 
 
-def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samples: int = 16) -> dict[str, Any]:
-    """Run the whole path once and return what happened (report table, timings, reload check, text)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samples: int = 16,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Run the whole path once and return what happened (report table, timings, reload check, text).
 
-    from . import get_quantizers
-    from .outdir import OutputDir, save_model_atomic
+    `out_dir`: where the quantized checkpoint stays (an existing one is replaced only with `overwrite`, and
+    only when this package wrote it); None: a temporary folder, removed with everything else the demo
+    built before this returns."""
+    from .outdir import OutputDir
 
     if arch not in DEMO_ARCHS:
         raise ValueError(f"demo arch must be one of {sorted(DEMO_ARCHS)}, got {arch!r}")
-    if out_dir is not None:  # a bad --out (a file, a folder this package did not write) fails before any work
-        OutputDir(out_dir, overwrite=True, command="demo").discard()
-    work = Path(tempfile.mkdtemp(prefix="hf_vlm_gptq_demo_"))
+    if out_dir is not None:  # a bad --out (a file, a folder this package did not write, no --overwrite) fails now
+        OutputDir(out_dir, overwrite=overwrite, command="demo").discard()
+    with tempfile.TemporaryDirectory(prefix="hf_vlm_gptq_demo_") as work:
+        report = _run(arch, Path(work), out_dir, num_samples, overwrite)
+    if out_dir is None:
+        report["checkpoint"] = "(a temporary folder, removed; pass --out DIR to keep it)"
+    return report
+
+
+def _run(arch: str, work: Path, out_dir: str | Path | None, num_samples: int, overwrite: bool) -> dict[str, Any]:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from . import get_quantizers
+    from .outdir import save_model_atomic
+
     source = spec_for_name(arch).build_tiny(work / "tiny-float")
     out = Path(out_dir) if out_dir is not None else work / "tiny-w4g32"
 
@@ -50,7 +64,7 @@ def run_demo(arch: str = "qwen2_vl", out_dir: str | Path | None = None, num_samp
     model = AutoModelForImageTextToText.from_pretrained(source, quantization_config=config, dtype=torch.float32)
     quantize_seconds = time.perf_counter() - start
     table = records_to_table(get_quantizers(model))
-    save_model_atomic(model, out, processor=processor, overwrite=True, command="demo")
+    save_model_atomic(model, out, processor=processor, overwrite=overwrite, command="demo")
 
     reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     report: dict[str, Any] = {"table": table, "checkpoint": str(out), "quantize_seconds": round(quantize_seconds, 2),

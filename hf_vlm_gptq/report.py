@@ -118,18 +118,20 @@ def records_to_json(records: dict[str, QuantRecord]) -> str:
 
 
 def records_to_table(records: dict[str, QuantRecord]) -> str:
-    """A fixed-width table, one line per module, then a summary line per component."""
-    header = f"{'module':<48} {'method':<6} {'bits':>4} {'group':>5} {'shape':>11} {'samples':>7} " \
+    """A fixed-width table, one line per module (full paths: the column is as wide as the longest), then a
+    summary line per component. `order`: "act" for GPTQ with act-order columns, "-" otherwise."""
+    width = max([len("module"), *(len(rec.path) for rec in records.values())])
+    header = f"{'module':<{width}} {'method':<6} {'bits':>4} {'group':>5} {'order':<5} {'shape':>11} {'samples':>7} " \
              f"{'damp':>8} {'loss':>10} {'sec':>6}  note"
     lines = [header, "-" * len(header)]
     for rec in records.values():
         shape = f"{rec.out_features}x{rec.in_features}"
         damp = "-" if not math.isfinite(rec.damp) else f"{rec.damp:.3g}"
         loss = "-" if not math.isfinite(rec.loss) else f"{rec.loss:.4g}"
-        note = rec.note
+        order = "act" if rec.act_order else "-"
         lines.append(
-            f"{_shorten(rec.path, 48):<48} {rec.method:<6} {rec.bits:>4} {rec.group_size:>5} {shape:>11} "
-            f"{rec.samples:>7} {damp:>8} {loss:>10} {rec.seconds:>6.2f}  {note}"
+            f"{rec.path:<{width}} {rec.method:<6} {rec.bits:>4} {rec.group_size:>5} {order:<5} {shape:>11} "
+            f"{rec.samples:>7} {damp:>8} {loss:>10} {rec.seconds:>6.2f}  {rec.note}"
         )
     lines.append("")
     by_component: dict[str, list[QuantRecord]] = {}
@@ -141,6 +143,3 @@ def records_to_table(records: dict[str, QuantRecord]) -> str:
         lines.append(f"{comp}: {len(recs)} modules, {fallbacks} fallbacks, {seconds:.1f} s")
     return "\n".join(lines)
 
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]

@@ -294,7 +294,16 @@ def load_samples(dataset: Any, num_samples: int, seed: int = 0) -> list[dict]:
     if isinstance(dataset, (str, Path)):
         folder = Path(dataset)
         if not folder.is_dir():
-            raise ValueError(f"dataset path '{dataset}' is not a folder of images")
+            what = "is a file, not a folder of images" if folder.exists() else (
+                "is neither a folder of images nor a dataset this package can fetch by name: calibration runs "
+                "images, clips and chat text through the model's processor, not a named text corpus "
+                "(GPTQConfig's 'c4' / 'wikitext2')")
+            raise ValueError(
+                f"dataset={str(dataset)!r} {what}. Accepted: None (the built-in synthetic set: pictures, charts, "
+                "text, short clips; no download), a list of sample dicts ({'image': PIL image / array / path, "
+                "'video': frames / path, 'text': ..., 'answer': ...} or {'messages': [...]}), a datasets.Dataset "
+                "with image / video / text / answer / messages columns (load a hub dataset yourself, e.g. "
+                "datasets.load_dataset(...)), or the path of a folder of images.")
         raw = _folder_samples(folder, num_samples)
     elif _is_hf_dataset(dataset):
         columns = getattr(dataset, "column_names", None)
