@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from . import card
 from .calib import build_model_inputs, load_samples
 from .config import VLMGPTQConfig
 from .pipeline import quantize_model
@@ -58,4 +59,7 @@ def quantize(model, config: VLMGPTQConfig, *, data: Any = None, processor: Any =
     model.is_quantized = True
     model.quantization_method = target.quant_method
     logger.info("quantization report\n%s", records_to_table(records))
+    if not hasattr(model, "_hf_vlm_gptq_card"):  # save_pretrained / push_to_hub: README.md + error plot
+        card.attach(model, card.base_model_of(model), card.describe_dataset(
+            config.dataset if data is None else data, config.num_samples, config.seed))
     return records

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers.quantizers.base import HfQuantizer
 
+from . import card
 from .arch import spec_for_model_type
 from .calib import build_model_inputs, load_samples
 from .config import VLMGPTQConfig
@@ -83,6 +84,7 @@ class VLMGPTQHfQuantizer(HfQuantizer):
             records = records_from_config(self.module_records, config.stats, config.sym, config.act_order)
             rank = {name: i for i, (name, _) in enumerate(model.named_modules())}  # config.json sorts keys
             self.records = dict(sorted(records.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+            card.attach(model, card.base_model_of(model), None)  # save_pretrained / push_to_hub: README + plot
             return model
         processor = config.processor
         if processor is None:
@@ -99,6 +101,8 @@ class VLMGPTQHfQuantizer(HfQuantizer):
         config.stats = {path: rec.stats() for path, rec in self.records.items()}
         self.samples = None
         logger.info("quantization report\n%s", records_to_table(self.records))
+        card.attach(model, card.base_model_of(model), card.describe_dataset(config.dataset, config.num_samples,
+                                                                             config.seed))
         return model
 
     def get_state_dict_and_metadata(self, model):
