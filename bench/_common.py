@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+# A run writes into its own folder, bench/runs/<time>/ (untracked), unless BENCH_RESULTS_DIR names another:
+# BENCH_RESULTS_DIR=bench/results updates the tracked results the README quotes.
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR")
+               or Path(__file__).resolve().parent / "runs" / time.strftime("%Y%m%d-%H%M%S"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

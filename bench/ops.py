@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -47,7 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_gptq import fasterquant  # the bench's one eager GPTQ, shared with quantize_speed.py
 
 logger = logging.getLogger("bench.ops")
-RESULTS = Path(__file__).resolve().parent / "results"
+# bench/runs/<time>/ (untracked) unless BENCH_RESULTS_DIR names another folder (bench/results: the tracked one)
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "runs"
+               / time.strftime("%Y%m%d-%H%M%S"))
 BITS, GROUP = 4, 128
 BATCHES = (1, 4, 16, 64, 256, 1024)
 INT4_BENCH_MAX_BATCH = 256
@@ -290,7 +293,7 @@ def main() -> None:
         or "available",
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if torch.cuda.is_available() else "cpu"
     payload = {"meta": meta, "solve": solves, "matmul": matmuls, "other_bits": other_bits}
     (RESULTS / f"ops_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.arch import ARCHITECTURES, spec_for_name
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
 
-RESULTS = Path(__file__).parent / "results"
+# bench/runs/<time>/ (untracked) unless BENCH_RESULTS_DIR names another folder (bench/results: the tracked one)
+RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "runs"
+               / time.strftime("%Y%m%d-%H%M%S"))
 HELD_OUT = 24  # held-out built-in samples (another seed): 18 pictures, 4 clips, 2 text-only turns
 
 PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
@@ -152,7 +155,7 @@ def main() -> None:
     rows = run(args.archs.split(","), args.samples, args.quick)
     table = to_markdown(rows)
     print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(rows, indent=2))
     (RESULTS / "quality.md").write_text(
         f"# bench/quality.py ({time.strftime('%Y-%m-%d')}, CPU, calibration {args.samples} built-in samples, "
