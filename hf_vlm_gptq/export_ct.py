@@ -139,7 +139,27 @@ def _plan(src: Path, config: dict[str, Any], spec, files: dict[str, str], sym: b
             contiguous = contiguous_groups(io.read_tensor(src, files, f"{mod.key}.g_idx"), mod.record.group_size)
         mod.dense = dense_reason(mod, contiguous, sym)
         mod.name = mod.path
+    if spec.vllm is not None:
+        _fused_alike(modules, spec.vllm)
     return modules
+
+
+def _fused_alike(modules: list[SourceModule], layout) -> None:
+    """vLLM runs q/k/v and gate/up shards as one layer and refuses shards quantized differently
+    (`compressed_tensors/utils.py::should_ignore_layer`, `find_matched_target`): when the shards are not all
+    packed with one scheme, the packed ones are written dense too (exactly: the same weights, bigger)."""
+    groups: dict[str, list[SourceModule]] = defaultdict(list)
+    for mod in modules:
+        name = layout.module_name(mod.key)
+        if mod.record.kind == "linear" and not name.endswith("." + mod.key.rpartition(".")[2]):
+            groups[name].append(mod)
+    for name, members in groups.items():
+        packed = [m for m in members if not m.dense]
+        shards = layout.shards_of(name.rpartition(".")[2], name)
+        if packed and (len(packed) < max(len(shards), len(members)) or len({m.scheme for m in packed}) > 1):
+            for mod in packed:
+                mod.dense = (f"vLLM fuses it into {name}, whose shards are not all packed with one scheme (vLLM "
+                             "refuses mixed shards)")
 
 
 def quantization_config(spec, modules: list[SourceModule], floats: dict[str, str], sym: bool) -> dict[str, Any]:
