@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import sys
 import time
@@ -49,6 +50,14 @@ _HELP = {
     "act_order": "GPTQ column order by decreasing Hessian diagonal (stored with g_idx); vLLM's GPTQ path and "
                  "compressed-tensors do not run act-order groups: the exports refuse those layers or write them "
                  "dense",
+    "group_order": "group-aware column order: by Hessian diagonal inside each group, groups kept contiguous "
+                   "(g_idx stays col // group, so the exports keep it packed); exclusive with --act-order",
+    "sym_full_range": "symmetric grid with all 2**bits codes (scale 2*absmax/(2**bits-1), zero 2**(bits-1))",
+    "gptaq": "GPTAQ: fit each layer to the float model's outputs while it sees the quantized inputs",
+    "gptaq_alpha": "scale of GPTAQ's asymmetry term, a number >= 0",
+    "hessian_weighting": "per-token Hessian weights: none, modality (--modality-weights) or balanced (each "
+                         "modality the same total weight)",
+    "modality_weights": 'JSON, e.g. \'{"image": 2, "text": 1}\' (with --hessian-weighting modality)',
     "visual_w_clip": "MSE search of the clipping range for the vision parts",
     "llm_w_clip": "MSE search of the clipping range for the language model",
     "visual_split": "keep input channel 0 of the vision MLP's output linear (fc2 / down_proj) in full precision",
@@ -74,6 +83,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         text = _HELP.get(name, f"VLMGPTQConfig.{name} (README: Options)")
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif default is None:
+            group.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=text)
         else:
             group.add_argument(flag, type=type(default), default=default, metavar=type(default).__name__.upper(),
                                help=text)

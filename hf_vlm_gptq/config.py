@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 import numbers
 from typing import Any
 
@@ -38,13 +39,19 @@ _BOOL_FIELDS = (
     "llm_split",
     "sym",
     "true_sequential",
+    "group_order",
+    "sym_full_range",
+    "gptaq",
 )
+HESSIAN_WEIGHTINGS = ("none", "modality", "balanced")
+MODALITIES = ("image", "video", "text")
 
 # transformers' GPTQConfig names accepted as aliases of ours (README, "Options"): alias -> our field(s)
 GPTQ_ALIASES = {
     "bits": ("visual_w_bits", "llm_w_bits"),
     "group_size": ("w_groupsize",),
     "desc_act": ("act_order",),
+    "act_group_aware": ("group_order",),
     "damp_percent": ("percdamp",),
     "model_seqlen": ("max_seq_len",),
     "format": ("checkpoint_format",),
@@ -56,7 +63,6 @@ _BLOCKS = ("the blocks, their order and their inputs come from the architecture 
 # GPTQConfig options with no counterpart here: why, or what to pass instead
 GPTQ_WITHOUT_COUNTERPART = {
     "tokenizer": "pass processor=AutoProcessor.from_pretrained(...) (None: the model's own processor)",
-    "act_group_aware": "act-order groups are stored with g_idx as GPTQ does; there is no group-aware reordering",
     "meta": "the checkpoint records every option and module itself",
     "backend": _KERNELS,
     "use_exllama": _KERNELS,
@@ -129,6 +135,21 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         w_groupsize: input columns per quantization group; -1 means one group per output channel.
         percdamp: GPTQ damping, as a fraction of the mean Hessian diagonal.
         act_order: solve columns in order of decreasing Hessian diagonal (stored with `g_idx`).
+        group_order: group-aware reordering: columns by decreasing Hessian diagonal inside each group, groups
+            by their largest diagonal, each group kept contiguous, so `g_idx` stays `col // w_groupsize`
+            (vLLM serves it; act_order cannot be exported). Exclusive with act_order.
+        sym_full_range: with `sym`, the grid that uses all 2**bits codes (scale = 2 * absmax / (2**bits - 1),
+            zero 2**(bits-1); AutoGPTQ's), instead of scale = absmax / (2**(bits-1) - 1), which never uses
+            code 0 unless clipping.
+        gptaq: GPTAQ asymmetric calibration: fit each layer to the float model's outputs while it sees the
+            quantized model's inputs (a float copy of each block runs next to it; within each part, i.e.
+            the float inputs of a part's first block are those the quantized earlier parts give it).
+        gptaq_alpha: scale of GPTAQ's asymmetry term (0.25, the published default).
+        hessian_weighting: per-token weights in the Hessians: "none"; "modality" (each image / video / text
+            token weighted by `modality_weights`); "balanced" (each modality present in a part's
+            calibration tokens gets the same total weight).
+        modality_weights: {"image": w, "video": w, "text": w} for hessian_weighting="modality" (missing
+            keys are 1.0; weights >= 0).
         visual_w_clip / llm_w_clip: MSE search of the clipping range per row/group.
         visual_split / llm_split: keep input channel 0 of `mlp.fc2` / `mlp.down_proj` in full precision
             and quantize the other channels (the research code's ".L2" modules).
@@ -168,6 +189,12 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         w_groupsize: int = 128,
         percdamp: float = 0.01,
         act_order: bool = False,
+        group_order: bool = False,
+        sym_full_range: bool = False,
+        gptaq: bool = False,
+        gptaq_alpha: float = 0.25,
+        hessian_weighting: str = "none",
+        modality_weights: dict[str, float] | None = None,
         visual_w_clip: bool = True,
         llm_w_clip: bool = True,
         visual_split: bool = False,
@@ -201,6 +228,12 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         self.w_groupsize = w_groupsize
         self.percdamp = percdamp
         self.act_order = act_order
+        self.group_order = group_order
+        self.sym_full_range = sym_full_range
+        self.gptaq = gptaq
+        self.gptaq_alpha = gptaq_alpha
+        self.hessian_weighting = hessian_weighting
+        self.modality_weights = dict(modality_weights) if isinstance(modality_weights, dict) else modality_weights
         self.visual_w_clip = visual_w_clip
         self.llm_w_clip = llm_w_clip
         self.visual_split = visual_split
@@ -251,6 +284,7 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         pd = self.percdamp
         if isinstance(pd, bool) or not isinstance(pd, (int, float)) or not 0 <= pd < 1:
             raise ValueError(f"VLMGPTQConfig.percdamp must be a number in [0, 1), got {pd!r}; 0.01 is usual.")
+        self._check_gptq_options()
         for name, low in (("num_samples", 1), ("max_seq_len", 16), ("block_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -324,6 +358,28 @@ class VLMGPTQConfig(QuantizationConfigMixin):
                              f"pass [{value!r}] for one path.")
         if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
             raise ValueError(f"{field} must be a list of module paths (non-empty strings), got {value!r}.")
+
+    def _check_gptq_options(self) -> None:
+        if self.act_order and self.group_order:
+            raise ValueError("VLMGPTQConfig.group_order and VLMGPTQConfig.act_order are two column orders; "
+                             "set one of them (group_order keeps the checkpoint servable by vLLM).")
+        alpha = self.gptaq_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+            raise ValueError(f"VLMGPTQConfig.gptaq_alpha must be a finite number >= 0, got {alpha!r}; 0.25 is usual.")
+        if self.hessian_weighting not in HESSIAN_WEIGHTINGS:
+            raise ValueError(f"VLMGPTQConfig.hessian_weighting must be one of {HESSIAN_WEIGHTINGS}, "
+                             f"got {self.hessian_weighting!r}.")
+        weights = self.modality_weights
+        if weights is not None:
+            ok = isinstance(weights, dict) and set(weights) <= set(MODALITIES) and all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                for v in weights.values())
+            if not ok:
+                raise ValueError(f"VLMGPTQConfig.modality_weights must be a dict with keys among {MODALITIES} "
+                                 f"and numbers >= 0, got {weights!r}.")
+            if self.hessian_weighting != "modality":
+                raise ValueError("VLMGPTQConfig.modality_weights is only used with hessian_weighting='modality', "
+                                 f"got hessian_weighting={self.hessian_weighting!r}.")
 
     # --- per-part views -------------------------------------------------------------------------
     def part_options(self, part: str) -> dict[str, Any]:

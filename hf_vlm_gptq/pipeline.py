@@ -16,6 +16,7 @@ on the calibration device (offload.py); the caught inputs stay there, one copy a
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import time
@@ -33,6 +34,7 @@ from .capture import (
     capture_calls,
     capture_chain_calls,
     dense_cache,
+    first_output,
     hidden_of,
     replay,
     replay_until,
@@ -41,9 +43,10 @@ from .capture import (
 )
 from .checks import run_model_checks
 from .config import VLMGPTQConfig
+from .modality import GroupInputs, TokenInfo
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
 from .offload import ExecutionOffload, same_device
-from .ops import HessianAccumulator, QuantResult, gptq_quantize_shared, rtn_quantize
+from .ops import QuantResult, gptq_quantize_shared, rtn_quantize
 from .report import QuantRecord
 from .threads import adaptive_threads
 
@@ -73,54 +76,25 @@ def use_offload(config: VLMGPTQConfig, model: nn.Module, device: torch.device) -
     return not same_device(_model_device(model), device)
 
 
-class _GroupInputs:
-    """Feeds one Hessian from the inputs of the first linear of a group (they all share that input)."""
-
-    def __init__(self, module: nn.Module, is_conv: bool, drop_first_channel: bool,
-                 device: torch.device | None = None) -> None:
-        self.is_conv = is_conv
-        self.drop_first_channel = drop_first_channel
-        self.module = module
-        columns = module.weight[0].numel() - (1 if drop_first_channel else 0)
-        self.accumulator = HessianAccumulator(columns, device=device or module.weight.device)
-        self.samples = 0
-        self.tokens = 0
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, _out):
-        x = args[0].detach()
-        if self.is_conv:
-            before = self.accumulator.nsamples
-            self.accumulator.add_conv_batch(x, module)
-            self.tokens += self.accumulator.nsamples - before
-        else:
-            if self.drop_first_channel:
-                x = x[..., 1:]
-            self.accumulator.add_batch(x)
-            self.tokens += x.reshape(-1, x.shape[-1]).shape[0]
-        self.samples += 1
-
-    def close(self) -> torch.Tensor:
-        """Stop listening and hand over the Hessian (dropping our reference, so the caller's `del` frees it)."""
-        self.handle.remove()
-        hessian = self.accumulator.hessian
-        self.accumulator = None
-        return hessian
+# Feeds one group's Hessian (token weights, per-modality Hessians, GPTAQ's float inputs): modality.py
+_GroupInputs = GroupInputs
 
 
 def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts: dict,
-           config: VLMGPTQConfig) -> list[QuantResult]:
+           config: VLMGPTQConfig, cross: torch.Tensor | None = None) -> list[QuantResult]:
     group_size = config.w_groupsize
     if group_size > weights[0].shape[1]:
         # One group covers the whole row either way; -1 says so (and ops' dequantize rejects a group wider
         # than the layer).
         group_size = -1
-    common = dict(bits=opts["bits"], group_size=group_size, sym=config.sym, clip=opts["clip"])
+    common = dict(bits=opts["bits"], group_size=group_size, sym=config.sym, clip=opts["clip"],
+                  full_range=config.sym_full_range and config.sym)
     if opts["rtn"]:
         seen = hessian if tokens > 0 else None  # RTN needs no data; the loss is reported when there was some
         return [rtn_quantize(w, hessian=seen, **common) for w in weights]
     return gptq_quantize_shared(weights, hessian, act_order=config.act_order, percdamp=config.percdamp,
-                                block_size=config.block_size, nsamples=tokens, **common)
+                                block_size=config.block_size, nsamples=tokens, group_order=config.group_order,
+                                gptaq_cross=cross, gptaq_alpha=config.gptaq_alpha, **common)
 
 
 class ComponentQuantizer:
@@ -130,7 +104,9 @@ class ComponentQuantizer:
                  device: torch.device, records: dict[str, QuantRecord], entries: dict[str, dict],
                  progress: bool, offload: bool = False) -> None:
         self.model = model
+        self.spec = spec
         self.comp = comp
+        self.token_info: TokenInfo | None = None
         self.calls_per_batch: CallsPerBatch = lambda batch: spec.calls_per_batch(comp, batch)
         self.config = config
         self.opts = config.part_options(comp.part)
@@ -153,13 +129,20 @@ class ComponentQuantizer:
     def _skipped(self, path: str) -> bool:
         return any(path == p or path.startswith(p + ".") for p in self.config.modules_to_not_convert)
 
+    def _tokens(self, batches: list[dict]) -> TokenInfo:
+        """The modality of every call's rows and the token weights (the same for the stem and the blocks)."""
+        if self.token_info is None:
+            self.token_info = TokenInfo.for_component(self.spec, self.comp, self.model.config, batches,
+                                                      self.config.hessian_weighting, self.config.modality_weights)
+        return self.token_info
+
     def _record(self, path: str, kind: str, result: QuantResult, out_f: int, in_f: int, samples: int,
-                tokens: int, seconds: float) -> None:
+                tokens: int, seconds: float, extra: dict | None = None) -> None:
         self.records[path] = QuantRecord(
             path=path, component=self.comp.name, kind=kind, method=result.method, bits=result.bits,
             group_size=result.group_size, sym=result.sym, act_order=self.config.act_order and
             result.method == "gptq", in_features=in_f, out_features=out_f, samples=samples, tokens=tokens,
-            damp=result.damp, loss=result.loss, fallback=result.fallback, seconds=seconds)
+            damp=result.damp, loss=result.loss, fallback=result.fallback, seconds=seconds, extra=dict(extra or {}))
 
     def _swap(self, root: nn.Module, root_path: str, name: str, module: nn.Module, result: QuantResult,
               split: bool) -> None:
@@ -178,12 +161,13 @@ class ComponentQuantizer:
         if self._skipped(path):
             return
         start = time.perf_counter()
-        inputs = _GroupInputs(conv, is_conv=True, drop_first_channel=False, device=self.device)
+        inputs = _GroupInputs(conv, is_conv=True, drop_first_channel=False, device=self.device,
+                              tokens=self._tokens(batches))
         try:
             with self._forward_on_device():
                 run_batches(self.model, conv, batches, self.calls_per_batch, self._input_device())
         finally:
-            hessian = inputs.close()
+            hessian, _ = inputs.close()
         hessian = hessian.to(self.device)
         weight = conv.weight.detach().reshape(conv.weight.shape[0], -1).to(self.device)
         (result,) = _solve([weight], hessian, inputs.tokens, self.opts, self.config)
@@ -192,7 +176,7 @@ class ComponentQuantizer:
         parent = self.model.get_submodule(parent_path)
         self._swap(parent, parent_path, name, conv, result, split=False)
         self._record(path, "conv", result, weight.shape[0], weight.shape[1], inputs.samples, inputs.tokens,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, inputs.modality_losses(weight, result))
 
     # --- the blocks ---------------------------------------------------------------------------
     def _blocks(self) -> list[tuple[str, nn.Module]]:
@@ -254,9 +238,14 @@ class ComponentQuantizer:
         feed = self.block_inputs(batches)
         total = len(self._blocks())
         bar = tqdm(feed, total=total, desc=f"{self.comp.name}", unit="block", disable=not self.progress, leave=False)
-        for path, block, calls, keep_dense in bar:
+        self._tokens(batches)
+        fresh = self.comp.fresh_blocks(self.model.config, total)
+        float_hidden: list[torch.Tensor] | None = None  # GPTAQ: the float model's inputs of this block
+        for index, (path, block, calls, keep_dense) in enumerate(bar):
             self.before_block()
-            self._quantize_block(path, block, calls, keep_dense)
+            if self.config.gptaq and not self.opts["rtn"] and (index in fresh or float_hidden is None):
+                float_hidden = [hidden_of(call) for call in calls]  # a part's first block: the same inputs
+            float_hidden = self._quantize_block(path, block, calls, keep_dense, float_hidden)
 
     def _stages(self, block: nn.Module) -> list[list[tuple[str, ...]]]:
         groups = [tuple(n for n in g if _has(block, n)) for g in self.comp.sequential]
@@ -264,7 +253,12 @@ class ComponentQuantizer:
         return [[g] for g in groups] if self.config.true_sequential else [groups]
 
     def _quantize_block(self, path: str, block: nn.Module, calls: list[Call],
-                        keep_dense: Callable[[], None] = lambda: None) -> None:
+                        keep_dense: Callable[[], None] = lambda: None,
+                        float_hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
+        """Solve every group of `block`. With GPTAQ (`float_hidden`: the float model's hidden states for each
+        call) a float copy of the block runs next to it; returns the float copy's outputs (the next block's
+        float inputs), else None."""
+        float_block = copy.deepcopy(block) if float_hidden is not None else None
         for stage in self._stages(block):
             watched = []
             for group in stage:
@@ -273,22 +267,37 @@ class ComponentQuantizer:
                     continue
                 split = self.opts["split"] and self.comp.split_target in names
                 first = block.get_submodule(names[0])
-                watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split)))
+                twin = float_block.get_submodule(names[0]) if float_block is not None else None
+                watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split,
+                                                           tokens=self.token_info, float_module=twin)))
             start = time.perf_counter()
             keep_dense()
-            replay_until(block, calls, [inputs.module for _, _, inputs in watched])
+            layers = [inputs.module for _, _, inputs in watched]
+            if float_block is None:
+                replay_until(block, calls, layers)
+            else:  # call by call: the float copy on the float inputs, then the block on the quantized ones
+                twins = [float_block.get_submodule(names[0]) for names, _, _ in watched]
+                for call, hidden in zip(calls, float_hidden):
+                    replay_until(float_block, [with_hidden(call, hidden)], twins)
+                    replay_until(block, [call], layers)
             for names, split, inputs in watched:
-                hessian = inputs.close()
+                hessian, cross = inputs.close()
                 linears = [block.get_submodule(n) for n in names]
                 weights = [lin.weight.detach()[:, 1:] if split else lin.weight.detach() for lin in linears]
-                results = _solve(weights, hessian, inputs.tokens, self.opts, self.config)
-                del hessian
+                results = _solve(weights, hessian, inputs.tokens, self.opts, self.config, cross=cross)
+                del hessian, cross
                 seconds = (time.perf_counter() - start) / len(names)
-                for name, lin, result in zip(names, linears, results):
+                for name, lin, w, result in zip(names, linears, weights, results):
+                    losses = inputs.modality_losses(w, result)
                     self._swap(block, path, name, lin, result, split=split)
                     key = f"{path}.{name}.L2" if split else f"{path}.{name}"
                     self._record(key, "split_linear" if split else "linear", result, lin.out_features,
-                                 result.codes.shape[1], inputs.samples, inputs.tokens, seconds)
+                                 result.codes.shape[1], inputs.samples, inputs.tokens, seconds, losses)
+        if float_block is None:
+            return None
+        with torch.no_grad():
+            return [first_output(float_block(*with_hidden(call, hidden)[0], **with_hidden(call, hidden)[1]))
+                    for call, hidden in zip(calls, float_hidden)]
 
 
 def _has(block: nn.Module, name: str) -> bool:

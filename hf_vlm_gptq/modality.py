@@ -1,0 +1,180 @@
+"""Which modality each calibration row is (image, video or text token), the token weights the config asks
+for, and the Hessian feed of one sequential group that uses them.
+
+The rows a layer sees come call by call in the order of the calibration batches (``capture.py``): the
+vision parts run once per kind of media in a batch (pictures first, then clips: the order of
+``ArchSpec.media_inputs``), so every row of such a call is of one modality; the language model runs once
+per batch and its rows are the batch's tokens, whose ids say what they are (the config's
+``image_token_id`` / ``video_token_id``; anything else is text).
+
+Token weights (``VLMGPTQConfig.hessian_weighting``): "modality" gives each row the weight of its
+modality; "balanced" weights each modality present in a part's calibration data by
+``total / (modalities * its own count)`` (counted in tokens for the LLM and in patches for the vision
+parts, which every vision layer sees in proportion), so each contributes the same total weight.
+
+Per-modality proxy losses: next to the Hessian the solve uses, one plain Hessian per modality is kept when
+a group's rows hold more than one; ``loss_<modality> = tr(dW H_m dW^T) * n_m / n`` (``H_m`` over that
+modality's ``n_m`` rows): with no weighting they add up to the layer's loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .ops import AsymmetricAccumulator, HessianAccumulator, QuantResult
+from .ops.hessian import unfold_conv_input
+from .ops.result import proxy_loss
+
+__all__ = ["MODALITIES", "GroupInputs", "TokenInfo"]
+
+MODALITIES = ("image", "video", "text")
+_MEDIA_KIND = {"pixel_values": 0, "pixel_values_videos": 1}
+
+
+class TokenInfo:
+    """Per call of a component (in call order): the modality of its rows, and the weight table."""
+
+    def __init__(self, labels: list[int | torch.Tensor | None], counts: list[int], weighting: str = "none",
+                 modality_weights: dict[str, float] | None = None) -> None:
+        self.labels = labels  # an int (every row of the call) or a LongTensor [tokens]; None: unknown
+        self.counts = counts  # rows (tokens / patches) per modality over all calls
+        self.present = [m for m in range(len(MODALITIES)) if counts[m] > 0]
+        self.table: torch.Tensor | None = None
+        if weighting == "modality":
+            table = modality_weights or {}
+            self.table = torch.tensor([float(table.get(m, 1.0)) for m in MODALITIES], dtype=torch.float64)
+        elif weighting == "balanced" and self.present:
+            total = sum(counts)
+            self.table = torch.tensor([total / (len(self.present) * c) if c else 0.0 for c in counts],
+                                      dtype=torch.float64)
+
+    @classmethod
+    def for_component(cls, spec: Any, comp: Any, model_config: Any, batches: list[dict],
+                      weighting: str = "none", modality_weights: dict[str, float] | None = None) -> TokenInfo:
+        """Labels of every call `comp`'s blocks (and stem) get when the model runs on `batches`."""
+        image_id = getattr(model_config, "image_token_id", None)
+        video_id = getattr(model_config, "video_token_id", None)
+        labels: list[int | torch.Tensor | None] = []
+        counts = [0, 0, 0]
+        for batch in batches:
+            n_calls = spec.calls_per_batch(comp, batch)
+            if n_calls <= 0:
+                continue
+            if comp.calls_per_media:
+                kinds = [key for key in spec.media_inputs if batch.get(key) is not None]
+                for key in kinds[:n_calls]:
+                    m = _MEDIA_KIND.get(key)
+                    labels.append(m)
+                    if m is not None:
+                        counts[m] += int(batch[key].shape[0])
+                labels.extend([None] * (n_calls - len(kinds)))
+                continue
+            ids = batch["input_ids"].reshape(-1)
+            lab = torch.full_like(ids, 2)
+            if image_id is not None:
+                lab[ids == image_id] = 0
+            if video_id is not None:
+                lab[ids == video_id] = 1
+            for m in range(3):
+                counts[m] += int((lab == m).sum()) * n_calls
+            labels.extend([lab] * n_calls)
+        return cls(labels, counts, weighting, modality_weights)
+
+    def rows(self, call: int, n: int) -> torch.Tensor | None:
+        """Modality index of each of the `n` rows of call number `call` (None when unknown)."""
+        if call >= len(self.labels) or self.labels[call] is None:
+            return None
+        lab = self.labels[call]
+        if isinstance(lab, int):
+            return torch.full((n,), lab, dtype=torch.long)
+        return lab if lab.numel() == n else None
+
+    def weights(self, call: int, n: int) -> torch.Tensor | None:
+        """Token weights of the `n` rows of call number `call`, or None (no weighting, or rows unknown)."""
+        if self.table is None:
+            return None
+        mods = self.rows(call, n)
+        return None if mods is None else self.table[mods]
+
+
+class GroupInputs:
+    """Feeds one group's Hessian from the inputs of its first linear (or the conv stem): token weights
+    from `tokens`, one plain Hessian per modality for the per-modality losses, and with `float_module`
+    (the same layer in a float copy of the block, run on the float model's inputs just before each call)
+    GPTAQ's cross term."""
+
+    def __init__(self, module: nn.Module, is_conv: bool, drop_first_channel: bool,
+                 device: torch.device | None = None, tokens: TokenInfo | None = None,
+                 float_module: nn.Module | None = None) -> None:
+        self.is_conv = is_conv
+        self.drop_first_channel = drop_first_channel
+        self.module = module
+        self.info = tokens
+        columns = module.weight[0].numel() - (1 if drop_first_channel else 0)
+        device = device or module.weight.device
+        self.accumulator = (AsymmetricAccumulator if float_module is not None else HessianAccumulator)(
+            columns, device=device)
+        present = tokens.present if tokens is not None else []
+        self.by_modality = ({m: HessianAccumulator(columns, device=device) for m in present}
+                            if len(present) > 1 else {})
+        self.samples = 0  # calls seen
+        self.tokens = 0  # rows seen
+        self._pending: torch.Tensor | None = None
+        self.handles = [module.register_forward_hook(self._hook)]
+        if float_module is not None:
+            self.handles.append(float_module.register_forward_hook(self._float_hook))
+
+    def _rows(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        if self.is_conv:
+            return unfold_conv_input(x, module)
+        if self.drop_first_channel:
+            x = x[..., 1:]
+        return x.reshape(-1, x.shape[-1])
+
+    def _float_hook(self, module, args, _out):
+        self._pending = self._rows(args[0].detach(), module)
+
+    def _hook(self, module, args, _out):
+        rows = self._rows(args[0].detach(), module)
+        call, n = self.samples, rows.shape[0]
+        weights = self.info.weights(call, n) if self.info is not None else None
+        if isinstance(self.accumulator, AsymmetricAccumulator):
+            float_rows = self._pending if self._pending is not None else rows
+            self.accumulator.add_pair(rows, float_rows, weights)
+            self._pending = None
+        else:
+            self.accumulator.add_batch(rows, weights=weights)
+        if self.by_modality:
+            mods = self.info.rows(call, n)
+            if mods is not None:
+                mods = mods.to(rows.device)
+                for m, acc in self.by_modality.items():
+                    picked = rows[mods == m]
+                    if picked.shape[0]:
+                        acc.add_batch(picked)
+        self.tokens += n
+        self.samples += 1
+
+    def close(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stop listening; hand over the Hessian and GPTAQ's cross term (None without GPTAQ)."""
+        for handle in self.handles:
+            handle.remove()
+        hessian = self.accumulator.hessian
+        cross = self.accumulator.cross if isinstance(self.accumulator, AsymmetricAccumulator) else None
+        self.accumulator = None
+        return hessian, cross
+
+    def modality_losses(self, weight: torch.Tensor, result: QuantResult) -> dict[str, float]:
+        """``loss_image`` / ``loss_video`` / ``loss_text`` of one solved layer (``weight`` as solved)."""
+        if not self.by_modality or not self.tokens:
+            return {}
+        quantized = result.dequantize()
+        out = {}
+        for m, acc in self.by_modality.items():
+            if acc.nsamples:
+                h = acc.hessian.to(weight.device)
+                out[f"loss_{MODALITIES[m]}"] = proxy_loss(weight, quantized, h) * acc.nsamples / self.tokens
+        return out
