@@ -1,7 +1,7 @@
 """`hf-vlm-gptq`: quantize a VLM from the shell, export it for vLLM or other readers, or run the offline demo.
 
     hf-vlm-gptq quantize MODEL OUT [--llm-w-bits 4 --w-groupsize 128 --no-quant-visual-clip ...]
-    hf-vlm-gptq export SRC OUT --format compressed-tensors|gptq [--target cuda|cpu] [--dense-unsupported]
+    hf-vlm-gptq export SRC OUT [--format compressed-tensors|gptq] [--target cuda|cpu] [--dense-unsupported]
     hf-vlm-gptq export-vllm SRC OUT [--target cuda|cpu] [--dense-unsupported]   (= export --format gptq)
     hf-vlm-gptq demo [--arch NAME]   (NAME: a registered architecture, see --help)
 
@@ -201,7 +201,7 @@ def _add_export_arguments(e: argparse.ArgumentParser, with_format: bool) -> None
     e.add_argument("src", help="a checkpoint saved by this package (quant_method vlm_gptq)")
     e.add_argument("out", help="output folder (written atomically)")
     if with_format:
-        e.add_argument("--format", required=True, choices=["compressed-tensors", "gptq"],
+        e.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "gptq"],
                        help="compressed-tensors: pack-quantized, read by plain transformers (no plugin; pip install "
                             "compressed-tensors) and vLLM; gptq: vLLM's GPTQ layout (what export-vllm writes)")
     e.add_argument("--target", default="cuda", choices=["cuda", "cpu"],
