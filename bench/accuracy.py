@@ -1,0 +1,225 @@
+"""Task accuracy of trained tiny VLMs, float vs quantized: RTN and GPTQ per bit width and per part.
+
+    python bench/accuracy.py [--archs qwen2_vl,video_llama_3] [--calib 64] [--eval 600] [--ablation]
+                             [--llmc-python PATH] [--train]
+
+The models are the trained fixtures of ``hf_vlm_gptq.testing.train_tiny`` (cached outside the repository;
+``--train`` trains a missing one, a few minutes each on CPU, else that family is skipped with a note).
+Questions are the trainer's held-out items (image, video and text-only kinds), scored by teacher-forced
+exact match (= greedy decoding gives the answer and stops); KL is KL(float || quantized) of the answer-token
+distributions (nats per answer token). Calibration: ``--calib`` items of the tasks' training split under
+another seed (in-domain data, none of them scored; pictures, clips and text-only turns with their answers),
+through the model's processor and chat template like any calibration set.
+
+Rows, each on a fresh copy of the float model, all in one run: RTN and GPTQ at W4 g128, W3 g128, W2 g64, for
+the vision parts only (tower + bridge), the LLM only and the whole model. "GPTQ" is the algorithm with the
+options every earlier release used (MSE clip, damping 0.01, natural column order, plain Hessian, the
+15-level symmetric grid); "GPTQ (defaults)" is this release's defaults when they differ. ``--ablation`` adds
+whole-model GPTQ rows, one option changed at a time (clip, damping, act-order, group-aware order, Hessian
+weighting, GPTAQ, the 16-level grid). Writes ``accuracy_<cpu|cuda>.{json,md}`` (see bench/_common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import logging
+import time
+from pathlib import Path
+
+import _common
+import torch
+
+import hf_vlm_gptq  # noqa: F401
+from hf_vlm_gptq import VLMGPTQConfig
+from hf_vlm_gptq.api import quantize
+from hf_vlm_gptq.arch import spec_for_name
+from hf_vlm_gptq.testing import train_tiny
+from hf_vlm_gptq.testing.tasks import KINDS, task_samples
+
+BITS = (("W4 g128", 4, 128), ("W3 g128", 3, 128), ("W2 g64", 2, 64))
+PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
+CALIB_SEED = 1  # the trainer drew its training items with seed 0: these were never trained on
+
+# The options every release before this one quantized with (the "plain GPTQ" rows).
+PLAIN = {"percdamp": 0.01, "act_order": False, "group_order": False, "visual_w_clip": True, "llm_w_clip": True,
+         "sym_full_range": False, "gptaq": False, "hessian_weighting": "none"}
+ABLATION = {
+    "no clip search": {"visual_w_clip": False, "llm_w_clip": False},
+    "damping 0.1": {"percdamp": 0.1},
+    "act-order": {"act_order": True},
+    "group-aware order": {"group_order": True},
+    "16-level grid": {"sym_full_range": True},
+    "GPTAQ": {"gptaq": True},
+    "balanced modalities": {"hessian_weighting": "balanced"},
+    "vision tokens x4": {"hessian_weighting": "modality", "modality_weights": {"image": 4.0, "video": 4.0}},
+}
+
+
+def defaults() -> dict:
+    """This release's defaults of the options PLAIN names (from VLMGPTQConfig's signature)."""
+    params = inspect.signature(VLMGPTQConfig.__init__).parameters
+    return {k: params[k].default for k in PLAIN}
+
+
+def part_flags(arch: str) -> dict[str, dict[str, bool]]:
+    comps = spec_for_name(arch).components
+    off = dict.fromkeys(PART_FLAGS, False)
+    visual = {c.flag: True for c in comps if c.part == "visual"}
+    llm = {c.flag: True for c in comps if c.part == "llm"}
+    return {"vision": {**off, **visual}, "llm": {**off, **llm}, "all": {**off, **visual, **llm}}
+
+
+def calib_samples(n: int) -> list[dict]:
+    keep = ("image", "video", "video_fps", "text", "answer")
+    return [{k: v for k, v in item.items() if k in keep}
+            for item in task_samples(n, "train", seed=CALIB_SEED)]
+
+
+def score(result, reference) -> dict:
+    acc = result.accuracy("kind")
+    out = {k: round(acc.get(k, float("nan")), 2) for k in (*KINDS, "all")}
+    out["by_task"] = {k: round(v, 2) for k, v in result.accuracy("task").items() if k != "all"}
+    if reference is not None:
+        out["kl"] = {k: round(v, 5) for k, v in result.kl_from(reference).items()}
+    return out
+
+
+def run_one(float_model, processor, batches, eval_batches, reference, overrides: dict) -> dict:
+    model = copy.deepcopy(float_model)
+    config = VLMGPTQConfig(dataset=None, calibration_device="cpu", **overrides)
+    start = time.perf_counter()
+    records = quantize(model, config, data=batches, processor=processor, progress=False)
+    seconds = time.perf_counter() - start
+    row = score(train_tiny.evaluate(model, eval_batches), reference)
+    row["seconds"] = round(seconds, 2)
+    row["modules"] = len(records)
+    row["fallbacks"] = sum(1 for r in records.values() if r.fallback)
+    del model
+    return row
+
+
+def llmc_note(args) -> dict:
+    """llm-compressor's GPTQ on the LLM as a yardstick: not run here (say why)."""
+    python = Path(args.llmc_python) if args.llmc_python else None
+    if python is None or not python.exists():
+        return {"skipped": "no llm-compressor virtualenv on this host (--llmc-python PATH names one); column left out"}
+    return {"skipped": f"{python} given, but scoring llm-compressor's model is not wired yet (bench/llmc_gptq.py "
+                       "only times its GPTQ for bench/quantize_speed.py)"}
+
+
+def render(report: dict) -> str:
+    lines = ["# Task accuracy of trained tiny VLMs, float vs quantized", "",
+             f"`python bench/accuracy.py {report['argv']}` — {report['when']}, torch {report['torch']}, "
+             f"transformers {report['transformers']}, load average {report['loadavg']}.", "",
+             "Accuracy in % on held-out items (teacher-forced exact match); KL = KL(float || quantized) of the "
+             "answer-token distributions, nats per token; s = wall time of `quantize` (calibration included). "
+             f"Calibration: {report['calib']} in-domain items (tasks' training split, seed {CALIB_SEED}). "
+             "Parts: vision = vision tower with its conv stem + bridge (merger / projector); llm = decoder layers.",
+             ""]
+    for arch, data in report["archs"].items():
+        if "skipped" in data:
+            lines += [f"## {arch}", "", f"skipped: {data['skipped']}", ""]
+            continue
+        fl = data["float"]
+        lines += [f"## {arch}", "",
+                  f"Model: {data['model']}. Held-out items: {data['eval_items']} "
+                  f"({', '.join(f'{k} {v}' for k, v in data['eval_counts'].items())}).", "",
+                  "| run | part | image | video | text | all | KL image | KL video | KL text | s |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| float | - | {fl['image']:.1f} | {fl['video']:.1f} | {fl['text']:.1f} | {fl['all']:.1f} "
+                  "| - | - | - | - |"]
+        for row in data["rows"]:
+            kl = row.get("kl", {})
+            lines.append(f"| {row['run']} | {row['part']} | {row['image']:.1f} | {row['video']:.1f} | "
+                         f"{row['text']:.1f} | {row['all']:.1f} | {kl.get('image', 0):.4f} | "
+                         f"{kl.get('video', 0):.4f} | {kl.get('text', 0):.4f} | {row['seconds']:.1f} |")
+        llmc = data.get("llmc", {})
+        lines += ["", f"llm-compressor GPTQ (LLM only): {llmc.get('skipped', 'see json')}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--archs", default="qwen2_vl,video_llama_3")
+    parser.add_argument("--calib", type=int, default=64, help="calibration items")
+    parser.add_argument("--eval", type=int, default=600, help="held-out items (a multiple of 10: every task alike)")
+    parser.add_argument("--ablation", action="store_true", help="add whole-model GPTQ rows, one option changed")
+    parser.add_argument("--ablation-bits", default="W3 g128,W2 g64", help="bit widths of the ablation rows")
+    parser.add_argument("--skip-main", action="store_true", help="only the ablation rows (and their RTN rows)")
+    parser.add_argument("--only-bits", default=None, help="comma-separated subset of 'W4 g128,W3 g128,W2 g64'")
+    parser.add_argument("--parts", default="vision,llm,all")
+    parser.add_argument("--train", action="store_true", help="train a family whose trained model is not cached")
+    parser.add_argument("--llmc-python", default=None, help="python of a virtualenv with llmcompressor")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    bits_wanted = BITS if args.only_bits is None else [b for b in BITS if b[0] in args.only_bits.split(",")]
+    parts_wanted = args.parts.split(",")
+    report = {"argv": " ".join(__import__("sys").argv[1:]), "when": time.strftime("%Y-%m-%d %H:%M"),
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "loadavg": " ".join(_common.loadavg() or []), "calib": args.calib, "archs": {}}
+    new_defaults = defaults()
+    changed = {k: v for k, v in new_defaults.items() if PLAIN[k] != v}
+    report["defaults_changed"] = changed
+    for arch in args.archs.split(","):
+        if train_tiny.trained_model_path(arch) is None and not args.train:
+            report["archs"][arch] = {"skipped": f"no trained model cached at {train_tiny.trained_dir(arch)} "
+                                                f"(python -m hf_vlm_gptq.testing.train_tiny --arch {arch}, or --train)"}
+            print(f"{arch}: skipped (no trained model)")
+            continue
+        path = train_tiny.ensure_trained(arch)
+        float_model, processor, _ = train_tiny.load_trained(arch)
+        training = json.loads((path / "training.json").read_text())
+        items = task_samples(args.eval, "eval", training["recipe"]["seed"])
+        eval_batches = train_tiny.make_batches(processor, items)
+        reference = train_tiny.evaluate(float_model, eval_batches)
+        from hf_vlm_gptq.calib import build_model_inputs
+
+        batches = build_model_inputs(calib_samples(args.calib), processor)
+        data = {"model": f"{training['params'] / 1e6:.2f} M params, {training['sizes']}, trained "
+                         f"{training['recipe']['steps']} steps ({path.name})",
+                "eval_items": len(items), "eval_counts": {k: sum(1 for i in items if i["kind"] == k) for k in KINDS},
+                "float": score(reference, None), "rows": []}
+        print(f"{arch}: float {data['float']}", flush=True)
+        parts = part_flags(arch)
+
+        def add(run: str, part: str, overrides: dict, data=data, float_model=float_model, processor=processor,
+                batches=batches, eval_batches=eval_batches, reference=reference) -> None:
+            row = run_one(float_model, processor, batches, eval_batches, reference, overrides)
+            row.update(run=run, part=part, options=overrides)
+            data["rows"].append(row)
+            print(f"  {run:<32} {part:<6} image {row['image']:5.1f} video {row['video']:5.1f} text {row['text']:5.1f}"
+                  f" KL {row['kl']['all']:.4f} {row['seconds']:5.1f} s", flush=True)
+
+        for label, bits, group in BITS:
+            common = {"visual_w_bits": bits, "llm_w_bits": bits, "w_groupsize": group, "num_samples": args.calib}
+            if not args.skip_main and (label, bits, group) in bits_wanted:
+                for part in parts_wanted:
+                    flags = parts[part]
+                    add(f"RTN {label}", part, {**common, **flags, "visual_w_rtn": True, "llm_w_rtn": True})
+                    add(f"GPTQ {label}", part, {**common, **flags, **PLAIN})
+                    if changed and part == "all":
+                        add(f"GPTQ (defaults) {label}", part, {**common, **flags})
+            if args.ablation and label in args.ablation_bits.split(","):
+                if args.skip_main:
+                    add(f"RTN {label}", "all", {**common, **parts["all"], "visual_w_rtn": True, "llm_w_rtn": True})
+                    add(f"GPTQ {label}", "all", {**common, **parts["all"], **PLAIN})
+                for name, opts in ABLATION.items():
+                    add(f"GPTQ {label} + {name}", "all", {**common, **parts["all"], **PLAIN, **opts})
+        data["llmc"] = llmc_note(args)
+        report["archs"][arch] = data
+        del float_model
+    markdown = render(report)
+    out = _common.write_results("accuracy", report, markdown)
+    print(markdown)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
