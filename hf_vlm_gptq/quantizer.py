@@ -118,4 +118,36 @@ class VLMGPTQHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """True: adapters (PEFT LoRA, see ``hf_vlm_gptq.lora``) train on top of the frozen packed layers, whose
+        backward gives the input's gradient (``ops/qbase.py``, op ``hf_vlm_gptq::packed_linear``)."""
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        """Back to a float model (``model.dequantize()``): every packed module becomes the plain
+        ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv3d`` holding its dequantized weight in ``dtype`` (a split
+        layer one ``nn.Linear`` again); transformers then drops the quantization config. The float model
+        computes what the packed one does on its reference path (dequantize + dense op)."""
+        from .modules_swap import SplitLinear, set_submodule
+        from .ops import QuantConv, QuantLinear
+
+        dtype = dtype if isinstance(dtype, torch.dtype) else None
+        splits = [f"{path}." for path, m in model.named_modules() if isinstance(m, SplitLinear)]
+        for path, module in list(model.named_modules()):
+            if any(path.startswith(prefix) for prefix in splits):
+                continue  # a split layer's L1 / L2: replaced with it
+            if isinstance(module, SplitLinear):
+                dense = module.L2.to_linear(dtype)
+                with torch.no_grad():
+                    dense.in_features = module.in_features
+                    dense.weight = torch.nn.Parameter(torch.cat([module.L1.weight.to(dense.weight.dtype),
+                                                                 dense.weight], dim=1))
+                set_submodule(model, path, dense)
+            elif isinstance(module, QuantLinear):
+                set_submodule(model, path, module.to_linear(dtype))
+            elif isinstance(module, QuantConv):
+                set_submodule(model, path, module.to_conv(dtype))
+        self.records = {}
+        if "_hf_vlm_gptq_card" in model.__dict__:  # the quantized model's card hooks (card.attach) go too
+            for name in ("_hf_vlm_gptq_card", "save_pretrained", "push_to_hub"):
+                model.__dict__.pop(name, None)
+        return model

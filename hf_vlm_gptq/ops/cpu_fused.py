@@ -463,11 +463,32 @@ def build_fused(
 
 
 def fused_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2[M, in] @ W^T (+ bias)`` in bfloat16 through the fused kernel (see :func:`fused_unavailable_reason`)."""
+    """``x2[M, in] @ W^T (+ bias)`` in bfloat16 through the fused kernel (see :func:`fused_unavailable_reason`).
+
+    Under ``torch.compile`` it is the custom op ``hf_vlm_gptq::fused_matmul`` (traced once through its fake
+    implementation, whatever the rows); eager calls go to the kernel directly. Forward only: the packed
+    modules' op ``hf_vlm_gptq::packed_linear`` (``qbase.py``) gives the gradients."""
+    if torch.compiler.is_compiling():
+        return fused_matmul_op(x2, w.qweight, w.scales, w.zeros, w.g_idx, bias, w.regular_group, w.bits)
     fn = _kernel()
     if fn is None:
         raise RuntimeError(f"the fused CPU kernel is unavailable: {_state.get('reason')}")
     return _call(fn, x2, w, bias)
+
+
+@torch.library.custom_op("hf_vlm_gptq::fused_matmul", mutates_args=())
+def fused_matmul_op(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    g_idx: torch.Tensor, bias: torch.Tensor | None, regular_group: int, bits: int) -> torch.Tensor:
+    """The fused kernel as a torch op (the :class:`FusedWeights` fields as arguments)."""
+    fn = _kernel()
+    if fn is None:
+        raise RuntimeError(f"the fused CPU kernel is unavailable: {_state.get('reason')}")
+    return _call(fn, x2, FusedWeights(qweight, scales, zeros, g_idx, regular_group, bits), bias)
+
+
+@fused_matmul_op.register_fake
+def _fused_matmul_fake(x2, qweight, scales, zeros, g_idx, bias, regular_group, bits):
+    return x2.new_empty(x2.shape[0], zeros.shape[1], dtype=torch.bfloat16)
 
 
 def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:

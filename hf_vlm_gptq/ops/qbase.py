@@ -1,10 +1,28 @@
 """``PackedWeightModule``: the GPTQ buffer set, lazy derived-weight caches and matmul path selection
 shared by ``QuantLinear`` and ``QuantConv`` (see ``qmodules.py`` for the policy and ``kernels.py`` for the
-paths)."""
+paths).
+
+Two torch custom ops wrap the modules' matmul and dequantization (``hf_vlm_gptq::packed_linear``,
+``hf_vlm_gptq::dequantize``), for what plain Python dispatch cannot give:
+
+* ``torch.compile``: the path choice, the derived-weight caches (keyed on the buffers' pointers and versions)
+  and the kernels (ctypes, Triton launchers) are Python that dynamo cannot trace; inside a custom op they run
+  as in eager, and the op's fake implementation gives dynamo the output's shape, so a compiled model is traced
+  once per input shape class, without graph breaks in the packed layers.
+* training (QLoRA-style adapters, ``is_trainable``): the packed weight is frozen; the op's backward gives the
+  input's gradient ``grad @ dequantize(W)`` (and the bias's, if it requires one), re-dequantizing the weight
+  then instead of keeping a dense copy alive between forward and backward. No kernel needs autograd support.
+
+The ops take the module's buffers (so the graph sees what they read) and an integer handle naming the module
+(its registry entry, made when the module is built, copied or unpickled). Plain eager calls without gradients
+skip the ops (no dispatcher overhead): :meth:`PackedWeightModule._linear` picks.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +48,70 @@ logger = logging.getLogger(__name__)
 
 KERNEL_MODES = ("auto", "int4", "fused", "dequant", "triton")
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# handle -> weak reference to its module, for the custom ops (entries go with their module)
+_MODULES: dict[int, weakref.ref] = {}
+_HANDLES = itertools.count(1)
+
+
+def _register(module: PackedWeightModule) -> None:
+    handle = next(_HANDLES)
+    _MODULES[handle] = weakref.ref(module, lambda _ref, h=handle: _MODULES.pop(h, None))
+    module._op_handle = handle
+
+
+def _module(handle: int) -> PackedWeightModule:
+    ref = _MODULES.get(int(handle))
+    module = None if ref is None else ref()
+    if module is None:
+        raise RuntimeError(f"hf_vlm_gptq: no packed module with handle {handle} (it was freed)")
+    return module
+
+
+@torch.library.custom_op("hf_vlm_gptq::packed_linear", mutates_args=())
+def packed_linear(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor, bias: torch.Tensor | None, handle: int) -> torch.Tensor:
+    """``x2[M, in] @ W^T + bias`` of the packed module ``handle`` through its eager path choice."""
+    return _module(handle)._matmul(x2, bias)
+
+
+@packed_linear.register_fake
+def _packed_linear_fake(x2, qweight, qzeros, scales, g_idx, bias, handle):
+    return x2.new_empty(x2.shape[0], scales.shape[1])
+
+
+def _packed_linear_setup(ctx, inputs, output) -> None:
+    _x2, qweight, qzeros, scales, g_idx, bias, handle = inputs
+    ctx.save_for_backward(qweight, qzeros, scales, g_idx)  # the module's own buffers: nothing is copied
+    ctx.handle = handle
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _packed_linear_backward(ctx, grad: torch.Tensor):
+    qweight, qzeros, scales, g_idx = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ dequantize_op(qweight, qzeros, scales, g_idx, ctx.handle, grad.dtype)
+    if ctx.needs_input_grad[5]:
+        grad_bias = grad.sum(0).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, grad_bias, None
+
+
+packed_linear.register_autograd(_packed_linear_backward, setup_context=_packed_linear_setup)
+
+
+@torch.library.custom_op("hf_vlm_gptq::dequantize", mutates_args=())
+def dequantize_op(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                  handle: int, dtype: torch.dtype) -> torch.Tensor:
+    """The weight ``[out, in]`` of the packed module ``handle`` in ``dtype`` (a copy, never its cache)."""
+    module = _module(handle)
+    w = module.dequantize_weight(dtype)
+    return w.clone() if module.cache_dequantized else w
+
+
+@dequantize_op.register_fake
+def _dequantize_fake(qweight, qzeros, scales, g_idx, handle, dtype):
+    return qweight.new_empty(scales.shape[1], g_idx.shape[0], dtype=dtype)
 
 
 def check_positive_int(name: str, v: object) -> int:
@@ -64,6 +146,7 @@ class PackedWeightModule(nn.Module):
         self.weight_dtype = dtype
         self.kernel = "auto"
         self._cache: dict = {}
+        _register(self)
         n_groups = num_groups(in_features, group_size)
         cols = torch.arange(in_features, dtype=torch.int32, device=device)
         i32 = {"dtype": torch.int32, "device": device}
@@ -79,6 +162,11 @@ class PackedWeightModule(nn.Module):
             )
         else:
             self.register_parameter("bias", None)
+
+    def __setstate__(self, state) -> None:  # copy.copy / deepcopy / unpickling: a handle of its own
+        super().__setstate__(state)
+        self._cache = {}
+        _register(self)
 
     @property
     def n_groups(self) -> int:
@@ -144,6 +232,8 @@ class PackedWeightModule(nn.Module):
         dtype = dtype or self.weight_dtype
         if self.qweight.is_meta:
             return torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta")
+        if torch.compiler.is_compiling():  # the caches are not traceable: the op runs them
+            return dequantize_op(self.qweight, self.qzeros, self.scales, self.g_idx, self._op_handle, dtype)
         if not self.cache_dequantized:
             return self._dequantize(dtype)
         return self._cached(("dense", dtype), lambda: self._dequantize(dtype))
@@ -212,6 +302,14 @@ class PackedWeightModule(nn.Module):
 
         reason = TM.triton_unavailable_reason(self.bits, x2.dtype, x2.device)
         return reason or self._cached(("triton", x2.device, x2.dtype), lambda: TM.module_weights(self, x2.dtype))
+
+    def _linear(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x2[M, in] @ W^T + bias``: through the custom op when compiling or when a gradient is needed (the
+        packed weight stays frozen), else straight through :meth:`_matmul`."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x2.requires_grad or (bias is not None and bias.requires_grad))):
+            return packed_linear(x2, self.qweight, self.qzeros, self.scales, self.g_idx, bias, self._op_handle)
+        return self._matmul(x2, bias)
 
     def _matmul(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x2[M, in] @ W^T + bias`` through the chosen path (see ``kernels.py`` for the policy)."""

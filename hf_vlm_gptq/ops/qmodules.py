@@ -73,10 +73,16 @@ class QuantLinear(PackedWeightModule):
         """Dequantized weight in ``weight_dtype`` (for code that reads ``.weight.dtype`` / ``.device``)."""
         return self.dequantize_weight()
 
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantized weight (and the bias) in ``dtype`` (default
+        ``weight_dtype``), on this module's device."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        return _fill_dense(dense, self, dtype or self.weight_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input must end in {self.in_features} features, got shape {tuple(x.shape)}")
-        y = self._matmul(x.reshape(-1, self.in_features), self.bias)
+        y = self._linear(x.reshape(-1, self.in_features), self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -179,6 +185,14 @@ class QuantConv(PackedWeightModule):
         """Dequantized weight ``[out, in, *kernel]`` in ``weight_dtype``."""
         return self.dequantize_weight().view(self.out_channels, self.in_channels, *self.kernel_size)
 
+    def to_conv(self, dtype: torch.dtype | None = None) -> nn.Conv2d | nn.Conv3d:
+        """A plain ``nn.Conv2d`` / ``nn.Conv3d`` with this geometry, holding the dequantized weight (and the
+        bias) in ``dtype`` (default ``weight_dtype``), on this module's device."""
+        cls = nn.Conv2d if self.conv_kind == "conv2d" else nn.Conv3d
+        dense = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+                    dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode, device="meta")
+        return _fill_dense(dense, self, dtype or self.weight_dtype)
+
     def _is_patchify(self) -> bool:
         no_pad = self.padding == "valid" or (self.padding != "same" and not any(self.padding))
         return self.stride == self.kernel_size and no_pad and all(d == 1 for d in self.dilation)
@@ -188,7 +202,7 @@ class QuantConv(PackedWeightModule):
         if x.dim() == 2:
             if x.shape[1] != self.in_features:
                 raise ValueError(f"2-D input must have {self.in_features} columns, got {tuple(x.shape)}")
-            return self._matmul(x, self.bias)
+            return self._linear(x, self.bias)
         unbatched = x.dim() == nd + 1
         if unbatched:
             x = x.unsqueeze(0)
@@ -217,7 +231,7 @@ class QuantConv(PackedWeightModule):
         split = [b, c] + [v for o, kk in zip(outs, k) for v in (o, kk)]
         perm = [0, *[2 + 2 * i for i in range(nd)], 1, *[3 + 2 * i for i in range(nd)]]
         patches = x.reshape(split).permute(perm).reshape(-1, self.in_features)
-        y = self._matmul(patches, self.bias).view(b, *outs, self.out_channels)
+        y = self._linear(patches, self.bias).view(b, *outs, self.out_channels)
         return y.permute(0, nd + 1, *range(1, nd + 1)).contiguous()
 
     def extra_repr(self) -> str:
@@ -226,6 +240,16 @@ class QuantConv(PackedWeightModule):
             f"stride={self.stride}, padding={self.padding}, bits={self.bits}, group_size={self.group_size}, "
             f"bias={self.bias is not None}"
         )
+
+
+def _fill_dense(dense: nn.Module, packed: PackedWeightModule, dtype: torch.dtype) -> nn.Module:
+    """Give ``dense`` (built on the meta device: no random init) the dequantized weight and the bias."""
+    with torch.no_grad():
+        weight = packed._dequantize(dtype).view(dense.weight.shape)
+        dense.weight = nn.Parameter(weight)
+        if packed.bias is not None:
+            dense.bias = nn.Parameter(packed.bias.detach().to(dtype).clone())
+    return dense
 
 
 def set_dequant_cache(module: nn.Module, enabled: bool) -> int:
