@@ -121,17 +121,21 @@ def records_to_table(records: dict[str, QuantRecord]) -> str:
     """A fixed-width table, one line per module (full paths: the column is as wide as the longest), then a
     summary line per component. `order`: "act" for GPTQ with act-order columns, "-" otherwise."""
     width = max([len("module"), *(len(rec.path) for rec in records.values())])
+    # per-modality proxy losses (modality.py), when the calibration rows held more than one modality
+    kinds = [k for k in ("image", "video", "text") if any(f"loss_{k}" in rec.extra for rec in records.values())]
     header = f"{'module':<{width}} {'method':<6} {'bits':>4} {'group':>5} {'order':<5} {'shape':>11} {'samples':>7} " \
-             f"{'damp':>8} {'loss':>10} {'sec':>6}  note"
+             f"{'damp':>8} {'loss':>10} " + "".join(f"{k:>10} " for k in kinds) + f"{'sec':>6}  note"
     lines = [header, "-" * len(header)]
     for rec in records.values():
         shape = f"{rec.out_features}x{rec.in_features}"
         damp = "-" if not math.isfinite(rec.damp) else f"{rec.damp:.3g}"
         loss = "-" if not math.isfinite(rec.loss) else f"{rec.loss:.4g}"
         order = "act" if rec.act_order else "-"
+        per_kind = "".join(f"{rec.extra[f'loss_{k}']:>10.4g} " if f"loss_{k}" in rec.extra else f"{'-':>10} "
+                           for k in kinds)
         lines.append(
             f"{rec.path:<{width}} {rec.method:<6} {rec.bits:>4} {rec.group_size:>5} {order:<5} {shape:>11} "
-            f"{rec.samples:>7} {damp:>8} {loss:>10} {rec.seconds:>6.2f}  {rec.note}"
+            f"{rec.samples:>7} {damp:>8} {loss:>10} {per_kind}{rec.seconds:>6.2f}  {rec.note}"
         )
     lines.append("")
     by_component: dict[str, list[QuantRecord]] = {}
