@@ -3,6 +3,36 @@
 from .spec import ComponentSpec, VllmLayout
 
 
+def qwen_vision_component(sequential: tuple[tuple[str, ...], ...], split_target: str, **kwargs) -> ComponentSpec:
+    """The `quant_visual_clip` component of a Qwen VL vision tower: the Conv3d stem, then `visual.blocks`."""
+    return ComponentSpec(
+        name="vision",
+        flag="quant_visual_clip",
+        part="visual",
+        stem=("model.visual.patch_embed.proj", "visual.patch_embed.proj"),
+        blocks=("model.visual.blocks", "visual.blocks"),
+        sequential=sequential,
+        split_target=split_target,
+        calls_per_media=True,
+        **kwargs,
+    )
+
+
+def qwen_merger_component(sequential: tuple[tuple[str, ...], ...], name: str = "merger", module: str = "merger",
+                          **kwargs) -> ComponentSpec:
+    """A `quant_cross_attention` bridge under `visual.` (one module, or a list with `single=False`)."""
+    kwargs.setdefault("single", True)
+    return ComponentSpec(
+        name=name,
+        flag="quant_cross_attention",
+        part="visual",
+        blocks=(f"model.visual.{module}", f"visual.{module}"),
+        calls_per_media=True,
+        sequential=sequential,
+        **kwargs,
+    )
+
+
 def qwen_llm_component(blocks: tuple[str, ...], **kwargs) -> ComponentSpec:
     """The `quant_llm` component for a Qwen2 / Qwen3 decoder stack found at one of `blocks` (Qwen3's
     q_norm / k_norm sit between the projections and the attention and need nothing here)."""

@@ -5,8 +5,14 @@ image-wide `cu_seqlens`: each block keeps its own caught arguments. Its MLP is g
 input and one Hessian); vLLM fuses them as `gate_up_proj` in the vision tower too.
 """
 
-from ._qwen import QWEN_SAVED_PREFIXES, qwen_llm_component, qwen_vllm
-from .spec import ArchSpec, ComponentSpec
+from ._qwen import (
+    QWEN_SAVED_PREFIXES,
+    qwen_llm_component,
+    qwen_merger_component,
+    qwen_vision_component,
+    qwen_vllm,
+)
+from .spec import ArchSpec
 
 ARCH = ArchSpec(
     name="qwen2_5_vl",
@@ -15,26 +21,9 @@ ARCH = ArchSpec(
     tiny_builder="hf_vlm_gptq.testing.tiny_qwen2_5_vl:build_tiny_qwen2_5_vl",
     saved_prefixes=QWEN_SAVED_PREFIXES,
     components=(
-        ComponentSpec(
-            name="vision",
-            flag="quant_visual_clip",
-            part="visual",
-            stem=("model.visual.patch_embed.proj", "visual.patch_embed.proj"),
-            blocks=("model.visual.blocks", "visual.blocks"),
-            sequential=(("attn.qkv",), ("attn.proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-            split_target="mlp.down_proj",
-            calls_per_media=True,
-            per_block_kwargs=True,
-        ),
-        ComponentSpec(
-            name="merger",
-            flag="quant_cross_attention",
-            part="visual",
-            blocks=("model.visual.merger", "visual.merger"),
-            single=True,
-            calls_per_media=True,
-            sequential=(("mlp.0",), ("mlp.2",)),
-        ),
+        qwen_vision_component((("attn.qkv",), ("attn.proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+                              "mlp.down_proj", per_block_kwargs=True),
+        qwen_merger_component((("mlp.0",), ("mlp.2",))),
         qwen_llm_component(("model.language_model.layers", "model.layers")),
     ),
     # vllm/model_executor/models/qwen2_5_vl.py (0.32 / 0.33): packed_modules_mapping fuses gate/up by leaf name

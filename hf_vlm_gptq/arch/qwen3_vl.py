@@ -7,8 +7,8 @@ the inputs of LLM layers 1..len(deepstack_visual_indexes) are caught again from 
 partly quantized model (the chain would miss the added features).
 """
 
-from ._qwen import qwen_llm_component, qwen_vllm
-from .spec import ArchSpec, ComponentSpec
+from ._qwen import qwen_llm_component, qwen_merger_component, qwen_vision_component, qwen_vllm
+from .spec import ArchSpec
 
 _MERGER_LINEARS = (("linear_fc1",), ("linear_fc2",))
 
@@ -25,34 +25,11 @@ ARCH = ArchSpec(
     tiny_builder="hf_vlm_gptq.testing.tiny_qwen3_vl:build_tiny_qwen3_vl",
     # saved as model.language_model.* / model.visual.* (no legacy layout)
     components=(
-        ComponentSpec(
-            name="vision",
-            flag="quant_visual_clip",
-            part="visual",
-            stem=("model.visual.patch_embed.proj", "visual.patch_embed.proj"),
-            blocks=("model.visual.blocks", "visual.blocks"),
-            sequential=(("attn.qkv",), ("attn.proj",), ("mlp.linear_fc1",), ("mlp.linear_fc2",)),
-            split_target="mlp.linear_fc2",
-            calls_per_media=True,
-        ),
-        ComponentSpec(
-            name="merger",
-            flag="quant_cross_attention",
-            part="visual",
-            blocks=("model.visual.merger", "visual.merger"),
-            single=True,
-            calls_per_media=True,
-            sequential=_MERGER_LINEARS,
-        ),
-        ComponentSpec(
-            name="deepstack",
-            flag="quant_cross_attention",
-            part="visual",
-            blocks=("model.visual.deepstack_merger_list", "visual.deepstack_merger_list"),
-            calls_per_media=True,
-            chained=False,
-            sequential=_MERGER_LINEARS,
-        ),
+        qwen_vision_component((("attn.qkv",), ("attn.proj",), ("mlp.linear_fc1",), ("mlp.linear_fc2",)),
+                              "mlp.linear_fc2"),
+        qwen_merger_component(_MERGER_LINEARS),
+        qwen_merger_component(_MERGER_LINEARS, name="deepstack", module="deepstack_merger_list", single=False,
+                              chained=False),
         qwen_llm_component(("model.language_model.layers", "model.layers"), fresh_inputs=_after_deepstack),
     ),
     # vllm/model_executor/models/qwen3_vl.py (0.32 / 0.33): no legacy "model." rule; its packed_modules_mapping
