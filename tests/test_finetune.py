@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.trainer_utils import validate_quantization_for_training
 
 import hf_vlm_gptq  # noqa: F401  (registers the quantizer)
 from hf_vlm_gptq import VLMGPTQConfig
@@ -115,6 +116,7 @@ def test_lora_trains_on_the_packed_layers_saves_and_reloads(quantized_dir, batch
     torch.manual_seed(0)
     model = get_peft_model(load(quantized_dir, torch.bfloat16),
                            peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    validate_quantization_for_training(model)  # what transformers' Trainer checks: raised before
     wrapped = {name: type(m.get_base_layer()) for name, m in model.named_modules() if isinstance(m, QuantLinearLora)}
     assert set(wrapped.values()) == {QuantLinear, SplitLinear} and len(wrapped) == 2 * 3 + 2  # 2 LLM layers, 2 blocks
     packed = {name: b.clone() for name, b in model.named_buffers() if name.endswith("qweight")}
