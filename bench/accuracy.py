@@ -55,6 +55,11 @@ ABLATION = {
     "GPTAQ": {"gptaq": True},
     "balanced modalities": {"hessian_weighting": "balanced"},
     "vision tokens x4": {"hessian_weighting": "modality", "modality_weights": {"image": 4.0, "video": 4.0}},
+    # the winners of the single changes above, together
+    "damping 0.1 + 16-level grid": {"percdamp": 0.1, "sym_full_range": True},
+    "damping 0.1 + 16-level grid + GPTAQ": {"percdamp": 0.1, "sym_full_range": True, "gptaq": True},
+    "damping 0.1 + 16-level grid + group-aware order": {"percdamp": 0.1, "sym_full_range": True,
+                                                        "group_order": True},
 }
 
 
@@ -149,6 +154,7 @@ def main() -> None:
     parser.add_argument("--ablation", action="store_true", help="add whole-model GPTQ rows, one option changed")
     parser.add_argument("--ablation-bits", default="W3 g128,W2 g64", help="bit widths of the ablation rows")
     parser.add_argument("--skip-main", action="store_true", help="only the ablation rows (and their RTN rows)")
+    parser.add_argument("--ablation-rows", default=None, help="comma-separated subset of the ablation names")
     parser.add_argument("--only-bits", default=None, help="comma-separated subset of 'W4 g128,W3 g128,W2 g64'")
     parser.add_argument("--parts", default="vision,llm,all")
     parser.add_argument("--train", action="store_true", help="train a family whose trained model is not cached")
@@ -207,10 +213,12 @@ def main() -> None:
                     if changed and part == "all":
                         add(f"GPTQ (defaults) {label}", part, {**common, **flags})
             if args.ablation and label in args.ablation_bits.split(","):
-                if args.skip_main:
+                if args.skip_main and args.ablation_rows is None:
                     add(f"RTN {label}", "all", {**common, **parts["all"], "visual_w_rtn": True, "llm_w_rtn": True})
                     add(f"GPTQ {label}", "all", {**common, **parts["all"], **PLAIN})
                 for name, opts in ABLATION.items():
+                    if args.ablation_rows is not None and name not in args.ablation_rows.split(","):
+                        continue
                     add(f"GPTQ {label} + {name}", "all", {**common, **parts["all"], **PLAIN, **opts})
         data["llmc"] = llmc_note(args)
         report["archs"][arch] = data

@@ -133,7 +133,8 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         visual_w_rtn / llm_w_rtn: round-to-nearest instead of GPTQ for the vision parts / the LLM.
         visual_w_bits / llm_w_bits: weight bits, one of 2, 3, 4, 8.
         w_groupsize: input columns per quantization group; -1 means one group per output channel.
-        percdamp: GPTQ damping, as a fraction of the mean Hessian diagonal.
+        percdamp: GPTQ damping, as a fraction of the mean Hessian diagonal (default 0.1: measured on task
+            accuracy, README "Quality"; 0.01 is the GPTQ paper's).
         act_order: solve columns in order of decreasing Hessian diagonal (stored with `g_idx`).
         group_order: group-aware reordering: columns by decreasing Hessian diagonal inside each group, groups
             by their largest diagonal, each group kept contiguous, so `g_idx` stays `col // w_groupsize`
@@ -187,11 +188,11 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         visual_w_bits: int = 4,
         llm_w_bits: int = 4,
         w_groupsize: int = 128,
-        percdamp: float = 0.01,
+        percdamp: float = 0.1,
         act_order: bool = False,
         group_order: bool = False,
-        sym_full_range: bool = False,
-        gptaq: bool = False,
+        sym_full_range: bool = True,
+        gptaq: bool = True,
         gptaq_alpha: float = 0.25,
         hessian_weighting: str = "none",
         modality_weights: dict[str, float] | None = None,
@@ -283,7 +284,7 @@ class VLMGPTQConfig(QuantizationConfigMixin):
             )
         pd = self.percdamp
         if isinstance(pd, bool) or not isinstance(pd, (int, float)) or not 0 <= pd < 1:
-            raise ValueError(f"VLMGPTQConfig.percdamp must be a number in [0, 1), got {pd!r}; 0.01 is usual.")
+            raise ValueError(f"VLMGPTQConfig.percdamp must be a number in [0, 1), got {pd!r}; 0.1 is the default.")
         self._check_gptq_options()
         for name, low in (("num_samples", 1), ("max_seq_len", 16), ("block_size", 1)):
             value = getattr(self, name)

@@ -19,6 +19,7 @@ def quantized(tiny_qwen2vl_dir, builtin_samples_small):
     from hf_vlm_gptq.api import quantize
 
     out = {}
+    base = {"gptaq": False, "sym_full_range": False, "percdamp": 0.01}  # plain GPTQ; each setting changes one thing
     settings = {
         "plain": {},
         "gptaq": {"gptaq": True},
@@ -33,7 +34,7 @@ def quantized(tiny_qwen2vl_dir, builtin_samples_small):
     for name, kw in settings.items():
         model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, dtype=torch.float32)
         cfg = VLMGPTQConfig(dataset=builtin_samples_small, num_samples=CALIB, w_groupsize=32,
-                            calibration_device="cpu", **kw)
+                            calibration_device="cpu", **{**base, **kw})
         out[name] = (quantize(model, cfg, progress=False), model)
     return out
 
