@@ -122,15 +122,28 @@ def _calibration_summary(config: VLMGPTQConfig) -> str:
 def cmd_quantize(args: argparse.Namespace) -> int:
     config = _config_from_args(args)  # bad options fail here, before any loading
     _step(f"quantize {args.model} -> {args.out}: options checked")
+
+
+    # the stages inside from_pretrained log here (calibration inputs built, each part as it starts)
+    # (levels put back when the command ends: in-process callers and tests keep theirs)
+    saved_levels = {name: logging.getLogger(name).level for name in ("hf_vlm_gptq.calib.processing",
+                                                                     "hf_vlm_gptq.pipeline")}
+    for name in saved_levels:
+        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
+            logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        return _run_quantize(args, config)
+    finally:
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run_quantize(args: argparse.Namespace, config: VLMGPTQConfig) -> int:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from . import quantization_report
 
-    # the stages inside from_pretrained log here (calibration inputs built, each part as it starts)
-    for name in ("hf_vlm_gptq.calib.processing", "hf_vlm_gptq.pipeline"):
-        if logging.getLogger(name).getEffectiveLevel() > logging.INFO:
-            logging.getLogger(name).setLevel(logging.INFO)
     # OUT is checked and its temporary folder created before the model is loaded: a bad OUT fails in seconds
     with OutputDir(args.out, overwrite=args.overwrite, protect=[args.model], command="quantize") as target:
         _step(f"loading the processor of {args.model}")
