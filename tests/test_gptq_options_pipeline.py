@@ -12,7 +12,11 @@ CALIB = 12
 
 @pytest.fixture(scope="module")
 def quantized(tiny_qwen2vl_dir, builtin_samples_small):
-    """Records of a few configurations (each on a fresh copy of the same tiny model)."""
+    """Records of a few configurations (each on a fresh copy of the same tiny model).
+
+    The tests compare losses exactly across runs, which holds only at one thread count (torch's reductions
+    depend on it): the adaptive thread policy is pinned off, as a user who needs bitwise-repeatable runs would.
+    """
     from transformers import AutoModelForImageTextToText
 
     from hf_vlm_gptq import VLMGPTQConfig
@@ -31,11 +35,13 @@ def quantized(tiny_qwen2vl_dir, builtin_samples_small):
         "llm": {"quant_visual_clip": False, "quant_cross_attention": False},
         "gptaq_llm": {"quant_visual_clip": False, "quant_cross_attention": False, "gptaq": True},
     }
-    for name, kw in settings.items():
-        model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, dtype=torch.float32)
-        cfg = VLMGPTQConfig(dataset=builtin_samples_small, num_samples=CALIB, w_groupsize=32,
-                            calibration_device="cpu", **{**base, **kw})
-        out[name] = (quantize(model, cfg, progress=False), model)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_VLM_GPTQ_ADAPTIVE_THREADS", "0")
+        for name, kw in settings.items():
+            model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, dtype=torch.float32)
+            cfg = VLMGPTQConfig(dataset=builtin_samples_small, num_samples=CALIB, w_groupsize=32,
+                                calibration_device="cpu", **{**base, **kw})
+            out[name] = (quantize(model, cfg, progress=False), model)
     return out
 
 
