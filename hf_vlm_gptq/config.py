@@ -43,7 +43,7 @@ _BOOL_FIELDS = (
     "sym_full_range",
     "gptaq",
 )
-HESSIAN_WEIGHTINGS = ("none", "modality", "balanced")
+HESSIAN_WEIGHTINGS = ("none", "modality", "balanced", "gradient")
 MODALITIES = ("image", "video", "text")
 
 # transformers' GPTQConfig names accepted as aliases of ours (README, "Options"): alias -> our field(s)
@@ -148,7 +148,9 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         gptaq_alpha: scale of GPTAQ's asymmetry term (0.25, the published default).
         hessian_weighting: per-token weights in the Hessians: "none"; "modality" (each image / video / text
             token weighted by `modality_weights`); "balanced" (each modality present in a part's
-            calibration tokens gets the same total weight).
+            calibration tokens gets the same total weight); "gradient" (each row of a block weighted by
+            ``||dL/dy||^2`` of the block's output, from one backward pass of the float model's next-token
+            loss per calibration batch, before quantizing; needs the whole model on the calibration device).
         modality_weights: {"image": w, "video": w, "text": w} for hessian_weighting="modality" (missing
             keys are 1.0; weights >= 0).
         visual_w_clip / llm_w_clip: MSE search of the clipping range per row/group.

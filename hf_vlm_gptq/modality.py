@@ -10,7 +10,9 @@ per batch and its rows are the batch's tokens, whose ids say what they are (the 
 Token weights (``VLMGPTQConfig.hessian_weighting``): "modality" gives each row the weight of its
 modality; "balanced" weights each modality present in a part's calibration data by
 ``total / (modalities * its own count)`` (counted in tokens for the LLM and in patches for the vision
-parts, which every vision layer sees in proportion), so each contributes the same total weight.
+parts, which every vision layer sees in proportion), so each contributes the same total weight;
+"gradient" gives each row of a block the importance ``importance.py`` measured for it (the conv stem takes
+its part's first block's weights when the rows match).
 
 Per-modality proxy losses: next to the Hessian the solve uses, one plain Hessian per modality is kept when
 a group's rows hold more than one; ``loss_<modality> = tr(dW H_m dW^T) * n_m / n`` (``H_m`` over that
@@ -19,6 +21,7 @@ modality's ``n_m`` rows): with no weighting they add up to the layer's loss.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -43,6 +46,7 @@ class TokenInfo:
         self.counts = counts  # rows (tokens / patches) per modality over all calls
         self.present = [m for m in range(len(MODALITIES)) if counts[m] > 0]
         self.table: torch.Tensor | None = None
+        self.call_weights: list[torch.Tensor | None] | None = None  # "gradient": per call, one weight per row
         if weighting == "modality":
             table = modality_weights or {}
             self.table = torch.tensor([float(table.get(m, 1.0)) for m in MODALITIES], dtype=torch.float64)
@@ -92,8 +96,17 @@ class TokenInfo:
             return torch.full((n,), lab, dtype=torch.long)
         return lab if lab.numel() == n else None
 
+    def with_call_weights(self, weights: list[torch.Tensor | None] | None) -> TokenInfo:
+        """The same labels with per-call row weights (one block's, from ``importance.py``)."""
+        other = copy.copy(self)
+        other.call_weights = weights
+        return other
+
     def weights(self, call: int, n: int) -> torch.Tensor | None:
         """Token weights of the `n` rows of call number `call`, or None (no weighting, or rows unknown)."""
+        if self.call_weights is not None:
+            found = self.call_weights[call] if call < len(self.call_weights) else None
+            return found if found is not None and found.numel() == n else None
         if self.table is None:
             return None
         mods = self.rows(call, n)

@@ -43,6 +43,7 @@ from .capture import (
 )
 from .checks import run_model_checks
 from .config import VLMGPTQConfig
+from .importance import gradient_token_weights
 from .modality import GroupInputs, TokenInfo
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
 from .offload import ExecutionOffload, same_device
@@ -107,6 +108,7 @@ class ComponentQuantizer:
         self.spec = spec
         self.comp = comp
         self.token_info: TokenInfo | None = None
+        self.importance: dict[str, list[torch.Tensor | None]] | None = None  # "gradient" weights per block path
         self.calls_per_batch: CallsPerBatch = lambda batch: spec.calls_per_batch(comp, batch)
         self.config = config
         self.opts = config.part_options(comp.part)
@@ -136,6 +138,12 @@ class ComponentQuantizer:
                                                       self.config.hessian_weighting, self.config.modality_weights)
         return self.token_info
 
+    def _block_tokens(self, path: str) -> TokenInfo | None:
+        """The token info of one block: with hessian_weighting="gradient", that block's own row weights."""
+        if self.importance is None or self.token_info is None:
+            return self.token_info
+        return self.token_info.with_call_weights(self.importance.get(path))
+
     def _record(self, path: str, kind: str, result: QuantResult, out_f: int, in_f: int, samples: int,
                 tokens: int, seconds: float, extra: dict | None = None) -> None:
         self.records[path] = QuantRecord(
@@ -161,8 +169,10 @@ class ComponentQuantizer:
         if self._skipped(path):
             return
         start = time.perf_counter()
+        self._tokens(batches)
+        first_block = self._blocks()[0][0]  # gradient weighting: the stem's rows are its first block's
         inputs = _GroupInputs(conv, is_conv=True, drop_first_channel=False, device=self.device,
-                              tokens=self._tokens(batches))
+                              tokens=self._block_tokens(first_block))
         try:
             with self._forward_on_device():
                 run_batches(self.model, conv, batches, self.calls_per_batch, self._input_device())
@@ -269,7 +279,7 @@ class ComponentQuantizer:
                 first = block.get_submodule(names[0])
                 twin = float_block.get_submodule(names[0]) if float_block is not None else None
                 watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split,
-                                                           tokens=self.token_info, float_module=twin)))
+                                                           tokens=self._block_tokens(path), float_module=twin)))
             start = time.perf_counter()
             keep_dense()
             layers = [inputs.module for _, _, inputs in watched]
@@ -331,19 +341,29 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     if offload:
         logger.info("calibration passes run on %s, one module at a time (weights stay on %s)", device,
                     _model_device(model))
+    if config.hessian_weighting == "gradient" and offload:
+        raise ValueError(f"hessian_weighting='gradient' runs a backward pass of the whole model, which needs its "
+                         f"weights on the calibration device ({device}), but they are on {_model_device(model)}; "
+                         "move the model there, or use hessian_weighting='none' / 'modality' / 'balanced'.")
     records: dict[str, QuantRecord] = {}
     entries: dict[str, dict] = {}
     was_training = model.training
     model.eval()
+    workers = [(comp, ComponentQuantizer(model, spec, comp, config, device, records, entries, progress, offload))
+               for comp in spec.components
+               if getattr(config, comp.flag) and (select is None or comp.name in select)]
+    if config.hessian_weighting == "gradient":
+        logger.info("token importance: one backward pass of the float model per calibration batch")
+        blocks = {path: block for _, worker in workers for path, block in worker._blocks()}
+        importance = gradient_token_weights(model, blocks, batches)
+        for _, worker in workers:
+            worker.importance = importance
     # on CPU: 1 thread while other processes hold the cores (threads.py)
     with adaptive_threads(enabled=device.type == "cpu") as threads:
-        for comp in spec.components:
-            if not getattr(config, comp.flag) or (select is not None and comp.name not in select):
-                continue
+        for comp, worker in workers:
             which = "all" if select is None else select[comp.name]
             logger.info("quantizing %s (%s bits, %s)", comp.name, config.part_options(comp.part)["bits"],
                         "RTN" if config.part_options(comp.part)["rtn"] else "GPTQ")
-            worker = ComponentQuantizer(model, spec, comp, config, device, records, entries, progress, offload)
             worker.before_block = threads.refresh
             if comp.stem and which in ("all", "stem"):
                 worker.quantize_stem(batches)
