@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import _common  # noqa: F401  (first: puts this checkout's package on sys.path)
 import torch
 
 from hf_vlm_gptq import events
