@@ -8,7 +8,6 @@ and an `hf_quantizer` attached, so `save_pretrained` writes a loadable checkpoin
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from .config import VLMGPTQConfig
@@ -16,8 +15,6 @@ from .events import Listener
 from .quantizer import VLMGPTQHfQuantizer
 from .report import QuantRecord
 from .runner import calibration_batches, is_model_inputs, quantize_and_record
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["calibration_batches", "is_model_inputs", "quantize"]
 

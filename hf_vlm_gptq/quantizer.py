@@ -12,7 +12,6 @@ Saving adds the guard tensor (modules_swap.GUARD_TEXT) that makes plain transfor
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -34,8 +33,6 @@ from .pipeline import check_part_flags
 from .records import ModuleRecord, parse_records
 from .report import QuantRecord, records_from_config
 from .runner import quantize_and_record
-
-logger = logging.getLogger(__name__)
 
 
 class VLMGPTQHfQuantizer(HfQuantizer):
