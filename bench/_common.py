@@ -6,7 +6,6 @@ The scripts run from a source checkout (no `pip install` needed: the repository 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import statistics
@@ -227,27 +226,27 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str) -> Path:
     return path
 
 
-class PartTimer(logging.Handler):
-    """Start times of our pipeline's parts, read from its "quantizing <part>" log lines."""
+class PartTimer:
+    """Start times of our pipeline's parts, from its `ComponentStart` events (hf_vlm_gptq.events)."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
         self.starts: list[tuple[str, float]] = []
-        self._logger = logging.getLogger("hf_vlm_gptq.pipeline")
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("quantizing ") and record.args:
-            self.starts.append((str(record.args[0]), time.perf_counter()))
+    def __call__(self, event: Any) -> None:
+        from hf_vlm_gptq.events import ComponentStart
+
+        if isinstance(event, ComponentStart):
+            self.starts.append((event.component, time.perf_counter()))
 
     def __enter__(self) -> PartTimer:
-        self._level = self._logger.level
-        self._logger.setLevel(logging.INFO)
-        self._logger.addHandler(self)
+        from hf_vlm_gptq.events import listen
+
+        self._listening = listen(self)
+        self._listening.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._logger.removeHandler(self)
-        self._logger.setLevel(self._level)
+        self._listening.__exit__(*exc)
 
     def seconds(self, end: float) -> dict[str, float]:
         """{part: seconds}, each part running until the next one starts (the last one until `end`)."""

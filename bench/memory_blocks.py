@@ -1,8 +1,8 @@
 """Per-block memory of our pipeline (for bench/memory.py), and its extrapolation to bigger models.
 
-`BlockProbe` wraps the pipeline's stem / block / capture steps and records, per step, the peak GPU memory
-(CUDA: `max_memory_allocated`, reset at each step) or the host RSS after it (CPU), with the activations and
-block weights the step held. `extrapolate` turns the figures of a reduced-depth Qwen2-VL-7B run into
+`BlockProbe` listens to the pipeline's events (hf_vlm_gptq.events: stem / block / capture steps) and records,
+per step, the peak GPU memory (CUDA: `max_memory_allocated`, reset at each step) or the host RSS after it
+(CPU), with the activations and block weights the step held. `extrapolate` turns the figures of a reduced-depth Qwen2-VL-7B run into
 estimates for the whole 7B and for Qwen2-VL-72B.
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import _common  # noqa: F401  (first: puts this checkout's package on sys.path)
 import torch
 
-from hf_vlm_gptq import pipeline
+from hf_vlm_gptq import events
 
 MB = 2**20
 
@@ -33,14 +34,18 @@ def _tensor_bytes(obj: Any, seen: set[int]) -> int:
 
 
 class BlockProbe:
-    """Context manager: per-step memory figures of `hf_vlm_gptq.pipeline` while it runs."""
+    """Context manager: per-step memory figures of a quantization run, from its events (hf_vlm_gptq.events).
+
+    A block's row runs from its `BlockStart` to its `BlockEnd` (solve + the replay that feeds the next
+    block); the stem's from its component's `ComponentStart` to its `ModuleSolved`; a capture's peak is
+    read at `CaptureDone`, measured from the end of the step before it.
+    """
 
     def __init__(self, device: str) -> None:
         self.cuda = device == "cuda"
         self.rows: list[dict] = []
         self.captures: list[dict] = []
         self._open: dict | None = None
-        self._component = "?"
 
     def _reset(self) -> None:
         if self.cuda:
@@ -62,51 +67,42 @@ class BlockProbe:
             row["peak_MB"] = self._peak_mb()
             self.rows.append(row)
             self._open = None
+            self._reset()  # the next step (a capture, or a block) is measured from here
 
     def _start(self, row: dict) -> None:
         self._close()
         self._reset()
         self._open = {**row, "_t0": time.perf_counter()}
 
-    def __enter__(self) -> BlockProbe:
-        cq = pipeline.ComponentQuantizer
-        self._saved = (cq._quantize_block, cq.quantize_blocks, cq.quantize_stem, pipeline.capture_calls)
-        orig_block, orig_blocks, orig_stem, orig_capture = self._saved
-        probe = self
-
-        def quantize_block(self_, path, block, calls, *rest):
+    def __call__(self, event: events.Event) -> None:
+        if isinstance(event, events.ComponentStart):
+            self._close()
+            self._reset()  # the first capture is measured from here
+            if event.stem:
+                self._start({"component": event.component, "path": "stem", "block_weights_MB": 0.0,
+                             "activations_MB": 0.0})
+        elif isinstance(event, events.ModuleSolved) and event.record.kind == "conv":
+            self._close()  # the stem is solved
+        elif isinstance(event, events.CaptureDone):
+            self.captures.append({"component": event.component, "seconds": event.seconds,
+                                  "peak_MB": self._peak_mb(), "calls": len(event.calls),
+                                  "activations_MB": _tensor_bytes(event.calls, set()) / MB})
+        elif isinstance(event, events.BlockStart):
+            block = event.block
             weights = sum(t.numel() * t.element_size() for t in list(block.parameters()) + list(block.buffers()))
-            probe._start({"component": self_.comp.name, "path": path, "block_weights_MB": weights / MB,
-                          "activations_MB": _tensor_bytes(calls, set()) / MB})
-            return orig_block(self_, path, block, calls, *rest)
+            self._start({"component": event.component, "path": event.path, "block_weights_MB": weights / MB,
+                         "activations_MB": _tensor_bytes(event.calls, set()) / MB})
+        elif isinstance(event, events.BlockEnd):
+            self._close()
 
-        def quantize_blocks(self_, batches):
-            probe._component = self_.comp.name
-            return orig_blocks(self_, batches)
-
-        def quantize_stem(self_, batches):
-            probe._start({"component": self_.comp.name, "path": "stem", "block_weights_MB": 0.0,
-                          "activations_MB": 0.0})
-            return orig_stem(self_, batches)
-
-        def capture_calls(*args, **kwargs):
-            probe._close()
-            probe._reset()
-            start = time.perf_counter()
-            calls = orig_capture(*args, **kwargs)
-            probe.captures.append({"component": probe._component, "seconds": time.perf_counter() - start,
-                                   "peak_MB": probe._peak_mb(), "activations_MB": _tensor_bytes(calls, set()) / MB,
-                                   "calls": len(calls)})
-            return calls
-
-        cq._quantize_block, cq.quantize_blocks, cq.quantize_stem = quantize_block, quantize_blocks, quantize_stem
-        pipeline.capture_calls = capture_calls
+    def __enter__(self) -> BlockProbe:
+        self._listening = events.listen(self)
+        self._listening.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._close()
-        cq = pipeline.ComponentQuantizer
-        cq._quantize_block, cq.quantize_blocks, cq.quantize_stem, pipeline.capture_calls = self._saved
+        self._listening.__exit__(*exc)
 
 
 def render_blocks(rows: list[dict], captures: list[dict], peak_name: str) -> str:

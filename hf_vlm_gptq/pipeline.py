@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .arch import ArchSpec, ComponentSpec, find_module, spec_for_model_type
 from .capture import (
@@ -43,12 +42,14 @@ from .capture import (
 )
 from .checks import run_model_checks
 from .config import VLMGPTQConfig
+from .events import BlockEnd, BlockStart, CaptureDone, ComponentStart, Listener, ModuleSolved, emit, listen
 from .importance import gradient_token_weights
 from .modality import GroupInputs, TokenInfo
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
 from .offload import ExecutionOffload, same_device
 from .ops import QuantResult, gptq_quantize_shared, rtn_quantize
-from .report import QuantRecord
+from .progress import ProgressBars
+from .report import QuantRecord, RunRecords
 from .threads import adaptive_threads
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,11 @@ def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts
 
 
 class ComponentQuantizer:
-    """Quantizes one component of one model; results land in `records` and `entries`."""
+    """Quantizes one component of one model; each quantized module is announced as a `ModuleSolved` event
+    (events.py), blocks by `CaptureDone` / `BlockStart` / `BlockEnd`."""
 
     def __init__(self, model: nn.Module, spec: ArchSpec, comp: ComponentSpec, config: VLMGPTQConfig,
-                 device: torch.device, records: dict[str, QuantRecord], entries: dict[str, dict],
-                 progress: bool, offload: bool = False) -> None:
+                 device: torch.device, offload: bool = False) -> None:
         self.model = model
         self.spec = spec
         self.comp = comp
@@ -113,9 +114,6 @@ class ComponentQuantizer:
         self.config = config
         self.opts = config.part_options(comp.part)
         self.device = device
-        self.records = records
-        self.entries = entries
-        self.progress = progress
         self.offload = offload
         self.before_block: Callable[[], object] = lambda: None
         """Called before each block is solved (the CPU thread policy re-measures there)."""
@@ -145,19 +143,20 @@ class ComponentQuantizer:
         return self.token_info.with_call_weights(self.importance.get(path))
 
     def _record(self, path: str, kind: str, result: QuantResult, out_f: int, in_f: int, samples: int,
-                tokens: int, seconds: float, extra: dict | None = None) -> None:
-        self.records[path] = QuantRecord(
+                tokens: int, seconds: float, extra: dict | None = None) -> QuantRecord:
+        return QuantRecord(
             path=path, component=self.comp.name, kind=kind, method=result.method, bits=result.bits,
             group_size=result.group_size, sym=result.sym, act_order=self.config.act_order and
             result.method == "gptq", in_features=in_f, out_features=out_f, samples=samples, tokens=tokens,
             damp=result.damp, loss=result.loss, fallback=result.fallback, seconds=seconds, extra=dict(extra or {}))
 
     def _swap(self, root: nn.Module, root_path: str, name: str, module: nn.Module, result: QuantResult,
-              split: bool) -> None:
+              split: bool) -> tuple[str, dict]:
+        """Swap in the packed module; returns its path and its `modules` entry."""
         path = f"{root_path}.{name}" if root_path else name
         new = build_split_linear(module, result) if split else make_quant_module(module, result)
         set_submodule(root, name, new)
-        self.entries[path] = module_entry(new)
+        return path, module_entry(new)
 
     # --- the stem -----------------------------------------------------------------------------
     def quantize_stem(self, batches: list[dict]) -> None:
@@ -184,9 +183,10 @@ class ComponentQuantizer:
         del hessian
         parent_path, _, name = path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
-        self._swap(parent, parent_path, name, conv, result, split=False)
-        self._record(path, "conv", result, weight.shape[0], weight.shape[1], inputs.samples, inputs.tokens,
-                     time.perf_counter() - start, inputs.modality_losses(weight, result))
+        swapped, entry = self._swap(parent, parent_path, name, conv, result, split=False)
+        record = self._record(path, "conv", result, weight.shape[0], weight.shape[1], inputs.samples,
+                              inputs.tokens, time.perf_counter() - start, inputs.modality_losses(weight, result))
+        emit(ModuleSolved(record, swapped, entry))
 
     # --- the blocks ---------------------------------------------------------------------------
     def _blocks(self) -> list[tuple[str, nn.Module]]:
@@ -224,34 +224,38 @@ class ComponentQuantizer:
                 calls = [with_hidden(own[index][i], hidden_of(call)) for i, call in enumerate(calls)]
             home = next(block.parameters()).device
             block.to(self.device)
+            start = time.perf_counter()
+            emit(BlockStart(self.comp.name, path, index, len(blocks), block, calls))
             with dense_cache(block) as keep_dense:
                 yield path, block, calls, keep_dense
                 if index + 1 < len(blocks) and index + 1 not in fresh:
                     keep_dense()
                     advance(block, calls)
             block.to(home)
+            emit(BlockEnd(self.comp.name, path, index, len(blocks), time.perf_counter() - start))
 
     def _catch(self, blocks: list[tuple[str, nn.Module]], index: int, fresh: set[int], batches: list[dict],
                ) -> tuple[list[Call], dict[int, list[Call]]]:
         """Calls of block `index` from real forward passes, and with `per_block_kwargs` each later block's own
         arguments up to the next fresh block."""
+        start = time.perf_counter()
         with self._forward_on_device():
             if not self.comp.per_block_kwargs:
-                return capture_calls(self.model, blocks[index][1], batches, self.device, self.calls_per_batch,
-                                     self._input_device()), {}
-            stop = min([i for i in fresh if i > index] + [len(blocks)])
-            first, own = capture_chain_calls(self.model, [b for _, b in blocks[index:stop]], batches, self.device,
-                                             self.calls_per_batch, self._input_device())
+                first, own = capture_calls(self.model, blocks[index][1], batches, self.device,
+                                           self.calls_per_batch, self._input_device()), []
+            else:
+                stop = min([i for i in fresh if i > index] + [len(blocks)])
+                first, own = capture_chain_calls(self.model, [b for _, b in blocks[index:stop]], batches,
+                                                 self.device, self.calls_per_batch, self._input_device())
+        emit(CaptureDone(self.comp.name, blocks[index][0], first, time.perf_counter() - start))
         return first, {index + i: calls for i, calls in enumerate(own)}
 
     def quantize_blocks(self, batches: list[dict]) -> None:
         feed = self.block_inputs(batches)
-        total = len(self._blocks())
-        bar = tqdm(feed, total=total, desc=f"{self.comp.name}", unit="block", disable=not self.progress, leave=False)
         self._tokens(batches)
-        fresh = self.comp.fresh_blocks(self.model.config, total)
+        fresh = self.comp.fresh_blocks(self.model.config, len(self._blocks()))
         float_hidden: list[torch.Tensor] | None = None  # GPTAQ: the float model's inputs of this block
-        for index, (path, block, calls, keep_dense) in enumerate(bar):
+        for index, (path, block, calls, keep_dense) in enumerate(feed):
             self.before_block()
             if self.config.gptaq and not self.opts["rtn"] and (index in fresh or float_hidden is None):
                 float_hidden = [hidden_of(call) for call in calls]  # a part's first block: the same inputs
@@ -299,10 +303,11 @@ class ComponentQuantizer:
                 seconds = (time.perf_counter() - start) / len(names)
                 for name, lin, w, result in zip(names, linears, weights, results):
                     losses = inputs.modality_losses(w, result)
-                    self._swap(block, path, name, lin, result, split=split)
-                    key = f"{path}.{name}.L2" if split else f"{path}.{name}"
-                    self._record(key, "split_linear" if split else "linear", result, lin.out_features,
-                                 result.codes.shape[1], inputs.samples, inputs.tokens, seconds, losses)
+                    swapped, entry = self._swap(block, path, name, lin, result, split=split)
+                    key = f"{swapped}.L2" if split else swapped
+                    record = self._record(key, "split_linear" if split else "linear", result, lin.out_features,
+                                          result.codes.shape[1], inputs.samples, inputs.tokens, seconds, losses)
+                    emit(ModuleSolved(record, swapped, entry))
         if float_block is None:
             return None
         with torch.no_grad():
@@ -320,13 +325,15 @@ def _has(block: nn.Module, name: str) -> bool:
 
 def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict], *, progress: bool = True,
                    spec: ArchSpec | None = None, select: dict[str, str] | None = None,
+                   on_event: Listener | None = None,
                    ) -> tuple[dict[str, QuantRecord], dict[str, dict]]:
     """Quantize every enabled component of `model` in place on calibration `batches`.
 
     `select` limits the run to some components and, per component, to "stem", "blocks" or "all"
     (the research code's per-component entry points); None runs every component its flag enables.
-    Returns the per-module records (keyed by module path; split layers as `<path>.L2`) and the
-    `modules` entries the loader needs to rebuild the packed modules from a checkpoint.
+    The run emits the events of events.py (to `on_event` and to `events.listen` listeners); `progress`
+    shows them as bars. Returns the per-module records (keyed by module path; split layers as
+    `<path>.L2`) and the `modules` entries the loader needs to rebuild the packed modules from a checkpoint.
     """
     spec = spec or spec_for_model_type(model.config.model_type)
     check_part_flags(spec, config)
@@ -345,33 +352,38 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
         raise ValueError(f"hessian_weighting='gradient' runs a backward pass of the whole model, which needs its "
                          f"weights on the calibration device ({device}), but they are on {_model_device(model)}; "
                          "move the model there, or use hessian_weighting='none' / 'modality' / 'balanced'.")
-    records: dict[str, QuantRecord] = {}
-    entries: dict[str, dict] = {}
+    collected, bars = RunRecords(), ProgressBars(enabled=progress)
     was_training = model.training
     model.eval()
-    workers = [(comp, ComponentQuantizer(model, spec, comp, config, device, records, entries, progress, offload))
-               for comp in spec.components
+    workers = [(comp, ComponentQuantizer(model, spec, comp, config, device, offload)) for comp in spec.components
                if getattr(config, comp.flag) and (select is None or comp.name in select)]
     if config.hessian_weighting == "gradient":
         logger.info("token importance: one backward pass of the float model per calibration batch")
-        blocks = {path: block for _, worker in workers for path, block in worker._blocks()}
-        importance = gradient_token_weights(model, blocks, batches)
+        importance = gradient_token_weights(model, {p: b for _, w in workers for p, b in w._blocks()}, batches)
         for _, worker in workers:
             worker.importance = importance
     # on CPU: 1 thread while other processes hold the cores (threads.py)
-    with adaptive_threads(enabled=device.type == "cpu") as threads:
-        for comp, worker in workers:
-            which = "all" if select is None else select[comp.name]
-            logger.info("quantizing %s (%s bits, %s)", comp.name, config.part_options(comp.part)["bits"],
-                        "RTN" if config.part_options(comp.part)["rtn"] else "GPTQ")
-            worker.before_block = threads.refresh
-            if comp.stem and which in ("all", "stem"):
-                worker.quantize_stem(batches)
-            if which in ("all", "blocks"):
-                worker.quantize_blocks(batches)
-    checks.finish(records)  # float16 scales that underflowed -> the records' stats
+    with adaptive_threads(enabled=device.type == "cpu") as threads, listen(on_event), listen(collected), \
+            listen(bars):
+        try:
+            for comp, worker in workers:
+                which = "all" if select is None else select[comp.name]
+                opts = config.part_options(comp.part)
+                method = "RTN" if opts["rtn"] else "GPTQ"
+                logger.info("quantizing %s (%s bits, %s)", comp.name, opts["bits"], method)
+                worker.before_block = threads.refresh
+                stem = bool(comp.stem) and which in ("all", "stem")
+                blocks = len(worker._blocks()) if which in ("all", "blocks") else 0
+                emit(ComponentStart(comp.name, opts["bits"], method, blocks, stem))
+                if stem:
+                    worker.quantize_stem(batches)
+                if blocks:
+                    worker.quantize_blocks(batches)
+        finally:
+            bars.close()
+    checks.finish(collected.records)  # float16 scales that underflowed -> the records' stats
     model.train(was_training)
-    return records, entries
+    return collected.records, collected.entries
 
 
 PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")

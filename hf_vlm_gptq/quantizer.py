@@ -12,7 +12,6 @@ Saving adds the guard tensor (modules_swap.GUARD_TEXT) that makes plain transfor
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import Any
 
@@ -21,7 +20,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from . import card
 from .arch import spec_for_model_type
-from .calib import build_model_inputs, load_samples
+from .calib import load_samples
 from .config import VLMGPTQConfig
 from .modules_swap import (
     check_checkpoint_files,
@@ -30,11 +29,10 @@ from .modules_swap import (
     replace_with_quant_modules,
     verify_loaded,
 )
-from .pipeline import check_part_flags, quantize_model
+from .pipeline import check_part_flags
 from .records import ModuleRecord, parse_records
-from .report import QuantRecord, records_from_config, records_to_table
-
-logger = logging.getLogger(__name__)
+from .report import QuantRecord, records_from_config
+from .runner import quantize_and_record
 
 
 class VLMGPTQHfQuantizer(HfQuantizer):
@@ -86,23 +84,8 @@ class VLMGPTQHfQuantizer(HfQuantizer):
             self.records = dict(sorted(records.items(), key=lambda kv: rank.get(kv[0], len(rank))))
             card.attach(model, card.base_model_of(model), None)  # save_pretrained / push_to_hub: README + plot
             return model
-        processor = config.processor
-        if processor is None:
-            from transformers import AutoProcessor
-
-            source = getattr(model, "name_or_path", None) or model.config._name_or_path
-            processor = AutoProcessor.from_pretrained(source)
-        batches = build_model_inputs(self.samples, processor, max_seq_len=config.max_seq_len)
-        if not batches:
-            raise ValueError("no calibration sample survived processing; pass more or shorter samples "
-                             "(see VLMGPTQConfig.dataset and max_seq_len).")
-        self.records, entries = quantize_model(model, config, batches)
-        config.modules = entries
-        config.stats = {path: rec.stats() for path, rec in self.records.items()}
+        quantize_and_record(model, config, self, samples=self.samples, fresh=True)
         self.samples = None
-        logger.info("quantization report\n%s", records_to_table(self.records))
-        card.attach(model, card.base_model_of(model), card.describe_dataset(config.dataset, config.num_samples,
-                                                                             config.seed))
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .events import Event, ModuleSolved
 from .ops.gptq import NO_CALIBRATION  # the solver's fallback when the Hessian holds nothing
 
 
@@ -76,6 +77,20 @@ class QuantRecord:
 
 
 _STAT_KEYS = frozenset(("component", "method", "samples", "tokens", "damp", "loss", "fallback", "seconds"))
+
+
+class RunRecords:
+    """Listener (events.py): a run's records (keyed by `record.path`) and `modules` entries (keyed by the
+    swapped module's path), from its `ModuleSolved` events, in the order the modules were solved."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, QuantRecord] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, ModuleSolved):
+            self.records[event.record.path] = event.record
+            self.entries[event.module] = event.entry
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -83,7 +83,7 @@ def test_pipeline_feeds_each_block_what_it_sees_in_a_real_forward(name, kind, ti
     config = VLMGPTQConfig(calibration_device="cpu")
     checked = 0
     for comp in spec.components:
-        worker = ComponentQuantizer(model, spec, comp, config, torch.device("cpu"), {}, {}, progress=False)
+        worker = ComponentQuantizer(model, spec, comp, config, torch.device("cpu"))
         blocks = worker._blocks()
         seen: dict[int, list] = {i: [] for i in range(len(blocks))}
         handles = [block.register_forward_pre_hook(

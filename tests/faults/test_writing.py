@@ -62,7 +62,7 @@ def no_quantization(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("quantization started although OUT is unusable")
 
-    monkeypatch.setattr("hf_vlm_gptq.quantizer.quantize_model", refuse)
+    monkeypatch.setattr("hf_vlm_gptq.runner.quantize_model", refuse)
 
 
 def fail_mkdir_in(monkeypatch, parent, code):
