@@ -55,9 +55,12 @@ ABLATION = {
     "GPTAQ": {"gptaq": True},
     "balanced modalities": {"hessian_weighting": "balanced"},
     "vision tokens x4": {"hessian_weighting": "modality", "modality_weights": {"image": 4.0, "video": 4.0}},
+    "gradient importance": {"hessian_weighting": "gradient"},
     # the winners of the single changes above, together
     "damping 0.1 + 16-level grid": {"percdamp": 0.1, "sym_full_range": True},
     "damping 0.1 + 16-level grid + GPTAQ": {"percdamp": 0.1, "sym_full_range": True, "gptaq": True},
+    "damping 0.1 + 16-level grid + GPTAQ + gradient importance": {"percdamp": 0.1, "sym_full_range": True,
+                                                                  "gptaq": True, "hessian_weighting": "gradient"},
     "damping 0.1 + 16-level grid + group-aware order": {"percdamp": 0.1, "sym_full_range": True,
                                                         "group_order": True},
 }
@@ -106,13 +109,33 @@ def run_one(float_model, processor, batches, eval_batches, reference, overrides:
     return row
 
 
-def llmc_note(args) -> dict:
-    """llm-compressor's GPTQ on the LLM as a yardstick: not run here (say why)."""
+def run_llmc(args, model_dir: Path, batches: list[dict], eval_batches, reference, label: str, bits: int,
+             group: int) -> dict:
+    """llm-compressor's GPTQ on the LLM (in its own virtualenv, bench/llmc_gptq.py), its compressed-tensors
+    checkpoint loaded by plain transformers here and scored like our rows; {"skipped": why} when it cannot."""
+    import subprocess
+    import tempfile
+
+    from transformers import AutoModelForImageTextToText
+
     python = Path(args.llmc_python) if args.llmc_python else None
     if python is None or not python.exists():
         return {"skipped": "no llm-compressor virtualenv on this host (--llmc-python PATH names one); column left out"}
-    return {"skipped": f"{python} given, but scoring llm-compressor's model is not wired yet (bench/llmc_gptq.py "
-                       "only times its GPTQ for bench/quantize_speed.py)"}
+    # its traced sequential pipeline needs every batch to take the same inputs: the picture batches only
+    pictures = [b for b in batches if b.get("pixel_values") is not None and b.get("pixel_values_videos") is None]
+    with tempfile.TemporaryDirectory(prefix="bench_acc_llmc_") as tmp:
+        torch.save(pictures, f"{tmp}/batches.pt")
+        cmd = [str(python), str(Path(__file__).with_name("llmc_gptq.py")), str(model_dir), f"{tmp}/batches.pt",
+               f"{tmp}/out.json", "--bits", str(bits), "--group", str(group), "--save", f"{tmp}/model"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.llmc_timeout)
+        if proc.returncode != 0:
+            return {"skipped": f"llm-compressor failed: {proc.stderr.strip().splitlines()[-1:]}"}
+        info = json.loads(Path(f"{tmp}/out.json").read_text())
+        model = AutoModelForImageTextToText.from_pretrained(f"{tmp}/model", dtype=torch.float32).eval()
+        row = score(train_tiny.evaluate(model, eval_batches), reference)
+    row.update(run=f"llm-compressor GPTQ {label}", part="llm", seconds=round(info["seconds"], 2),
+               calib_batches=len(pictures), versions=info["versions"])
+    return row
 
 
 def render(report: dict) -> str:
@@ -142,7 +165,12 @@ def render(report: dict) -> str:
                          f"{row['text']:.1f} | {row['all']:.1f} | {kl.get('image', 0):.4f} | "
                          f"{kl.get('video', 0):.4f} | {kl.get('text', 0):.4f} | {row['seconds']:.1f} |")
         llmc = data.get("llmc", {})
-        lines += ["", f"llm-compressor GPTQ (LLM only): {llmc.get('skipped', 'see json')}", ""]
+        if "skipped" in llmc:
+            lines += ["", f"llm-compressor GPTQ (LLM only): {llmc['skipped']}", ""]
+        else:
+            lines += ["", "llm-compressor rows: its GPTQModifier (damping 0.01, no act-order, LLM only) on the "
+                      "picture batches of the same calibration set (its sequential pipeline needs one input "
+                      "layout), loaded by plain transformers; s = its `oneshot` call.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -159,6 +187,7 @@ def main() -> None:
     parser.add_argument("--parts", default="vision,llm,all")
     parser.add_argument("--train", action="store_true", help="train a family whose trained model is not cached")
     parser.add_argument("--llmc-python", default=None, help="python of a virtualenv with llmcompressor")
+    parser.add_argument("--llmc-timeout", type=int, default=1800)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -210,7 +239,7 @@ def main() -> None:
                     flags = parts[part]
                     add(f"RTN {label}", part, {**common, **flags, "visual_w_rtn": True, "llm_w_rtn": True})
                     add(f"GPTQ {label}", part, {**common, **flags, **PLAIN})
-                    if changed and part == "all":
+                    if changed:
                         add(f"GPTQ (defaults) {label}", part, {**common, **flags})
             if args.ablation and label in args.ablation_bits.split(","):
                 if args.skip_main and args.ablation_rows is None:
@@ -220,7 +249,17 @@ def main() -> None:
                     if args.ablation_rows is not None and name not in args.ablation_rows.split(","):
                         continue
                     add(f"GPTQ {label} + {name}", "all", {**common, **parts["all"], **PLAIN, **opts})
-        data["llmc"] = llmc_note(args)
+        data["llmc"] = {"skipped": "no llm-compressor virtualenv on this host (--llmc-python PATH names one)"}
+        if args.llmc_python:
+            for label, bits, group in bits_wanted:
+                row = run_llmc(args, path, batches, eval_batches, reference, label, bits, group)
+                if "skipped" in row:
+                    data["llmc"] = row
+                    break
+                data["rows"].append(row)
+                data["llmc"] = {"versions": row["versions"]}
+                print(f"  {row['run']:<32} llm    image {row['image']:5.1f} video {row['video']:5.1f} "
+                      f"text {row['text']:5.1f} KL {row['kl']['all']:.4f} {row['seconds']:5.1f} s", flush=True)
         report["archs"][arch] = data
         del float_model
     markdown = render(report)
