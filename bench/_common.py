@@ -1,29 +1,12 @@
-"""Shared pieces of the bench scripts: model sizes, random models, calibration batches, timing, results.
-
-The scripts run from a source checkout (no `pip install` needed: the repository root goes on sys.path).
-"""
+"""What the bench scripts run on: Qwen2-VL sizes, seeded random models, the one input generator (calibration
+batches and correlated layer inputs), and `PartTimer` (seconds per pipeline part)."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import statistics
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-# A run writes into its own folder, bench/runs/<time>/ (untracked), unless BENCH_RESULTS_DIR names another:
-# BENCH_RESULTS_DIR=bench/results updates the tracked results the README quotes.
-RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR")
-               or Path(__file__).resolve().parent / "runs" / time.strftime("%Y%m%d-%H%M%S"))
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
+import torch
 
 # Qwen2-VL-7B / -72B (Qwen/Qwen2-VL-*-Instruct config.json): the 72B shares the vision tower, its merger
 # projects to 8192.
@@ -141,89 +124,18 @@ def synthetic_batches(n: int, seq_len: int = 2048, image_hw: tuple[int, int] = I
     return batches
 
 
-def sync(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+def correlated_inputs(n: int, tokens: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    """``[tokens, n]`` layer inputs with correlated columns (rank n/8 plus noise) and spread-out scales."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    kw = {"generator": g, "device": device}
+    x = torch.randn(tokens, n // 8, **kw) @ torch.randn(n // 8, n, **kw) / 10
+    return (x + 0.3 * torch.randn(tokens, n, **kw)) * torch.exp(0.5 * torch.randn(n, **kw))
 
 
-def interleaved_ms(fns: dict[str, Callable[[], Any]], device: str, min_time: float,
-                   max_rounds: int = 200) -> dict[str, tuple[float, float]]:
-    """Per-call times of several functions, measured round-robin; {name: (p10, median)} in ms.
-
-    Round-robin plus a low percentile keeps other jobs on a shared host from landing on one variant only.
-    """
-    for fn in fns.values():
-        fn()
-        fn()
-    sync(device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start, rounds = time.perf_counter(), 0
-    while rounds < max_rounds and (rounds < 5 or time.perf_counter() - start < min_time):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-        rounds += 1
-    return {name: (sorted(ts)[len(ts) // 10] * 1e3, statistics.median(ts) * 1e3) for name, ts in times.items()}
-
-
-def loadavg() -> list[str] | None:
-    path = Path("/proc/loadavg")
-    return path.read_text().split()[:3] if path.exists() else None
-
-
-def cpu_pressure() -> float | None:
-    """Share of the last 10 s in which runnable work waited for a CPU (Linux PSI "some avg10"), in %.
-
-    On this project's shared 2-core host it swings from 0 to >90 within a minute; above ~20 every small op
-    can take milliseconds, so a CPU timing taken then says little.
-    """
-    path = Path("/proc/pressure/cpu")
-    if not path.exists():
-        return None
-    first = path.read_text().split("\n")[0]
-    return float(first.split("avg10=")[1].split()[0])
-
-
-def wait_for_quiet(limit_pct: float = 20.0, max_wait_s: float = 300.0) -> float | None:
-    """On CPU, wait (up to `max_wait_s`) until the CPU pressure is below `limit_pct`; returns the last reading."""
-    deadline = time.perf_counter() + max_wait_s
-    pressure = cpu_pressure()
-    while pressure is not None and pressure > limit_pct and time.perf_counter() < deadline and \
-            not torch.cuda.is_available():
-        time.sleep(5)
-        pressure = cpu_pressure()
-    return pressure
-
-
-def device_tag() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def env_info() -> dict[str, Any]:
-    """Versions, device, and what says whether a CPU timing was disturbed: load average, CPU pressure (PSI)
-    and this process's major page faults."""
-    import resource
-
-    import transformers
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "loadavg": loadavg(), "cpu_pressure_avg10": cpu_pressure(), "major_page_faults": usage.ru_majflt}
-
-
-def write_results(stem: str, payload: dict[str, Any], markdown: str) -> Path:
-    """bench/results/<stem>_<cpu|cuda>.{json,md}; returns the markdown path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = device_tag()
-    (RESULTS / f"{stem}_{tag}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    path = RESULTS / f"{stem}_{tag}.md"
-    path.write_text(markdown.rstrip() + "\n")
-    return path
+def correlated_hessian(n: int, tokens: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    """The GPTQ Hessian ``2/tokens X^T X`` of `correlated_inputs`."""
+    x = correlated_inputs(n, tokens, seed, device)
+    return (2.0 / tokens) * (x.T @ x)
 
 
 class PartTimer:

@@ -1,6 +1,6 @@
 """Task accuracy of trained tiny VLMs, float vs quantized: RTN and GPTQ per bit width and per part.
 
-    python bench/accuracy.py [--archs qwen2_vl,video_llama_3] [--calib 64] [--eval 600] [--ablation]
+    python -m bench.accuracy [--archs qwen2_vl,video_llama_3] [--calib 64] [--eval 600] [--ablation]
                              [--llmc-python PATH] [--train]
 
 The models are the trained fixtures of ``hf_vlm_gptq.testing.train_tiny`` (cached outside the repository;
@@ -16,7 +16,7 @@ the vision parts only (tower + bridge), the LLM only and the whole model. "GPTQ"
 options every earlier release used (MSE clip, damping 0.01, natural column order, plain Hessian, the
 15-level symmetric grid); "GPTQ (defaults)" is this release's defaults when they differ. ``--ablation`` adds
 whole-model GPTQ rows, one option changed at a time (clip, damping, act-order, group-aware order, Hessian
-weighting, GPTAQ, the 16-level grid). Writes ``accuracy_<cpu|cuda>.{json,md}`` (see bench/_common.py).
+weighting, GPTAQ, the 16-level grid). Writes ``accuracy_<cpu|cuda>.{json,md}`` (see bench/harness.py).
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import copy
 import inspect
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
-import _common
 import torch
 
 import hf_vlm_gptq  # noqa: F401
+from bench.harness import Stopwatch, loadavg, write_results
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.api import quantize
 from hf_vlm_gptq.arch import spec_for_name
@@ -98,11 +99,10 @@ def score(result, reference) -> dict:
 def run_one(float_model, processor, batches, eval_batches, reference, overrides: dict) -> dict:
     model = copy.deepcopy(float_model)
     config = VLMGPTQConfig(dataset=None, calibration_device="cpu", **overrides)
-    start = time.perf_counter()
-    records = quantize(model, config, data=batches, processor=processor, progress=False)
-    seconds = time.perf_counter() - start
+    with Stopwatch() as watch:
+        records = quantize(model, config, data=batches, processor=processor, progress=False)
     row = score(train_tiny.evaluate(model, eval_batches), reference)
-    row["seconds"] = round(seconds, 2)
+    row["seconds"] = round(watch.seconds, 2)
     row["modules"] = len(records)
     row["fallbacks"] = sum(1 for r in records.values() if r.fallback)
     del model
@@ -140,7 +140,7 @@ def run_llmc(args, model_dir: Path, batches: list[dict], eval_batches, reference
 
 def render(report: dict) -> str:
     lines = ["# Task accuracy of trained tiny VLMs, float vs quantized", "",
-             f"`python bench/accuracy.py {report['argv']}` — {report['when']}, torch {report['torch']}, "
+             f"`python -m bench.accuracy {report['argv']}` — {report['when']}, torch {report['torch']}, "
              f"transformers {report['transformers']}, load average {report['loadavg']}.", "",
              "Accuracy in % on held-out items (teacher-forced exact match); KL = KL(float || quantized) of the "
              "answer-token distributions, nats per token; s = wall time of `quantize` (calibration included). "
@@ -196,9 +196,9 @@ def main() -> None:
 
     bits_wanted = BITS if args.only_bits is None else [b for b in BITS if b[0] in args.only_bits.split(",")]
     parts_wanted = args.parts.split(",")
-    report = {"argv": " ".join(__import__("sys").argv[1:]), "when": time.strftime("%Y-%m-%d %H:%M"),
+    report = {"argv": " ".join(sys.argv[1:]), "when": time.strftime("%Y-%m-%d %H:%M"),
               "torch": torch.__version__, "transformers": transformers.__version__,
-              "loadavg": " ".join(_common.loadavg() or []), "calib": args.calib, "archs": {}}
+              "loadavg": " ".join(loadavg() or []), "calib": args.calib, "archs": {}}
     new_defaults = defaults()
     changed = {k: v for k, v in new_defaults.items() if PLAIN[k] != v}
     report["defaults_changed"] = changed
@@ -263,7 +263,7 @@ def main() -> None:
         report["archs"][arch] = data
         del float_model
     markdown = render(report)
-    out = _common.write_results("accuracy", report, markdown)
+    out = write_results("accuracy", report, markdown)
     print(markdown)
     print(f"wrote {out}")
 

@@ -1,6 +1,6 @@
 """A busy machine: quantization and a quantized layer's decode, quiet and beside N CPU-bound processes.
 
-    python bench/contention.py [--hogs 1,2,3] [--works quantize,decode-1,decode-256] [--full] [--layer 4096]
+    python -m bench.contention [--hogs 1,2,3] [--works quantize,decode-1,decode-256] [--full] [--layer 4096]
 
 Each measurement runs in a fresh child process (so OpenMP's wait policy, read when torch is imported, can
 differ between rows) while the bench itself starts N busy-loop processes (each stops by itself after a
@@ -15,7 +15,7 @@ time limit, and is killed when the row is done). Rows:
 
 For each row: wall and CPU seconds, and the slowdown against the fair share: with N other processes on C
 cores a run is entitled to C/(N+1) cores, so the expected wall time is the quiet CPU time divided by
-min(cores used when quiet, C/(N+1)). Writes bench/results/contention_cpu.{json,md}.
+min(cores used when quiet, C/(N+1)). Writes contention_cpu.{json,md} (bench.harness says where).
 """
 
 from __future__ import annotations
@@ -26,11 +26,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import env_info, write_results
+from bench.harness import REPO, Stopwatch, env_info, write_results
 
 HOG = "import time\nend = time.time() + {limit}\nwhile time.time() < end:\n    pass\n"
 MODES = {"quantize": ("library", "spin", "passive"), "decode-1": ("default", "passive"),
@@ -48,8 +46,8 @@ def child(work: str, model_dir: str, samples: int, layer: int) -> None:
         from hf_vlm_gptq import VLMGPTQConfig
 
         cfg = VLMGPTQConfig(num_samples=samples, w_groupsize=128, calibration_device="cpu")
-        wall, cpu = time.perf_counter(), time.process_time()
-        AutoModelForImageTextToText.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
+        with Stopwatch() as watch:
+            AutoModelForImageTextToText.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
     else:
         from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
 
@@ -61,10 +59,10 @@ def child(work: str, model_dir: str, samples: int, layer: int) -> None:
         calls = 200 if rows == 1 else 12
         with torch.inference_mode():
             module(x)  # first call: kernel choice and caches
-            wall, cpu = time.perf_counter(), time.process_time()
-            for _ in range(calls):
-                module(x)
-    print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}))
+            with Stopwatch() as watch:
+                for _ in range(calls):
+                    module(x)
+    print(json.dumps({"wall": watch.seconds, "cpu": watch.cpu_seconds}))
 
 
 def run_row(work: str, mode: str, hogs: int, args, model_dir: str, limit: float) -> dict:
@@ -76,9 +74,9 @@ def run_row(work: str, mode: str, hogs: int, args, model_dir: str, limit: float)
         env["HF_VLM_GPTQ_ADAPTIVE_THREADS"] = "0"
     busy = [subprocess.Popen([sys.executable, "-c", HOG.format(limit=limit)]) for _ in range(hogs)]
     try:
-        out = subprocess.run([sys.executable, __file__, "--child", work, "--model", model_dir,
+        out = subprocess.run([sys.executable, "-m", __spec__.name, "--child", work, "--model", model_dir,
                               "--samples", str(args.samples), "--layer", str(args.layer)],
-                             env=env, capture_output=True, text=True, timeout=limit)
+                             env=env, capture_output=True, text=True, timeout=limit, cwd=REPO)
     finally:
         for proc in busy:
             proc.kill()
@@ -140,7 +138,7 @@ def main() -> None:
     lines += [f"| {r['work']} | {r['mode']} | {r['hogs']} | {r['wall_s']} | {r['cpu_s']} | {r['fair_wall_s']} | "
               f"{r['vs_fair_share']} |" for r in rows]
     size = "LLM 4 x 512, 16 samples" if args.full else "LLM 2 x 256, 8 samples"
-    md = (f"# bench/contention.py ({env['date']}, {cores} cores, loadavg at start {env['loadavg']}, "
+    md = (f"# python -m bench.contention ({env['date']}, {cores} cores, loadavg at start {env['loadavg']}, "
           f"CPU pressure {env['cpu_pressure_avg10']}%)\n\nquantize: tiny Qwen2-VL ({size}, 2 vision blocks, "
           f"fp32, w4 g128); decode: {args.layer}x{args.layer} 4-bit g128 QuantLinear, bf16. Goal: wall / fair "
           f"share <= 1.5.\n\n" + "\n".join(lines) + "\n")

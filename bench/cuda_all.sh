@@ -10,13 +10,14 @@
 #                     Triton compile time)                                 (limit  70 s)
 #   tests_offload     pytest -x tests/test_offload.py -k cuda (weights on the host, calibration on the GPU,
 #                     same records as with the model on the GPU)          (limit  30 s)
-#   ops_kernels       bench/ops.py --kernels: fused Triton matmul vs torch int4 vs dense bf16 at batch 1 / 16 /
-#                     256 on 7B shapes, GPTQ sweep fused vs torch loop, Hessian bf16 vs fp32 rows
+#   ops_kernels       python -m bench.ops --kernels: fused Triton matmul vs torch int4 vs dense bf16 at batch
+#                     1 / 16 / 256 on 7B shapes, GPTQ sweep fused vs torch loop, Hessian bf16 vs fp32 rows
 #                                                                          (limit  60 s)
-#   quantize_speed    bench/quantize_speed.py --config 7b (4 LLM layers, 4 vision blocks, 128 x 2048 tokens)
-#                                                                          (limit 150 s)
-#   inference_speed   bench/inference_speed.py --config 7b                 (limit  65 s)
-#   memory            bench/memory.py --config 7b (weights on the host)    (limit  75 s)
+#   quantize_speed    python -m bench.quantize_speed --config 7b (4 LLM layers, 4 vision blocks, 128 x 2048
+#                     tokens)                                              (limit 150 s)
+#   inference_speed   python -m bench.inference_speed --config 7b          (limit  65 s)
+#   memory            python -m bench.memory --config 7b (weights on the host)
+#                                                                          (limit  75 s)
 # Limits sum to the 450 s budget (each step is also cut to what is left of it). Expected on one H200:
 # ~5.5 minutes (tests ~1 min, kernel bench ~40 s, quantize ~2 min, inference ~1 min, memory ~1 min); none
 # of it measured yet: the kernel rows and the re-split limits (was 40/40/190/95/100 of 470 s before the
@@ -108,16 +109,16 @@ else
   echo "| tests | skipped: pytest missing | 0 | 100 | - |" >> "$SUMMARY"
 fi
 if [ "$CONFIG" = 7b ]; then
-  step ops_kernels 60 "$PY" bench/ops.py --kernels
-  step quantize_speed 150 "$PY" bench/quantize_speed.py --config 7b --llm-layers 4 --vision-depth 4 \
+  step ops_kernels 60 "$PY" -m bench.ops --kernels
+  step quantize_speed 150 "$PY" -m bench.quantize_speed --config 7b --llm-layers 4 --vision-depth 4 \
     --samples 128 --seq-len 2048 --max-minutes 2.1
-  step inference_speed 65 "$PY" bench/inference_speed.py --config 7b --rounds 2
-  step memory 75 "$PY" bench/memory.py --config 7b --llm-layers 2 --vision-depth 2 --samples 128
+  step inference_speed 65 "$PY" -m bench.inference_speed --config 7b --rounds 2
+  step memory 75 "$PY" -m bench.memory --config 7b --llm-layers 2 --vision-depth 2 --samples 128
 else
-  step ops_kernels 60 "$PY" bench/ops.py --kernels --small
-  step quantize_speed 190 "$PY" bench/quantize_speed.py --config small --samples 8 --repeat 1 --skip-llmc
-  step inference_speed 95 "$PY" bench/inference_speed.py --config small --rounds 1
-  step memory 100 "$PY" bench/memory.py --config small --llm-layers 2 --samples 4
+  step ops_kernels 60 "$PY" -m bench.ops --kernels --small
+  step quantize_speed 190 "$PY" -m bench.quantize_speed --config small --samples 8 --repeat 1 --skip-llmc
+  step inference_speed 95 "$PY" -m bench.inference_speed --config small --rounds 1
+  step memory 100 "$PY" -m bench.memory --config small --llm-layers 2 --samples 4
 fi
 
 {

@@ -1,7 +1,7 @@
 """Inference speed and size: our 4-bit modules and models against bf16, measured side by side in one run.
 
-    python bench/inference_speed.py --config small      # CPU: small shapes, a mid-size Qwen2-VL-style model
-    python bench/inference_speed.py --config 7b         # CUDA: Qwen2-VL-7B shapes and config, random weights
+    python -m bench.inference_speed --config small      # CPU: small shapes, a mid-size Qwen2-VL-style model
+    python -m bench.inference_speed --config 7b         # CUDA: Qwen2-VL-7B shapes and config, random weights
 
 1. Per layer: QuantLinear (4-bit, g128, default kernel policy; and with the dense cache on) against a bf16
    nn.Linear at batch 1 / 16 / 256, timed round-robin (10th percentile).
@@ -18,36 +18,27 @@
    in between: both models' forwards are the same code object, whose cache then holds one model's graphs
    only); each model's warm-up (compile) time is recorded, and in the JSON dynamo's counters of
    the graphs and graph breaks it added (tests/test_compile.py checks the counts themselves).
-Writes bench/results/inference_speed_<cpu|cuda>.{json,md} (with --compile: inference_speed_compile_*).
+Writes inference_speed_<cpu|cuda>.{json,md} (with --compile: inference_speed_compile_*; bench.harness says
+where).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import resource
 import struct
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _common import (
-    cpu_pressure,
-    env_info,
-    interleaved_ms,
-    loadavg,
-    qwen2vl_config,
-    random_qwen2vl,
-    sync,
-    synthetic_batches,
-    wait_for_quiet,
-    write_results,
-)
 from torch import nn
 
+from bench import harness
+from bench._common import qwen2vl_config, random_qwen2vl, synthetic_batches
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.api import quantize
 from hf_vlm_gptq.arch import spec_for_model_type
@@ -82,11 +73,14 @@ def bench_layers(config: str, device: str) -> list[dict]:
                 x = torch.randn(batch, in_f, dtype=torch.bfloat16, device=device)
                 fns = {name_: (lambda m=m, x=x: m(x)) for name_, m in
                        (("bf16", dense), ("ours", quant), ("ours_cached", cached))}
-                t = interleaved_ms(fns, device, min_time=0.5 if device == "cuda" else 1.0)
+                # round-robin plus a low percentile keeps other jobs on a shared host from landing on one variant
+                timings = harness.round_robin(fns, device=device, min_time=0.5 if device == "cuda" else 1.0,
+                                              warmup=2, min_rounds=5)
+                t = {k: v.p10 * 1e3 for k, v in timings.items()}
                 rows.append({"layer": name, "shape": f"{out_f}x{in_f}", "batch": batch,
-                             **{f"{k}_ms": v[0] for k, v in t.items()},
-                             "speedup": t["bf16"][0] / t["ours"][0], "speedup_cached": t["bf16"][0] / t["ours_cached"][0]})
-                logger.info("%s batch %d: %s", name, batch, {k: round(v[0], 4) for k, v in t.items()})
+                             **{f"{k}_ms": v for k, v in t.items()},
+                             "speedup": t["bf16"] / t["ours"], "speedup_cached": t["bf16"] / t["ours_cached"]})
+                logger.info("%s batch %d: %s", name, batch, {k: round(v, 4) for k, v in t.items()})
     return rows
 
 
@@ -119,11 +113,8 @@ def quantized_share(model, saved: dict[str, int], before: dict[str, int]) -> dic
 def generate_timing(model, inputs: dict, new_tokens: int, device: str) -> dict:
     """Prefill seconds, decode tokens/s and peak memory of one bf16-or-4-bit model."""
     def run(n: int) -> float:
-        sync(device)
-        start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        sync(device)
-        return time.perf_counter() - start
+        generate = functools.partial(model.generate, **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return harness.repeat(generate, device=device).best
 
     first = run(1)
     if device == "cuda":
@@ -155,14 +146,11 @@ def compile_model(model, inputs: dict, new_tokens: int, device: str) -> dict:
 
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     compiled = torch.compile(model.forward)
-    with forward_of(model, compiled):
-        sync(device)
-        start = time.perf_counter()
+    with forward_of(model, compiled), harness.Stopwatch(device) as warmup:
         for n in (1, 1 + new_tokens):
             model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        sync(device)
     # dynamo's counters are per process: frames shared with a model compiled before are not counted again
-    return {"forward": compiled, "warmup_s": time.perf_counter() - start,
+    return {"forward": compiled, "warmup_s": warmup.seconds,
             "new_graphs": int(counters["stats"]["unique_graphs"] - graphs),
             "new_graph_breaks": sum(counters["graph_break"].values()) - breaks}
 
@@ -225,8 +213,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile:  # both models' forwards share one code object, so their graphs count against one limit
         torch._dynamo.config.recompile_limit = 32
-    pressure_before = wait_for_quiet()
-    load_before = loadavg()
+    pressure_before = harness.wait_for_quiet()
+    load_before = harness.loadavg()
     layers = [] if args.skip_layers else bench_layers(args.config, device)
     tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
     built = build_models(args, tmp, device)
@@ -249,7 +237,7 @@ def main() -> None:
 
     def timed(name: str, model) -> None:
         if device == "cpu":  # let other jobs on a shared host pass before each measurement
-            pressure = wait_for_quiet(max_wait_s=120)
+            pressure = harness.wait_for_quiet(max_wait_s=120)
             if pressure is not None:
                 pressures.append(pressure)
         keep(name, generate_timing(model, inputs, args.new_tokens, device))
@@ -290,8 +278,9 @@ def main() -> None:
     for info in compiled.values():
         info.pop("forward", None)
     quantized = built["quantized"]
-    meta = {"env": env_info(), "device": device, "config": args.config, "loadavg_before": load_before,
-            "loadavg_after": loadavg(), "cpu_pressure_before": pressure_before, "cpu_pressure_after": cpu_pressure(),
+    meta = {"env": harness.env_info(), "device": device, "config": args.config, "loadavg_before": load_before,
+            "loadavg_after": harness.loadavg(), "cpu_pressure_before": pressure_before,
+            "cpu_pressure_after": harness.cpu_pressure(),
             "prompt_tokens": int(inputs["input_ids"].shape[-1]),
             "vision_patches": int(inputs["pixel_values"].shape[0]), "new_tokens": args.new_tokens,
             "weights_MB": {"bf16": built["dense_weights_MB"], "ours 4-bit": weight_mb(quantized)},
@@ -301,7 +290,7 @@ def main() -> None:
     size: dict = {}
     stem = "inference_speed_compile" if args.compile else "inference_speed"  # keeps the eager-only results
     # written before the (7B: 5 GB) checkpoint save, again after it: a time limit keeps the speed figures
-    write_results(stem, {"meta": meta, "layers": layers, "e2e": e2e, "size": size},
+    harness.write_results(stem, {"meta": meta, "layers": layers, "e2e": e2e, "size": size},
                   render(layers, e2e, size, meta))
     if args.config == "small" or not args.no_save:
         if args.config != "small":
@@ -311,12 +300,12 @@ def main() -> None:
                 "bf16_checkpoint_MB": built["dense_files"] / 2**20}
     table = render(layers, e2e, size, meta)
     print(table)
-    write_results(stem, {"meta": meta, "layers": layers, "e2e": e2e, "size": size}, table)
+    harness.write_results(stem, {"meta": meta, "layers": layers, "e2e": e2e, "size": size}, table)
 
 
 def render(layers: list[dict], e2e: dict, size: dict, meta: dict) -> str:
     """The markdown report."""
-    lines = [f"# bench/inference_speed.py --config {meta['config']} ({meta['env']['date']}, {meta['device']}, "
+    lines = [f"# python -m bench.inference_speed --config {meta['config']} ({meta['env']['date']}, {meta['device']}, "
              f"loadavg before {meta['loadavg_before']}, after {meta['loadavg_after']}; CPU pressure (PSI avg10, %) "
              f"before {meta['cpu_pressure_before']}, after {meta['cpu_pressure_after']})", ""]
     if layers:

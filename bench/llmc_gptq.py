@@ -3,6 +3,9 @@
     /work/llmc-venv/bin/python bench/llmc_gptq.py MODEL_DIR BATCHES.pt OUT.json [--group 128] [--bits 4]
         [--save DIR]
 
+(a file path, not ``-m``: bench.quantize_speed starts it in that virtualenv, where this project is not
+installed).
+
 Runs in llm-compressor's own virtualenv (it pins other transformers versions), so it imports nothing from
 hf_vlm_gptq. Calibration batches are the processed inputs bench/quantize_speed.py saved (the same ones our
 pipeline and the reference used). Writes {"seconds": oneshot wall time, "versions": ..., "layers": n};
@@ -17,7 +20,7 @@ import time
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir")
     parser.add_argument("batches")
     parser.add_argument("out")

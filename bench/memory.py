@@ -1,7 +1,7 @@
 """Memory of quantizing: peak process memory against the model's size, live Hessians, and per block.
 
-    python bench/memory.py [--config small] [--llm-layers 8] [--hidden 512] [--samples 16]      # CPU
-    python bench/memory.py --config 7b [--llm-layers 2 --vision-depth 2 --samples 128]         # CUDA
+    python -m bench.memory [--config small] [--llm-layers 8] [--hidden 512] [--samples 16]      # CPU
+    python -m bench.memory --config 7b [--llm-layers 2 --vision-depth 2 --samples 128]         # CUDA
 
 small: child processes on the same model (so each peak is its own): load only; load + one float forward per
 calibration sample (what calibration needs at least); load + quantize (our pipeline); and "blocks": the
@@ -13,7 +13,7 @@ accumulators alive at the same time (the pipeline promises one group's at a time
 with its weights kept on the CPU and `calibration_device="cuda"`: peak GPU and host memory overall, per
 block (solve + replay) and per capture pass, then the same figures extrapolated to the whole 7B and to
 Qwen2-VL-72B (hidden 8192, intermediate 29568, 80 layers, same vision tower) from the per-block ones.
-Writes bench/results/memory_<cpu|cuda>.{json,md}.
+Writes memory_<cpu|cuda>.{json,md} (bench.harness says where).
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 import weakref
 from pathlib import Path
 
-from _common import RESULTS, env_info, wait_for_quiet, write_results
-from memory_blocks import BlockProbe, extrapolate, render_blocks
+from bench.harness import REPO, RESULTS, Stopwatch, env_info, wait_for_quiet, write_results
+from bench.memory_blocks import BlockProbe, extrapolate, render_blocks
 
 
 def _peak_rss_mb() -> float:
@@ -56,7 +55,7 @@ def child(mode: str, path: str, samples: int) -> dict:
 
     hessian_mod.HessianAccumulator.__init__ = counting_init
     cuda = torch.cuda.is_available()
-    start = time.perf_counter()
+    watch = Stopwatch.started()
     extra = {}
     if mode == "quantize":
         cfg = hf_vlm_gptq.VLMGPTQConfig(num_samples=samples, w_groupsize=128)
@@ -81,7 +80,7 @@ def child(mode: str, path: str, samples: int) -> dict:
                     model(**{k: v.to(model.device) for k, v in batch.items()})
     out = {
         "mode": mode,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": round(watch.seconds, 2),
         "peak_rss_MB": _peak_rss_mb(),
         "model_MB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "max_live_hessians": peak["count"],
@@ -96,20 +95,19 @@ def child(mode: str, path: str, samples: int) -> dict:
 def child_7b(args) -> dict:
     """Quantize the 7B config with its weights on the host and the calibration on the GPU."""
     import torch
-    from _common import qwen2vl_config, random_qwen2vl, synthetic_batches
 
+    from bench._common import qwen2vl_config, random_qwen2vl, synthetic_batches
     from hf_vlm_gptq import VLMGPTQConfig
     from hf_vlm_gptq.api import quantize
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only for a dry run of this code
     cuda = device == "cuda"
     config = qwen2vl_config("7b", args.llm_layers, args.vision_depth)
-    start = time.perf_counter()
-    model = random_qwen2vl(config, device, torch.bfloat16).to("cpu")  # a GPU init is much faster than a CPU one
-    if cuda:
-        torch.cuda.empty_cache()
-    batches = synthetic_batches(args.samples, args.seq_len, text_only_every=8)
-    build_s = time.perf_counter() - start
+    with Stopwatch() as build:
+        model = random_qwen2vl(config, device, torch.bfloat16).to("cpu")  # a GPU init is much faster than a CPU one
+        if cuda:
+            torch.cuda.empty_cache()
+        batches = synthetic_batches(args.samples, args.seq_len, text_only_every=8)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     batches_mb = sum(t.numel() * t.element_size() for b in batches for t in b.values()) / 2**20
     rss_before = _peak_rss_mb()
@@ -117,12 +115,9 @@ def child_7b(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     cfg = VLMGPTQConfig(num_samples=args.samples, w_groupsize=128, calibration_device=device,
                         calibration_offload=True)
-    start = time.perf_counter()
-    with BlockProbe(device) as probe:
+    with Stopwatch(device) as watch, BlockProbe(device) as probe:
         quantize(model, cfg, data=batches, progress=False)
-    if cuda:
-        torch.cuda.synchronize()
-    return {"mode": "offload_7b", "build_s": build_s, "seconds": time.perf_counter() - start,
+    return {"mode": "offload_7b", "build_s": build.seconds, "seconds": watch.seconds,
             "llm_layers": config.text_config.num_hidden_layers, "vision_depth": config.vision_config.depth,
             "samples": args.samples, "tokens": sum(b["input_ids"].shape[-1] for b in batches),
             "model_MB": model_mb, "batches_MB": batches_mb, "peak_rss_before_MB": rss_before,
@@ -131,14 +126,15 @@ def child_7b(args) -> dict:
 
 
 def _run_child(args, mode: str, path: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    cmd = [sys.executable, "-m", __spec__.name, "--child", mode, "--samples", str(args.samples),
+           "--seq-len", str(args.seq_len)]
     if path:
         cmd += ["--path", path]
     if args.llm_layers is not None:
         cmd += ["--llm-layers", str(args.llm_layers)]
     if args.vision_depth is not None:
         cmd += ["--vision-depth", str(args.vision_depth)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"child {mode} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -155,7 +151,7 @@ def main_small(args) -> None:
     rows = [_run_child(args, mode, str(path)) for mode in ("load", "forward", "quantize", "blocks")]
     base = rows[0]
     env = env_info()
-    lines = [f"# bench/memory.py --config small ({env['date']}, {'cuda' if env['cuda'] else 'cpu'}, Qwen2-VL-style "
+    lines = [f"# python -m bench.memory --config small ({env['date']}, {'cuda' if env['cuda'] else 'cpu'}, Qwen2-VL-style "
              f"model with {layers} LLM layers, hidden {args.hidden}, {base['model_MB']:.1f} MB of bf16 weights, "
              f"{args.samples} calibration samples; loadavg {env['loadavg']}, CPU pressure "
              f"{env['cpu_pressure_avg10']} %)", "",
@@ -177,12 +173,12 @@ def main_7b(args) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench/memory.py --config 7b needs CUDA; run --config small on CPU")
+        print("python -m bench.memory --config 7b needs CUDA; run --config small on CPU")
         return
     run = _run_child(args, "offload_7b")
     estimates = extrapolate(run)
     env = env_info()
-    lines = [f"# bench/memory.py --config 7b ({env['date']}, {env['cuda']}, torch {env['torch']})", "",
+    lines = [f"# python -m bench.memory --config 7b ({env['date']}, {env['cuda']}, torch {env['torch']})", "",
              f"Qwen2-VL-7B config with {run['llm_layers']} LLM layers and {run['vision_depth']} vision blocks "
              f"(random bf16 weights on the host: {run['model_MB']:.0f} MB), {run['samples']} samples "
              f"({run['tokens']} tokens, batches {run['batches_MB']:.0f} MB), weights kept on the CPU, "

@@ -1,4 +1,4 @@
-"""Per-block memory of our pipeline (for bench/memory.py), and its extrapolation to bigger models.
+"""Per-block memory of our pipeline (for bench.memory), and its extrapolation to bigger models.
 
 `BlockProbe` listens to the pipeline's events (hf_vlm_gptq.events: stem / block / capture steps) and records,
 per step, the peak GPU memory (CUDA: `max_memory_allocated`, reset at each step) or the host RSS after it
@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import _common  # noqa: F401  (first: puts this checkout's package on sys.path)
 import torch
 
 from hf_vlm_gptq import events
@@ -117,8 +116,9 @@ def render_blocks(rows: list[dict], captures: list[dict], peak_name: str) -> str
 
 def _param_mb(size: str, **overrides: int) -> dict[str, float]:
     """MB of bf16 weights of a Qwen2-VL size: whole model, one LLM layer, one vision block, merger, embeddings."""
-    from _common import qwen2vl_config
     from transformers import Qwen2VLForConditionalGeneration
+
+    from bench._common import qwen2vl_config
 
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(qwen2vl_config(size, **overrides))
@@ -140,7 +140,7 @@ def extrapolate(run: dict) -> dict:
     The LLM capture holds the modules that run before the first LLM layer (vision tower, merger, embeddings)
     plus the activations. Vision blocks are the same in both models.
     """
-    from _common import QWEN2VL_SIZES
+    from bench._common import QWEN2VL_SIZES
 
     src, dst = QWEN2VL_SIZES["7b"], QWEN2VL_SIZES["72b"]
     measured = _param_mb("7b", llm_layers=run["llm_layers"], vision_depth=run["vision_depth"])

@@ -1,8 +1,8 @@
 """ops benchmark: GPTQ solve time vs a plain eager loop, and 4-bit QuantLinear vs dense bf16 Linear.
 
-    python bench/ops.py            # ~2 minutes on 2 CPU cores; writes bench/results/ops_<device>.{json,md}
-    python bench/ops.py --kernels  # only the CUDA kernel rows (bench/ops_kernels.py; ~60 s on an H200)
-    python bench/ops.py --kernels --small   # those rows on tiny shapes (CPU: Triton interpreter, a dry run)
+    python -m bench.ops            # ~2 minutes on 2 CPU cores; writes ops_<device>.{json,md} (bench.harness)
+    python -m bench.ops --kernels  # only the CUDA kernel rows (bench/ops_kernels.py; ~60 s on an H200)
+    python -m bench.ops --kernels --small   # those rows on tiny shapes (CPU: Triton interpreter, a dry run)
 
 Solve: a 4096x4096 and a 4096->11008 layer (weight [11008, 4096]), 4-bit, group 128, symmetric, Hessian
 from random correlated inputs. Ours is ``gptq_quantize`` end to end, including its exact proxy loss
@@ -28,60 +28,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench._common import correlated_hessian
+from bench.harness import Stopwatch, device_tag, loadavg, repeat, round_robin, write_results
+from bench.reference_gptq import fasterquant, proxy_loss
 from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
 from hf_vlm_gptq.ops.cpu_fused import fused_unavailable_reason
 from hf_vlm_gptq.ops.kernels import CPU_INT4_MAX_BATCH, CUDA_INT4_MAX_BATCH
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_gptq import fasterquant  # the bench's one eager GPTQ, shared with quantize_speed.py
-
 logger = logging.getLogger("bench.ops")
-# bench/runs/<time>/ (untracked) unless BENCH_RESULTS_DIR names another folder (bench/results: the tracked one)
-RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "runs"
-               / time.strftime("%Y%m%d-%H%M%S"))
 BITS, GROUP = 4, 128
 BATCHES = (1, 4, 16, 64, 256, 1024)
 INT4_BENCH_MAX_BATCH = 256
 
 
-def correlated_hessian(n: int, tokens: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, n // 8, generator=g) @ torch.randn(n // 8, n, generator=g) / 10
-    x = (x + 0.3 * torch.randn(tokens, n, generator=g)) * torch.exp(0.5 * torch.randn(n, generator=g))
-    return (2.0 / tokens) * (x.T @ x)
-
-
-def _best_of(fn, reps: int = 2) -> tuple[float, object]:
-    """Fastest of ``reps`` runs (the host is shared: slower runs measure other people's jobs)."""
-    best, out = float("inf"), None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def bench_solve(out_f: int, in_f: int) -> dict:
+    """Our GPTQ solve against the reference loop on one layer, best of 2 each."""
     hessian = correlated_hessian(in_f, tokens=4096, seed=0)
     weight = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(1))
-    t_ours, ours = _best_of(lambda: gptq_quantize(weight, hessian, bits=BITS, group_size=GROUP))
-    t_ref, q = _best_of(lambda: fasterquant(weight, hessian, bits=BITS, group_size=GROUP, clip=False))
-    t0 = time.perf_counter()
-    d = weight - q
-    ref_loss = float(((d @ hessian) * d).sum())
-    t_loss = time.perf_counter() - t0
+    ours_t = repeat(lambda: gptq_quantize(weight, hessian, bits=BITS, group_size=GROUP), reps=2)
+    ref_t = repeat(lambda: fasterquant(weight, hessian, bits=BITS, group_size=GROUP, clip=False), reps=2)
+    t_ours, ours, t_ref, q = ours_t.best, ours_t.result, ref_t.best, ref_t.result
+    loss_t = repeat(lambda: proxy_loss(weight, q, hessian))
+    ref_loss, t_loss = loss_t.result, loss_t.best
     return {
         "shape": f"{out_f}x{in_f}",
         "ours_s": t_ours,
@@ -96,28 +68,10 @@ def bench_solve(out_f: int, in_f: int) -> dict:
     }
 
 
-def _p10_median(ts: list[float]) -> tuple[float, float]:
-    ts = sorted(ts)
-    return ts[len(ts) // 10] * 1e3, statistics.median(ts) * 1e3
-
-
-def _time_calls(fns: dict, device: str, min_time: float, block: int, skip: int) -> dict:
-    """Per-call times of several variants, taken in round-robin blocks of ``block`` calls (the first
-    ``skip`` calls of a block, which refill caches after the other variants ran, are dropped). Alternating
-    spreads drifts of the shared host's load over all variants. Returns ``{name: (p10, median)}`` in ms."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times: dict = {name: [] for name in fns}
-    start, rounds = time.perf_counter(), 0
-    while rounds < 3 or (time.perf_counter() - start < min_time and rounds < 200):
-        for name, fn in fns.items():
-            for i in range(block):
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                if i >= skip:
-                    times[name].append(time.perf_counter() - t0)
-        rounds += 1
-    return {name: _p10_median(ts) for name, ts in times.items()}
+def _time_calls(fns: dict, device: str, min_time: float, block: int, skip: int, warmup: int = 0) -> dict:
+    """``{name: (p10, median)}`` in ms per call, the variants taken in turns (`harness.round_robin`)."""
+    timings = round_robin(fns, device=device, min_time=min_time, block=block, skip=skip, warmup=warmup)
+    return {name: (t.p10 * 1e3, t.median * 1e3) for name, t in timings.items()}
 
 
 def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
@@ -162,11 +116,8 @@ def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
                         for k, ms in stacks.items()
                     }
                     block, skip = layers, 0
-                for fn in fns.values():  # build lazy kernel weights / caches outside the timing
-                    for _ in range(layers):
-                        fn()
-                timing = _time_calls(
-                    fns, device, min_time=1.0 if batch >= 256 else 1.5, block=block, skip=skip
+                timing = _time_calls(  # the warm-up builds lazy kernel weights / caches outside the timing
+                    fns, device, min_time=1.0 if batch >= 256 else 1.5, block=block, skip=skip, warmup=layers
                 )
                 row = {"device": device, "batch": batch, "regime": regime}
                 for name, (p10, median) in timing.items():
@@ -200,6 +151,17 @@ def bench_bits(device: str, n: int = 4096) -> list[dict]:
                 row["speedup_auto"] = row["dense_bf16_ms"] / row["auto_ms"]
                 rows.append(row)
     return rows
+
+
+def run_kernels(small: bool) -> None:
+    """The kernel rows (bench.ops_kernels); ``small``: tiny shapes, in the Triton interpreter without CUDA."""
+    if small:  # before the Triton kernel modules are imported: on a host without CUDA, use the interpreter
+        from hf_vlm_gptq.testing.triton_interp import use_interpreter
+
+        use_interpreter()
+    from bench.ops_kernels import run_kernels as run
+
+    run(small)
 
 
 def render_bits(rows: list[dict]) -> str:
@@ -248,21 +210,6 @@ def render(solves: list[dict], matmuls: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _loadavg() -> list[str] | None:
-    path = Path("/proc/loadavg")
-    return path.read_text().split()[:3] if path.exists() else None
-
-
-def run_kernels(small: bool) -> None:
-    if small:  # before the Triton kernel modules are imported: on a host without CUDA, use the interpreter
-        from hf_vlm_gptq.testing.triton_interp import use_interpreter
-
-        use_interpreter()
-    from ops_kernels import run_kernels as run
-
-    run(small)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", action="store_true", help="only the kernel rows (bench/ops_kernels.py)")
@@ -272,8 +219,8 @@ def main() -> None:
     if args.kernels:
         run_kernels(args.small)
         return
-    started = time.perf_counter()
-    load_before = _loadavg()
+    wall = Stopwatch.started()
+    load_before = loadavg()
     solves = [bench_solve(4096, 4096), bench_solve(11008, 4096)]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     matmuls = [row for device in devices for row in bench_matmul(device)]
@@ -281,24 +228,17 @@ def main() -> None:
     table = render(solves, matmuls) + "\n\n" + render_bits(other_bits)
     logger.info("%s", table)
     meta = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
         "loadavg_before": load_before,
-        "loadavg_after": _loadavg(),  # 2 cores: anything well above 2 means other jobs shared the run
+        "loadavg_after": loadavg(),  # 2 cores: anything well above 2 means other jobs shared the run
         "cpu_int4_max_batch": CPU_INT4_MAX_BATCH,
         "cuda_int4_max_batch": CUDA_INT4_MAX_BATCH,
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu_fused_kernel": fused_unavailable_reason(BITS, 4096, 4096, torch.bfloat16, torch.device("cpu"))
         or "available",
-        "wall_s": round(time.perf_counter() - started, 1),
+        "wall_s": round(wall.seconds, 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if torch.cuda.is_available() else "cpu"
     payload = {"meta": meta, "solve": solves, "matmul": matmuls, "other_bits": other_bits}
-    (RESULTS / f"ops_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"ops_{tag}.md").write_text(f"# ops benchmark ({tag})\n\n{table}\n\n`{json.dumps(meta)}`\n")
-    logger.info("wrote %s (%.0f s)", RESULTS / f"ops_{tag}.json", meta["wall_s"])
+    path = write_results("ops", payload, f"# ops benchmark ({device_tag()})\n\n{table}\n\n`{json.dumps(meta)}`\n")
+    logger.info("wrote %s (%.0f s)", path, meta["wall_s"])
     if torch.cuda.is_available():
         run_kernels(small=False)
 

@@ -1,5 +1,5 @@
-"""Kernel rows of the ops benchmark (``python bench/ops.py --kernels``; also part of the default run of
-bench/ops.py when a GPU is present). Writes results/ops_kernels_<cuda|cpu>.{json,md}.
+"""Kernel rows of the ops benchmark (``python -m bench.ops --kernels``; also part of the default run of
+bench/ops.py when a GPU is present). Writes ops_kernels_<cuda|cpu>.{json,md} (bench.harness).
 
 On Qwen2-VL-7B LLM shapes (out x in: 3584x3584, 18944x3584, 3584x18944), 4-bit g128, bf16 activations, batch
 1 / 16 / 256, four layers per shape called in turn (their weights exceed the L2 cache, as in a model), median
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
-import time
 
 import torch
-from _common import env_info, write_results
 from torch import nn
 
+from bench._common import correlated_inputs
+from bench.harness import Stopwatch, repeat, write_results
 from hf_vlm_gptq.ops import HessianAccumulator, QuantLinear, gptq_quantize, rtn_quantize
 from hf_vlm_gptq.ops import gptq as G
 
@@ -31,27 +30,6 @@ logger = logging.getLogger("bench.ops")
 BITS, GROUP = 4, 128
 KERNEL_SHAPES = {"7b": [(3584, 3584), (18944, 3584), (3584, 18944)], "small": [(48, 256), (32, 384)]}
 SOLVE_SHAPES = {"7b": [(3584, 3584), (3584, 18944)], "small": [(32, 256)]}
-
-
-def correlated_inputs(n: int, tokens: int, seed: int, device: str = "cpu") -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(seed)
-    kw = {"generator": g, "device": device}
-    x = torch.randn(tokens, n // 8, **kw) @ torch.randn(n // 8, n, **kw) / 10
-    return (x + 0.3 * torch.randn(tokens, n, **kw)) * torch.exp(0.5 * torch.randn(n, **kw))
-
-
-def _device_time_us(fn, device: str, calls: int = 40, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean wall time of ``calls`` back-to-back calls (synchronized), in us."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e6 / calls)
-    return statistics.median(times)
 
 
 def bench_kernel_matmul(device: str, shapes: list[tuple[int, int]], layers: int = 4) -> list[dict]:
@@ -81,8 +59,9 @@ def bench_kernel_matmul(device: str, shapes: list[tuple[int, int]], layers: int 
                     cycle = iter(range(10**9))
                     for m in mods:  # compile / build kernel formats outside the timing
                         m(x)
-                    row[f"{kind}_us"] = _device_time_us(
-                        lambda mods=mods, c=cycle, x=x: mods[next(c) % layers](x), device, calls, repeats)
+                    # median over `repeats` of the mean time of `calls` back-to-back calls
+                    row[f"{kind}_us"] = 1e6 * repeat(lambda mods=mods, c=cycle, x=x: mods[next(c) % layers](x),
+                                                     reps=repeats, calls=calls, device=device).median
                 row["triton_vs_dense"] = row["dense_bf16_us"] / row["triton_us"]
                 row["triton_vs_int4"] = row["int4_us"] / row["triton_us"]
                 rows.append(row)
@@ -91,13 +70,9 @@ def bench_kernel_matmul(device: str, shapes: list[tuple[int, int]], layers: int 
 
 
 def _timed(device: str, fn, *args, **kwargs) -> tuple[float, object]:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
+    """Seconds of one synchronized call, and its result."""
+    timing = repeat(lambda: fn(*args, **kwargs), device=device)
+    return timing.best, timing.result
 
 
 def bench_kernel_solve(device: str, shapes: list[tuple[int, int]], tokens: int) -> list[dict]:
@@ -167,15 +142,15 @@ def render_kernels(matmuls: list[dict], solves: list[dict]) -> str:
 
 
 def run_kernels(small: bool) -> None:
-    """The kernel rows alone: results/ops_kernels_<device>.{json,md}."""
+    """The kernel rows alone: ops_kernels_<device>.{json,md} in the results folder."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = "small" if small else "7b"
-    started = time.perf_counter()
+    wall = Stopwatch.started()
     matmuls = bench_kernel_matmul(device, KERNEL_SHAPES[size])
     solves = bench_kernel_solve(device, SOLVE_SHAPES[size], tokens=64 if small else 4096)
     table = render_kernels(matmuls, solves)
     logger.info("%s", table)
-    meta = {**env_info(), "size": size, "wall_s": round(time.perf_counter() - started, 1)}
+    meta = {"size": size, "wall_s": round(wall.seconds, 1)}
     path = write_results("ops_kernels", {"meta": meta, "matmul": matmuls, "solve": solves},
                          f"# ops kernel benchmark ({device}, {size})\n\n{table}\n\n`{json.dumps(meta)}`\n")
     logger.info("wrote %s (%.0f s)", path, meta["wall_s"])

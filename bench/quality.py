@@ -1,18 +1,16 @@
 """Quality: relative logit error against the unquantized model, RTN vs GPTQ, per part switched on.
 
-    python bench/quality.py [--archs NAME,NAME] [--samples 32] [--quick]     (default: every registered arch)
+    python -m bench.quality [--archs NAME,NAME] [--samples 32] [--quick]     (default: every registered arch)
 
 Builds a model of a few million parameters offline (random weights, real processor), calibrates on the
 built-in set, and evaluates on held-out built-in samples (another seed: images, clips, text). Every row is
-measured in the same run against the same float logits. Writes bench/results/quality.{json,md}.
+measured in the same run against the same float logits. Writes quality.{json,md} (bench.harness says where).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,13 +19,11 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import hf_vlm_gptq  # noqa: F401
+from bench.harness import Stopwatch, write_results
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.arch import ARCHITECTURES, spec_for_name
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
 
-# bench/runs/<time>/ (untracked) unless BENCH_RESULTS_DIR names another folder (bench/results: the tracked one)
-RESULTS = Path(os.environ.get("BENCH_RESULTS_DIR") or Path(__file__).resolve().parent / "runs"
-               / time.strftime("%Y%m%d-%H%M%S"))
 HELD_OUT = 24  # held-out built-in samples (another seed): 18 pictures, 4 clips, 2 text-only turns
 
 PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
@@ -104,9 +100,9 @@ def measure(arch, path, n_params, part, flags, method, bits, group, num_samples,
     rtn = method == "rtn"
     cfg = VLMGPTQConfig(num_samples=num_samples, w_groupsize=group, visual_w_bits=bits, llm_w_bits=bits,
                         visual_w_rtn=rtn, llm_w_rtn=rtn, **flags, **extra)
-    start = time.perf_counter()
-    model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
-    seconds = time.perf_counter() - start
+    with Stopwatch() as watch:
+        model = AutoModelForImageTextToText.from_pretrained(path, quantization_config=cfg, dtype=torch.float32)
+    seconds = watch.seconds
     errors = rel_errors(model.eval(), reference, held_out)
     err = errors["all"]
     row = {"arch": arch, "params_M": round(n_params / 1e6, 2), "part": part, "method": method, "bits": bits,
@@ -155,11 +151,10 @@ def main() -> None:
     rows = run(args.archs.split(","), args.samples, args.quick)
     table = to_markdown(rows)
     print("\n" + table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(rows, indent=2))
-    (RESULTS / "quality.md").write_text(
-        f"# bench/quality.py ({time.strftime('%Y-%m-%d')}, CPU, calibration {args.samples} built-in samples, "
-        f"{HELD_OUT} held-out samples of another seed)\n\n{table}\n\n{NOTES}\n")
+    write_results("quality", {"rows": rows, "samples": args.samples, "held_out": HELD_OUT},
+                  f"# python -m bench.quality ({time.strftime('%Y-%m-%d')}, CPU, calibration {args.samples} built-in "
+                  f"samples, {HELD_OUT} held-out samples of another seed)\n\n{table}\n\n{NOTES}\n",
+                  device_suffix=False)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Quantization speed: our pipeline vs a plain eager GPTQ (bench/reference_gptq.py) vs llm-compressor, one run.
 
-    python bench/quantize_speed.py --config small              # CPU: a mid-size Qwen2-VL-style model
-    python bench/quantize_speed.py --config 7b --llm-layers 4 --vision-depth 4 --max-minutes 4   # CUDA
+    python -m bench.quantize_speed --config small              # CPU: a mid-size Qwen2-VL-style model
+    python -m bench.quantize_speed --config 7b --llm-layers 4 --vision-depth 4 --max-minutes 4   # CUDA
 
 Same model (same seed), same calibration batches, 4-bit, group 128, symmetric, MSE clip, act-order off.
 Ours goes through the public API: `from_pretrained(dir, quantization_config=VLMGPTQConfig(...))` for the
@@ -13,7 +13,7 @@ subprocess on the same batches, beside an LLM-only run of ours. Per-layer proxy 
 `tr((W-Q) H (W-Q)^T)` are compared with the reference's; later layers see slightly different inputs on each
 side (each calibrates on its own quantized earlier layers), so the geometric mean of the per-layer ratios and
 the sums per part are the figures to read (exit status 1 when ours is worse). CPU: fastest of 2 rounds, the
-methods taking turns. Writes bench/results/quantize_speed_<cpu|cuda>.{json,md}.
+methods taking turns. Writes quantize_speed_<cpu|cuda>.{json,md} (bench.harness says where).
 """
 
 from __future__ import annotations
@@ -31,22 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-from _common import (
-    PartTimer,
-    checksum,
-    cpu_pressure,
-    env_info,
-    loadavg,
-    qwen2vl_config,
-    random_qwen2vl,
-    sync,
-    synthetic_batches,
-    wait_for_quiet,
-    write_results,
-)
-from reference_gptq import reference_quantize
 
 import hf_vlm_gptq
+from bench._common import PartTimer, checksum, qwen2vl_config, random_qwen2vl, synthetic_batches
+from bench.harness import Stopwatch, cpu_pressure, env_info, loadavg, wait_for_quiet, write_results
+from bench.reference_gptq import reference_quantize
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.api import quantize
 
@@ -101,24 +90,22 @@ class Setup:
     def ours(self, **flags) -> tuple[float, dict[str, float], dict]:
         """(seconds, seconds per part, records) of our pipeline through the public API."""
         cfg = _cfg(self.args, **flags)
+        watch = Stopwatch(self.args.device)
         with PartTimer() as parts:
             if self.path is not None:
                 from transformers import AutoModelForImageTextToText
 
                 cfg.dataset = self.samples  # through the processor again: the same batches the others get
-                start = time.perf_counter()
-                model = AutoModelForImageTextToText.from_pretrained(self.path, quantization_config=cfg,
-                                                                    dtype=self.dtype)
-                records = hf_vlm_gptq.get_quantizers(model)
+                with watch:
+                    model = AutoModelForImageTextToText.from_pretrained(self.path, quantization_config=cfg,
+                                                                        dtype=self.dtype)
+                    records = hf_vlm_gptq.get_quantizers(model)
             else:
                 model = self.model()
-                sync(self.args.device)
-                start = time.perf_counter()
-                records = quantize(model, cfg, data=self.batches, progress=False)
-            sync(self.args.device)
-            end = time.perf_counter()
+                with watch:
+                    records = quantize(model, cfg, data=self.batches, progress=False)
         del model
-        return end - start, parts.seconds(end), records
+        return watch.seconds, parts.seconds(watch.end), records
 
 
 def _keep(best: dict[str, dict], name: str, seconds: float, parts: dict[str, float]) -> None:
@@ -196,7 +183,7 @@ def compare(ours: dict, ref: dict) -> dict[str, dict]:
 
 def render(args, rows: list[dict], parts: dict, llmc: dict, ours_llm: dict | None, meta: dict) -> str:
     """The markdown report."""
-    lines = [f"# bench/quantize_speed.py --config {args.config} ({meta['env']['date']}, "
+    lines = [f"# python -m bench.quantize_speed --config {args.config} ({meta['env']['date']}, "
              f"{meta['device']}, {args.samples} samples x ~{meta['tokens_per_sample']} tokens, w4 g{args.group}, "
              f"fastest of {args.repeat} rounds)", "",
              f"Model: {meta['model']}. loadavg before {meta['loadavg_before']}, after {meta['loadavg_after']}; CPU "
@@ -277,15 +264,13 @@ def main() -> None:
         records = records or recs
         _keep(best, "ours", seconds, parts_s)
         model = setup.model()
-        sync(args.device)
-        start = time.perf_counter()
-        run = reference_quantize(model, setup.batches, group_size=args.group, deadline=deadline)
-        sync(args.device)
+        with Stopwatch(args.device) as watch:
+            run = reference_quantize(model, setup.batches, group_size=args.group, deadline=deadline)
         del model
         ref = ref or run
         if not run.stopped_early or round_ == 0:
-            _keep(best, "reference (eager GPTQ)", time.perf_counter() - start, run.part_seconds)
-        logger.info("round %d: ours %.1f s, reference %.1f s", round_ + 1, seconds, time.perf_counter() - start)
+            _keep(best, "reference (eager GPTQ)", watch.seconds, run.part_seconds)
+        logger.info("round %d: ours %.1f s, reference %.1f s", round_ + 1, seconds, watch.seconds)
         if "error" in llmc:
             continue
         this = run_llmc(setup, args)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from bench.harness import Stopwatch
 from hf_vlm_gptq.arch import find_module, spec_for_model_type
 from hf_vlm_gptq.capture import capture_calls, first_output, replay, run_batches, with_hidden
 
@@ -126,11 +127,6 @@ def _solve_into(module: nn.Module, H: Hessian, bits: int, group_size: int, clip:
     return loss
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def reference_quantize(model: nn.Module, batches: list[dict], *, bits: int = 4, group_size: int = 128,
                        clip: bool = True, deadline: float | None = None) -> RefRun:
@@ -148,14 +144,12 @@ def reference_quantize(model: nn.Module, batches: list[dict], *, bits: int = 4, 
             path, conv = find_module(model, comp.stem)
             H = Hessian(conv.weight[0].numel(), device)
             handle = conv.register_forward_hook(lambda _m, args, _o, H=H: H.add(args[0]))
-            t0 = time.perf_counter()
-            run_batches(model, conv, batches, per_batch)
-            handle.remove()
-            _sync(device)
-            t1 = time.perf_counter()
-            loss = _solve_into(conv, H, bits, group_size, clip)
-            _sync(device)
-            run.records[path] = RefRecord(loss, t1 - t0, time.perf_counter() - t1, comp.name)
+            with Stopwatch(device) as hessian_t:
+                run_batches(model, conv, batches, per_batch)
+                handle.remove()
+            with Stopwatch(device) as solve_t:
+                loss = _solve_into(conv, H, bits, group_size, clip)
+            run.records[path] = RefRecord(loss, hessian_t.seconds, solve_t.seconds, comp.name)
         path, container = find_module(model, comp.blocks)
         blocks = [(path, container)] if comp.single else [(f"{path}.{i}", b) for i, b in enumerate(container)]
         run.blocks_total[comp.name] = len(blocks)
@@ -167,18 +161,16 @@ def reference_quantize(model: nn.Module, batches: list[dict], *, bits: int = 4, 
                 hessians = {name: Hessian(lin.in_features, device) for name, lin in linears.items()}
                 handles = [lin.register_forward_hook(lambda _m, args, _o, H=hessians[name]: H.add(args[0]))
                            for name, lin in linears.items()]
-                t0 = time.perf_counter()
-                replay(block, calls, keep_outputs=False)
-                for h in handles:
-                    h.remove()
-                _sync(device)
-                hessian_s = (time.perf_counter() - t0) / len(linears)
+                with Stopwatch(device) as hessian_t:
+                    replay(block, calls, keep_outputs=False)
+                    for h in handles:
+                        h.remove()
+                hessian_s = hessian_t.seconds / len(linears)
+                solve_t = Stopwatch(device)
                 for name, lin in linears.items():
-                    t1 = time.perf_counter()
-                    loss = _solve_into(lin, hessians[name], bits, group_size, clip)
-                    _sync(device)
-                    run.records[f"{block_path}.{name}"] = RefRecord(loss, hessian_s, time.perf_counter() - t1,
-                                                                    comp.name)
+                    with solve_t:
+                        loss = _solve_into(lin, hessians[name], bits, group_size, clip)
+                    run.records[f"{block_path}.{name}"] = RefRecord(loss, hessian_s, solve_t.seconds, comp.name)
                 del hessians
             run.blocks_done[comp.name] = index + 1
             if deadline is not None and time.perf_counter() > deadline:

@@ -1,9 +1,9 @@
 """The trained fixtures' recipe and held-out accuracy, from their training records in the cache.
 
     python -m hf_vlm_gptq.testing.train_tiny --arch qwen2_vl --arch video_llama_3   # trains what is missing
-    python bench/trained_models.py [--archs qwen2_vl,video_llama_3]
+    python -m bench.trained_models [--archs qwen2_vl,video_llama_3]
 
-Writes trained_models_<cpu|cuda>.{json,md} (bench/_common.py decides the folder).
+Writes trained_models_<cpu|cuda>.{json,md} (bench/harness.py decides the folder).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import _common
-
+from bench.harness import write_results
 from hf_vlm_gptq.testing import train_tiny
 from hf_vlm_gptq.testing.tasks import KINDS, TASKS
 
@@ -47,7 +46,7 @@ def main() -> None:
                      + f" | {rec['seconds']:.0f} | {rec['key']} |")
     lines += ["", "Loss every 50 steps:", ""]
     lines += [f"- {arch}: {', '.join(str(x) for x in rec['loss_curve'])}" for arch, rec in records.items()]
-    out = _common.write_results("trained_models", records, "\n".join(lines))
+    out = write_results("trained_models", records, "\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {out}")
 

@@ -3,16 +3,10 @@ same Hessian it gives (nearly) the same quantized weight and proxy loss as ours.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from reference_gptq import fasterquant, proxy_loss
-
+from bench.reference_gptq import fasterquant, proxy_loss
 from hf_vlm_gptq.ops import gptq_quantize
 
 

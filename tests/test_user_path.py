@@ -261,12 +261,9 @@ def test_9_small_things(tmp_path, capsys, monkeypatch):
     assert "download.pytorch.org/whl/cpu" in readme and "6 GB" in readme
     assert "hf_vlm_gptq.testing" in readme and "examples/quantize_qwen2vl.py" in readme
     assert "bench/runs/" in readme
-    sys.path.insert(0, str(README.parent / "bench"))
-    try:
-        import _common
-    finally:
-        sys.path.remove(str(README.parent / "bench"))
-    assert _common.RESULTS.parent.name == "runs", _common.RESULTS
+    from bench import harness
+
+    assert harness.RESULTS.parent.name == "runs", harness.RESULTS
     # the demo leaves no temporary folder behind
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     assert main(["demo", "--num-samples", "2"]) == 0

@@ -15,8 +15,8 @@ whose vLLM build has the op it does nothing.
 So a check run with it tests vLLM's naming, weight loading, ``dynamic`` rules (which layers are packed, with
 which bits / group size) and its repacking of our GPTQ tensors, but NOT vLLM's C++ GEMM.
 
-Use: put this folder first on ``PYTHONPATH`` of vLLM's interpreter (``bench/vllm_export_check.py
---avx2-shim`` does). ``VLLM_AVX2_GPTQ_SHIM=0`` turns it off.
+Use: put this folder first on ``PYTHONPATH`` of vLLM's interpreter (``python -m
+bench.vllm_export_check --avx2-shim`` does). ``VLLM_AVX2_GPTQ_SHIM=0`` turns it off.
 """
 import os
 
