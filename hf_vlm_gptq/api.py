@@ -51,9 +51,9 @@ def quantize(model, config: VLMGPTQConfig, *, data: Any = None, processor: Any =
     if not isinstance(quantizer, VLMGPTQHfQuantizer):
         quantizer = VLMGPTQHfQuantizer(config, pre_quantized=False)
         model.hf_quantizer = quantizer
-    target = quantizer.quantization_config
-    target.modules.update(entries)
-    target.stats.update({path: rec.stats() for path, rec in records.items()})
+    base = quantizer.quantization_config  # a copy with the manifest: `config` itself stays as it was
+    stats = {path: rec.stats() for path, rec in records.items()}
+    target = quantizer.quantization_config = base.with_manifest(base.manifest.with_results(entries, stats))
     quantizer.records.update(records)
     model.config.quantization_config = target
     model.is_quantized = True

@@ -23,6 +23,7 @@ from . import card
 from .arch import spec_for_model_type
 from .calib import build_model_inputs, load_samples
 from .config import VLMGPTQConfig
+from .manifest import CheckpointManifest
 from .modules_swap import (
     check_checkpoint_files,
     guard_module,
@@ -57,12 +58,12 @@ class VLMGPTQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         config = self.quantization_config
         if self.pre_quantized:
-            if not config.modules:
+            if config.manifest.is_empty:
                 raise ValueError(
                     "this checkpoint's quantization_config (quant_method 'vlm_gptq') lists no quantized modules; "
                     "it was not written by hf_vlm_gptq's save_pretrained."
                 )
-            self.module_records = parse_records(config.modules)
+            self.module_records = parse_records(config.manifest.modules)
             dtype = self.dtype if isinstance(self.dtype, torch.dtype) else torch.float16
             replace_with_quant_modules(model, self.module_records, dtype)
             spec = spec_for_model_type(model.config.model_type)
@@ -81,7 +82,8 @@ class VLMGPTQHfQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             verify_loaded(model, self.module_records)
-            records = records_from_config(self.module_records, config.stats, config.sym, config.act_order)
+            records = records_from_config(self.module_records, config.manifest.stats, config.sym,
+                                          config.act_order)
             rank = {name: i for i, (name, _) in enumerate(model.named_modules())}  # config.json sorts keys
             self.records = dict(sorted(records.items(), key=lambda kv: rank.get(kv[0], len(rank))))
             card.attach(model, card.base_model_of(model), None)  # save_pretrained / push_to_hub: README + plot
@@ -97,8 +99,10 @@ class VLMGPTQHfQuantizer(HfQuantizer):
             raise ValueError("no calibration sample survived processing; pass more or shorter samples "
                              "(see VLMGPTQConfig.dataset and max_seq_len).")
         self.records, entries = quantize_model(model, config, batches)
-        config.modules = entries
-        config.stats = {path: rec.stats() for path, rec in self.records.items()}
+        # the model gets a copy with the manifest: the user's config object stays as it was
+        stats = {path: rec.stats() for path, rec in self.records.items()}
+        saved = config.with_manifest(CheckpointManifest(entries, stats))
+        self.quantization_config = model.config.quantization_config = saved
         self.samples = None
         logger.info("quantization report\n%s", records_to_table(self.records))
         card.attach(model, card.base_model_of(model), card.describe_dataset(config.dataset, config.num_samples,
@@ -108,7 +112,7 @@ class VLMGPTQHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """The model's state dict plus the guard tensor under the guard module's `weight` key."""
         state_dict = model.state_dict()
-        guard = guard_module(parse_records(self.quantization_config.modules))
+        guard = guard_module(parse_records(self.quantization_config.manifest.modules))
         if guard is not None:
             state_dict[f"{guard}.weight"] = guard_tensor()
         return state_dict, {}
