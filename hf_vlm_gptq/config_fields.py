@@ -138,12 +138,12 @@ def _switch(name: str, help_: str, doc: str) -> Field:
     return Field(name, bool, True, help_, doc, cli="--" + name.replace("_", "-"), research_name=name, switch=True)
 
 
-def _per_part(option: str, suffix: str, type_: type, default: Any, helps: tuple[str, str], doc: str,
+def _per_part(option: str, names: tuple[str, str], type_: type, default: Any, helps: tuple[str, str], doc: str,
               **extra: Any) -> tuple[Field, Field]:
-    """The visual and the llm field of one `PartOptions` attribute (flat names: `visual_<suffix>`, ...)."""
-    return tuple(Field(f"{part}_{suffix}", type_, default, help_, doc, cli=f"--{part}-{suffix}".replace("_", "-"),
-                       part=part, option=option, research_name=f"{part}_{suffix}", **extra)
-                 for part, help_ in zip(PARTS, helps))
+    """The visual and the llm field (flat `names`, in `PARTS` order) of one `PartOptions` attribute."""
+    return tuple(Field(name, type_, default, help_, doc, cli="--" + name.replace("_", "-"), part=part,
+                       option=option, research_name=name, **extra)
+                 for part, name, help_ in zip(PARTS, names, helps))
 
 
 def _option(name: str, type_: type, default: Any, help_: str, doc: str = "", *, cli: bool | str = True,
@@ -164,10 +164,10 @@ FIELDS: tuple[Field, ...] = (
     _switch("quant_visual_projector", "quantize VideoLLaMA3's projector (ignored on the Qwen families)",
             "VideoLLaMA3's projector (ignored on the Qwen families)"),
     _switch("quant_llm", "quantize the language model's decoder layers", "language model decoder layers"),
-    *_per_part("rtn", "w_rtn", bool, False, ("round-to-nearest instead of GPTQ for the vision parts",
+    *_per_part("rtn", ("visual_w_rtn", "llm_w_rtn"), bool, False, ("round-to-nearest instead of GPTQ for the vision parts",
                                              "round-to-nearest instead of GPTQ for the language model"),
                "round-to-nearest instead of GPTQ"),
-    *_per_part("bits", "w_bits", int, 4, (f"weight bits of the vision parts {_BITS}",
+    *_per_part("bits", ("visual_w_bits", "llm_w_bits"), int, 4, (f"weight bits of the vision parts {_BITS}",
                                           f"weight bits of the language model {_BITS}"),
                "weight bits", choices=SUPPORTED_BITS, alias="bits"),
     _option("w_groupsize", int, 128,
@@ -218,10 +218,10 @@ FIELDS: tuple[Field, ...] = (
             '`{"image": w, "video": w, "text": w}` (weights >= 0, missing keys 1.0) for '
             '`hessian_weighting="modality"`', nullable=True, metavar="JSON",
             values="a dict of modality -> number >= 0", normalize=_dict_copy),
-    *_per_part("clip", "w_clip", bool, True, ("MSE search of the clipping range for the vision parts",
+    *_per_part("clip", ("visual_w_clip", "llm_w_clip"), bool, True, ("MSE search of the clipping range for the vision parts",
                                               "MSE search of the clipping range for the language model"),
                "MSE search of the clipping range"),
-    *_per_part("split", "split", bool, False,
+    *_per_part("split", ("visual_split", "llm_split"), bool, False,
                ("keep input channel 0 of the vision MLP's output linear (fc2 / down_proj) in full precision",
                 "keep input channel 0 of the language model's down_proj in full precision"),
                "keep input channel 0 of fc2 / down_proj in full precision (the research code's \".L2\")"),
