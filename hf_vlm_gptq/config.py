@@ -173,9 +173,9 @@ class VLMGPTQConfig(QuantizationConfigMixin):
         """A copy of these options carrying `manifest` (what a quantized model stores), without the
         runtime objects (`dataset`, `processor`); this config is left as it is."""
         out = copy.copy(self)
+        out.__dict__.update({f.name: copy.deepcopy(getattr(self, f.name)) if f.serialized else None
+                             for f in FIELDS if not f.part})
         out._parts = dict(self._parts)
-        out.modules_to_not_convert = list(self.modules_to_not_convert)
-        out.dataset = out.processor = None
         out.manifest = manifest
         return out
 
