@@ -102,10 +102,11 @@ class Field:
             ok = isinstance(value, bool)
         elif self.type in (int, float):
             kinds = (int,) if self.type is int else (int, float)
-            ok = (not isinstance(value, bool) and isinstance(value, kinds) and math.isfinite(value)
-                  and (value in self.also or (
-                      (not self.choices or value in self.choices)
-                      and (self.low is None or value >= self.low) and (self.below is None or value < self.below))))
+            number = not isinstance(value, bool) and isinstance(value, kinds) and (
+                isinstance(value, int) or math.isfinite(value))
+            ok = number and (value in self.also or (
+                (not self.choices or value in self.choices)
+                and (self.low is None or value >= self.low) and (self.below is None or value < self.below)))
         elif self.type is str:
             ok = isinstance(value, str) and (not self.choices or value in self.choices)
         else:
@@ -164,11 +165,12 @@ FIELDS: tuple[Field, ...] = (
     _switch("quant_visual_projector", "quantize VideoLLaMA3's projector (ignored on the Qwen families)",
             "VideoLLaMA3's projector (ignored on the Qwen families)"),
     _switch("quant_llm", "quantize the language model's decoder layers", "language model decoder layers"),
-    *_per_part("rtn", ("visual_w_rtn", "llm_w_rtn"), bool, False, ("round-to-nearest instead of GPTQ for the vision parts",
-                                             "round-to-nearest instead of GPTQ for the language model"),
+    *_per_part("rtn", ("visual_w_rtn", "llm_w_rtn"), bool, False,
+               ("round-to-nearest instead of GPTQ for the vision parts",
+                "round-to-nearest instead of GPTQ for the language model"),
                "round-to-nearest instead of GPTQ"),
-    *_per_part("bits", ("visual_w_bits", "llm_w_bits"), int, 4, (f"weight bits of the vision parts {_BITS}",
-                                          f"weight bits of the language model {_BITS}"),
+    *_per_part("bits", ("visual_w_bits", "llm_w_bits"), int, 4,
+               (f"weight bits of the vision parts {_BITS}", f"weight bits of the language model {_BITS}"),
                "weight bits", choices=SUPPORTED_BITS, alias="bits"),
     _option("w_groupsize", int, 128,
             "input columns per group (-1: one group per output row); widths it does not divide get a partial "
@@ -218,8 +220,9 @@ FIELDS: tuple[Field, ...] = (
             '`{"image": w, "video": w, "text": w}` (weights >= 0, missing keys 1.0) for '
             '`hessian_weighting="modality"`', nullable=True, metavar="JSON",
             values="a dict of modality -> number >= 0", normalize=_dict_copy),
-    *_per_part("clip", ("visual_w_clip", "llm_w_clip"), bool, True, ("MSE search of the clipping range for the vision parts",
-                                              "MSE search of the clipping range for the language model"),
+    *_per_part("clip", ("visual_w_clip", "llm_w_clip"), bool, True,
+               ("MSE search of the clipping range for the vision parts",
+                "MSE search of the clipping range for the language model"),
                "MSE search of the clipping range"),
     *_per_part("split", ("visual_split", "llm_split"), bool, False,
                ("keep input channel 0 of the vision MLP's output linear (fc2 / down_proj) in full precision",
