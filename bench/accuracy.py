@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import logging
 import sys
@@ -37,11 +36,11 @@ from bench.harness import Stopwatch, loadavg, write_results
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.api import quantize
 from hf_vlm_gptq.arch import spec_for_name
+from hf_vlm_gptq.config_fields import DEFAULTS, PART_SWITCHES
 from hf_vlm_gptq.testing import train_tiny
 from hf_vlm_gptq.testing.tasks import KINDS, task_samples
 
 BITS = (("W4 g128", 4, 128), ("W3 g128", 3, 128), ("W2 g64", 2, 64))
-PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
 CALIB_SEED = 1  # the trainer drew its training items with seed 0: these were never trained on
 
 # The options every release before this one quantized with (the "plain GPTQ" rows).
@@ -68,14 +67,13 @@ ABLATION = {
 
 
 def defaults() -> dict:
-    """This release's defaults of the options PLAIN names (from VLMGPTQConfig's signature)."""
-    params = inspect.signature(VLMGPTQConfig.__init__).parameters
-    return {k: params[k].default for k in PLAIN}
+    """This release's defaults of the options PLAIN names (from the config's declarations)."""
+    return {k: DEFAULTS[k] for k in PLAIN}
 
 
 def part_flags(arch: str) -> dict[str, dict[str, bool]]:
     comps = spec_for_name(arch).components
-    off = dict.fromkeys(PART_FLAGS, False)
+    off = dict.fromkeys(PART_SWITCHES, False)
     visual = {c.flag: True for c in comps if c.part == "visual"}
     llm = {c.flag: True for c in comps if c.part == "llm"}
     return {"vision": {**off, **visual}, "llm": {**off, **llm}, "all": {**off, **visual, **llm}}

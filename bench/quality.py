@@ -23,10 +23,9 @@ from bench.harness import Stopwatch, write_results
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.arch import ARCHITECTURES, spec_for_name
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
+from hf_vlm_gptq.config_fields import PART_SWITCHES
 
 HELD_OUT = 24  # held-out built-in samples (another seed): 18 pictures, 4 clips, 2 text-only turns
-
-PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
 
 
 def build(arch: str, root: Path) -> Path:
@@ -44,7 +43,7 @@ def parts(arch: str) -> dict[str, dict[str, bool]]:
     """Row name -> flags: each part alone (the bridge: every visual component after the vision tower), then
     everything."""
     comps = spec_for_name(arch).components
-    off = dict.fromkeys(PART_FLAGS, False)
+    off = dict.fromkeys(PART_SWITCHES, False)
     vision = {c.flag: True for c in comps if c.name == "vision"}
     bridge = {c.flag: True for c in comps if c.part == "visual" and c.name != "vision"}
     llm = {c.flag: True for c in comps if c.part == "llm"}

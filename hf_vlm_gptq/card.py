@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .config_fields import PART_SWITCHES
+
 logger = logging.getLogger(__name__)
 
 CARD = "README.md"
@@ -77,8 +79,7 @@ def model_card(model, records: dict[str, Any], config, base_model: str, calibrat
                      f"{'/'.join(str(g) for g in sorted({r.group_size for r in recs}))} | "
                      f"{'yes' if any(r.act_order for r in recs) else 'no'} | {max(r.samples for r in recs)} | "
                      f"{sum(r.tokens for r in recs)} | {mean} |")
-    off = [flag for flag in ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
-           if getattr(config, flag, True) is False]
+    off = [flag for flag in PART_SWITCHES if getattr(config, flag, True) is False]
     if off or config.modules_to_not_convert:
         lines += ["", "Kept in full precision: " + ", ".join(
             [f"`{flag}=False`" for flag in off] + [f"`{m}`" for m in config.modules_to_not_convert]) + "."]

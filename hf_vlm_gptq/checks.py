@@ -59,7 +59,7 @@ def planned_layers(model: nn.Module, spec: ArchSpec, config: VLMGPTQConfig,
         if comp.stem and which in ("all", "stem"):
             found = find_module(model, comp.stem)
             if found is not None and isinstance(found[1], _QUANTIZABLE) and not is_kept(found[0], keep):
-                layers.append((found[0], found[1], opts["bits"], False))
+                layers.append((found[0], found[1], opts.bits, False))
         if which not in ("all", "blocks"):
             continue
         found = find_module(model, comp.blocks)
@@ -76,7 +76,7 @@ def planned_layers(model: nn.Module, spec: ArchSpec, config: VLMGPTQConfig,
                         continue
                     full = f"{block_path}.{name}"
                     if isinstance(module, _QUANTIZABLE) and not is_kept(full, keep):
-                        layers.append((full, module, opts["bits"], opts["split"] and name == comp.split_target))
+                        layers.append((full, module, opts.bits, opts.split and name == comp.split_target))
     return layers
 
 

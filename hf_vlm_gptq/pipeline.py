@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +41,7 @@ from .capture import (
 )
 from .checks import run_model_checks
 from .config import VLMGPTQConfig
+from .config_fields import DEFAULTS, PART_SWITCHES, PartOptions
 from .events import BlockEnd, BlockStart, CaptureDone, ComponentStart, Listener, ModuleSolved, emit, listen
 from .importance import gradient_token_weights
 from .modality import GroupInputs, TokenInfo
@@ -82,16 +82,16 @@ def use_offload(config: VLMGPTQConfig, model: nn.Module, device: torch.device) -
 _GroupInputs = GroupInputs
 
 
-def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts: dict,
+def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts: PartOptions,
            config: VLMGPTQConfig, cross: torch.Tensor | None = None) -> list[QuantResult]:
     group_size = config.w_groupsize
     if group_size > weights[0].shape[1]:
         # One group covers the whole row either way; -1 says so (and ops' dequantize rejects a group wider
         # than the layer).
         group_size = -1
-    common = dict(bits=opts["bits"], group_size=group_size, sym=config.sym, clip=opts["clip"],
+    common = dict(bits=opts.bits, group_size=group_size, sym=config.sym, clip=opts.clip,
                   full_range=config.sym_full_range and config.sym)
-    if opts["rtn"]:
+    if opts.rtn:
         seen = hessian if tokens > 0 else None  # RTN needs no data; the loss is reported when there was some
         return [rtn_quantize(w, hessian=seen, **common) for w in weights]
     return gptq_quantize_shared(weights, hessian, act_order=config.act_order, percdamp=config.percdamp,
@@ -217,7 +217,7 @@ class ComponentQuantizer:
         for index, (path, block) in enumerate(blocks):
             if index in fresh:
                 calls, own = self._catch(blocks, index, fresh, batches)
-                if not calls and not self.opts["rtn"]:
+                if not calls and not self.opts.rtn:
                     logger.warning("%s: no calibration sample reached %s (e.g. no image or video in the data); "
                                    "its linears get RTN and are flagged", self.comp.name, path)
             elif index in own:
@@ -257,7 +257,7 @@ class ComponentQuantizer:
         float_hidden: list[torch.Tensor] | None = None  # GPTAQ: the float model's inputs of this block
         for index, (path, block, calls, keep_dense) in enumerate(feed):
             self.before_block()
-            if self.config.gptaq and not self.opts["rtn"] and (index in fresh or float_hidden is None):
+            if self.config.gptaq and not self.opts.rtn and (index in fresh or float_hidden is None):
                 float_hidden = [hidden_of(call) for call in calls]  # a part's first block: the same inputs
             float_hidden = self._quantize_block(path, block, calls, keep_dense, float_hidden)
 
@@ -279,7 +279,7 @@ class ComponentQuantizer:
                 names = [n for n in group if not self._skipped(f"{path}.{n}")]
                 if not names:
                     continue
-                split = self.opts["split"] and self.comp.split_target in names
+                split = self.opts.split and self.comp.split_target in names
                 first = block.get_submodule(names[0])
                 twin = float_block.get_submodule(names[0]) if float_block is not None else None
                 watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split,
@@ -369,12 +369,12 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
             for comp, worker in workers:
                 which = "all" if select is None else select[comp.name]
                 opts = config.part_options(comp.part)
-                method = "RTN" if opts["rtn"] else "GPTQ"
-                logger.info("quantizing %s (%s bits, %s)", comp.name, opts["bits"], method)
+                method = "RTN" if opts.rtn else "GPTQ"
+                logger.info("quantizing %s (%s bits, %s)", comp.name, opts.bits, method)
                 worker.before_block = threads.refresh
                 stem = bool(comp.stem) and which in ("all", "stem")
                 blocks = len(worker._blocks()) if which in ("all", "blocks") else 0
-                emit(ComponentStart(comp.name, opts["bits"], method, blocks, stem))
+                emit(ComponentStart(comp.name, opts.bits, method, blocks, stem))
                 if stem:
                     worker.quantize_stem(batches)
                 if blocks:
@@ -386,30 +386,26 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     return collected.records, collected.entries
 
 
-PART_FLAGS = ("quant_visual_clip", "quant_cross_attention", "quant_visual_projector", "quant_llm")
-
-
 def check_part_flags(spec: ArchSpec, config: VLMGPTQConfig) -> None:
     """Fail before any work when none of the parts this architecture has is switched on."""
     if not any(getattr(config, flag) for flag in sorted(spec.flags())):
-        others = [f for f in PART_FLAGS if f not in spec.flags()]
+        others = [f for f in PART_SWITCHES if f not in spec.flags()]
         raise ValueError(
             f"nothing to quantize: {spec.name}'s parts are switched by {', '.join(sorted(spec.flags()))}, and all "
             f"are False ({', '.join(others)} do not apply to {spec.name}); switch one of its parts on."
         )
 
 
-def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str] = PART_FLAGS) -> None:
+def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str] = PART_SWITCHES) -> None:
     """One log line for part flags that do not apply to this architecture.
 
     INFO when the user changed such a flag from its default (they meant something by it), DEBUG otherwise:
     `quant_cross_attention` / `quant_visual_projector` both default to True, so each architecture has one.
     """
-    defaults = inspect.signature(VLMGPTQConfig.__init__).parameters
     ignored = [f for f in flags if f not in spec.flags()]
     if not ignored:
         return
-    changed = any(getattr(config, f) != defaults[f].default for f in ignored)
+    changed = any(getattr(config, f) != DEFAULTS[f] for f in ignored)
     logger.log(logging.INFO if changed else logging.DEBUG, "%s has no part behind %s; ignored", spec.name,
                ", ".join(f"{f}={getattr(config, f)}" for f in ignored))
 

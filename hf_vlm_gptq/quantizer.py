@@ -55,12 +55,12 @@ class VLMGPTQHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
         config = self.quantization_config
         if self.pre_quantized:
-            if not config.modules:
+            if config.manifest.is_empty:
                 raise ValueError(
                     "this checkpoint's quantization_config (quant_method 'vlm_gptq') lists no quantized modules; "
                     "it was not written by hf_vlm_gptq's save_pretrained."
                 )
-            self.module_records = parse_records(config.modules)
+            self.module_records = parse_records(config.manifest.modules)
             dtype = self.dtype if isinstance(self.dtype, torch.dtype) else torch.float16
             replace_with_quant_modules(model, self.module_records, dtype)
             spec = spec_for_model_type(model.config.model_type)
@@ -79,7 +79,8 @@ class VLMGPTQHfQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             verify_loaded(model, self.module_records)
-            records = records_from_config(self.module_records, config.stats, config.sym, config.act_order)
+            records = records_from_config(self.module_records, config.manifest.stats, config.sym,
+                                          config.act_order)
             rank = {name: i for i, (name, _) in enumerate(model.named_modules())}  # config.json sorts keys
             self.records = dict(sorted(records.items(), key=lambda kv: rank.get(kv[0], len(rank))))
             card.attach(model, card.base_model_of(model), None)  # save_pretrained / push_to_hub: README + plot
@@ -91,7 +92,7 @@ class VLMGPTQHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         """The model's state dict plus the guard tensor under the guard module's `weight` key."""
         state_dict = model.state_dict()
-        guard = guard_module(parse_records(self.quantization_config.modules))
+        guard = guard_module(parse_records(self.quantization_config.manifest.modules))
         if guard is not None:
             state_dict[f"{guard}.weight"] = guard_tensor()
         return state_dict, {}

@@ -16,6 +16,7 @@ from . import card
 from .calib import build_model_inputs, load_samples
 from .config import VLMGPTQConfig
 from .events import Listener
+from .manifest import CheckpointManifest
 from .pipeline import quantize_model
 from .report import QuantRecord, records_to_table
 
@@ -63,18 +64,20 @@ def quantize_and_record(model: nn.Module, config: VLMGPTQConfig, quantizer: VLMG
     """Quantize `model` in place with `config` on `data` / `samples` (see `calibration_batches`); returns
     this run's records.
 
-    The results go to `quantizer`: its config's `modules` and `stats`, its `records`. `fresh`: they replace
+    The results go to `quantizer`: a copy of its config with the manifest (`modules`, `stats`), also set as
+    the model's `quantization_config`, and its `records`. `fresh`: they replace
     earlier ones (a `from_pretrained` run); else they are added (`api.quantize`, possibly part by part).
     Events go to `on_event` and `events.listen` listeners (see events.py).
     """
     batches = calibration_batches(model, config, data, processor, samples)
     records, entries = quantize_model(model, config, batches, progress=progress, select=select, on_event=on_event)
-    target = quantizer.quantization_config
+    base = quantizer.quantization_config
+    stats = {path: rec.stats() for path, rec in records.items()}
+    manifest = CheckpointManifest(entries, stats) if fresh else base.manifest.with_results(entries, stats)
+    # the model gets a copy with the manifest: the user's config object stays as it was
+    quantizer.quantization_config = model.config.quantization_config = base.with_manifest(manifest)
     if fresh:
-        target.modules, target.stats = {}, {}
         quantizer.records = {}
-    target.modules.update(entries)
-    target.stats.update({path: rec.stats() for path, rec in records.items()})
     quantizer.records.update(records)
     logger.info("quantization report\n%s", records_to_table(records))
     if not hasattr(model, "_hf_vlm_gptq_card"):  # save_pretrained / push_to_hub: README.md + error plot

@@ -79,8 +79,10 @@ def test_newer_format_version_is_refused_with_advice():
 
 
 def test_part_options():
+    from hf_vlm_gptq.config_fields import PartOptions
+
     cfg = VLMGPTQConfig(visual_w_bits=8, llm_w_rtn=True, visual_split=True)
-    assert cfg.part_options("visual") == {"bits": 8, "rtn": False, "clip": True, "split": True}
-    assert cfg.part_options("llm") == {"bits": 4, "rtn": True, "clip": True, "split": False}
+    assert cfg.part_options("visual") == PartOptions(bits=8, rtn=False, clip=True, split=True)
+    assert cfg.part_options("llm") == PartOptions(bits=4, rtn=True, clip=True, split=False)
     with pytest.raises(ValueError, match="part"):
         cfg.part_options("audio")

@@ -251,7 +251,13 @@ def test_each_flag_switches_its_part_off(tiny_qwen2vl_dir, flag, paths):
 
 
 def test_rtn_per_part_and_bits_per_part(tiny_qwen2vl_dir):
-    model = quantize(tiny_qwen2vl_dir, num_samples=3, visual_w_rtn=True, visual_w_bits=8, llm_w_bits=3)
+    cfg = VLMGPTQConfig(num_samples=3, w_groupsize=32, visual_w_rtn=True, visual_w_bits=8, llm_w_bits=3)
+    before = cfg.to_dict()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, quantization_config=cfg,
+                                                        dtype=torch.float32)
+    assert cfg.to_dict() == before and cfg.manifest.is_empty  # the user's config object is left alone
+    saved = model.config.quantization_config.to_dict()
+    assert saved["modules"] and "bits" not in saved  # vision 8 bits, LLM 3: no single top-level bits
     records = get_quantizers(model)
     vision = [r for p, r in records.items() if p.startswith("model.visual")]
     llm = [r for p, r in records.items() if p.startswith(LLM)]

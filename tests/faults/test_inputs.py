@@ -50,6 +50,7 @@ def test_prefixes_that_match_no_module_get_a_warning_naming_them(tiny_qwen2vl_di
                         num_samples=2, modules_to_not_convert=keep)
     with caplog.at_level(logging.WARNING, logger="hf_vlm_gptq"):
         records = quantize(model, cfg, data=TEXT, progress=False)
+    assert cfg.manifest.is_empty and set(model.config.quantization_config.modules) == set(records)  # cfg untouched
     warnings = [r.getMessage() for r in caplog.records if "modules_to_not_convert" in r.getMessage()]
     assert len(warnings) == 1
     assert "'model.layers.0.self_attn'" in warnings[0] and "'model.visual.blocks.9'" in warnings[0]
