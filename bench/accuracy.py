@@ -129,6 +129,13 @@ def run_llmc(args, model_dir: Path, batches: list[dict], eval_batches, reference
         if proc.returncode != 0:
             return {"skipped": f"llm-compressor failed: {proc.stderr.strip().splitlines()[-1:]}"}
         info = json.loads(Path(f"{tmp}/out.json").read_text())
+        # llm-compressor 0.14 (under transformers 5.17) lists the dense modules by checkpoint names
+        # ("visual.blocks.0.attn.qkv"), which miss this transformers' module names ("model.visual..."): the
+        # recipe's own patterns instead, so compressed-tensors leaves the same modules dense here
+        config_path = Path(f"{tmp}/model/config.json")
+        saved = json.loads(config_path.read_text())
+        saved["quantization_config"]["ignore"] = info["ignore"]
+        config_path.write_text(json.dumps(saved, indent=2))
         model = AutoModelForImageTextToText.from_pretrained(f"{tmp}/model", dtype=torch.float32).eval()
         row = score(train_tiny.evaluate(model, eval_batches), reference)
     row.update(run=f"llm-compressor GPTQ {label}", part="llm", seconds=round(info["seconds"], 2),

@@ -58,7 +58,7 @@ def main() -> None:
         model.save_pretrained(args.save, save_compressed=True)
         AutoProcessor.from_pretrained(args.model_dir).save_pretrained(args.save)
     layers = sum(1 for name, _ in model.named_modules() if name.endswith("mlp.down_proj"))
-    result = {"seconds": seconds, "layers": layers, "samples": len(batches),
+    result = {"seconds": seconds, "layers": layers, "samples": len(batches), "ignore": dense,
               "versions": {"llmcompressor": llmcompressor.__version__, "transformers": transformers.__version__,
                            "compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__}}
     with open(args.out, "w") as f:
