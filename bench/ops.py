@@ -41,8 +41,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
-from hf_vlm_gptq.ops.cpu_fused import fused_unavailable_reason
-from hf_vlm_gptq.ops.kernels import CPU_INT4_MAX_BATCH, CUDA_INT4_MAX_BATCH
+from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, LayerShape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_gptq import fasterquant  # the bench's one eager GPTQ, shared with quantize_speed.py
@@ -142,7 +141,7 @@ def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
         return module
 
     kinds = ["dense_bf16", "auto", "auto_cached", "int4_kernel", "fused_kernel", "dequant_uncached"]
-    if fused_unavailable_reason(BITS, n, n, torch.bfloat16, torch.device(device)) is not None:
+    if BACKENDS["fused"].unavailable_reason(LayerShape(BITS, GROUP, n, n), torch.bfloat16, torch.device(device)):
         kinds.remove("fused_kernel")
     stacks = {kind: [make(kind, i) for i in range(layers)] for kind in kinds}
     rows = []
@@ -286,10 +285,11 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),  # 2 cores: anything well above 2 means other jobs shared the run
-        "cpu_int4_max_batch": CPU_INT4_MAX_BATCH,
-        "cuda_int4_max_batch": CUDA_INT4_MAX_BATCH,
+        "cpu_int4_max_batch": MAX_BATCH["cpu"]["int4"],
+        "cuda_int4_max_batch": MAX_BATCH["cuda"]["int4"],
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "cpu_fused_kernel": fused_unavailable_reason(BITS, 4096, 4096, torch.bfloat16, torch.device("cpu"))
+        "cpu_fused_kernel": BACKENDS["fused"].unavailable_reason(LayerShape(BITS, GROUP, 4096, 4096), torch.bfloat16,
+                                                                 torch.device("cpu"))
         or "available",
         "wall_s": round(time.perf_counter() - started, 1),
     }
