@@ -51,8 +51,8 @@ MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
 def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:
     """The backend that computes ``x2 @ W^T`` for ``module`` under ``module.kernel == mode``, with its
     prepared weights (``module._prepare``, cached by the module)."""
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"kernel must be one of {KERNEL_MODES}, got kernel={mode!r}")
+    if mode != "auto" and mode not in BACKENDS:
+        raise ValueError(f"kernel must be one of {('auto', *BACKENDS)}, got kernel={mode!r}")
     if mode != "auto":
         weights = module._prepare(BACKENDS[mode], x2)
         if isinstance(weights, str):
