@@ -1,4 +1,6 @@
-"""GPTQ checkpoint layout ("gptq" format, v1 zeros) <-> codes / scales / zeros / g_idx.
+"""GPTQ checkpoint layout ("gptq" format, v1 zeros) <-> codes / scales / zeros / g_idx, and the readers of
+that layout the kernels and exports share (:func:`unpack_codes`, :func:`unpack_zeros`,
+:func:`contiguous_groups`, :func:`dequantize_packed`: the reference weight).
 
 Tensors written by :func:`pack_gptq` (``n_groups = scales.shape[1]``):
 
