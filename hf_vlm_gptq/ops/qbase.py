@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -256,7 +257,7 @@ class PackedWeightModule(nn.Module):
             dtype=dtype,
         )
 
-    def _prepare(self, backend: Backend | str, x2: torch.Tensor):
+    def _prepare(self, backend: Backend | str, x2: torch.Tensor) -> Any:
         """``backend``'s weights for inputs like ``x2`` (built once, cached until the buffers change), or why
         it cannot serve this layer / input."""
         backend = BACKENDS[backend] if isinstance(backend, str) else backend
