@@ -36,8 +36,7 @@ from bench._common import correlated_hessian
 from bench.harness import Stopwatch, device_tag, loadavg, repeat, round_robin, write_results
 from bench.reference_gptq import fasterquant, proxy_loss
 from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
-from hf_vlm_gptq.ops.cpu_fused import fused_unavailable_reason
-from hf_vlm_gptq.ops.kernels import CPU_INT4_MAX_BATCH, CUDA_INT4_MAX_BATCH
+from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, LayerShape
 
 logger = logging.getLogger("bench.ops")
 BITS, GROUP = 4, 128
@@ -96,7 +95,7 @@ def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
         return module
 
     kinds = ["dense_bf16", "auto", "auto_cached", "int4_kernel", "fused_kernel", "dequant_uncached"]
-    if fused_unavailable_reason(BITS, n, n, torch.bfloat16, torch.device(device)) is not None:
+    if BACKENDS["fused"].unavailable_reason(LayerShape(BITS, GROUP, n, n), torch.bfloat16, torch.device(device)):
         kinds.remove("fused_kernel")
     stacks = {kind: [make(kind, i) for i in range(layers)] for kind in kinds}
     rows = []
@@ -230,9 +229,10 @@ def main() -> None:
     meta = {
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),  # 2 cores: anything well above 2 means other jobs shared the run
-        "cpu_int4_max_batch": CPU_INT4_MAX_BATCH,
-        "cuda_int4_max_batch": CUDA_INT4_MAX_BATCH,
-        "cpu_fused_kernel": fused_unavailable_reason(BITS, 4096, 4096, torch.bfloat16, torch.device("cpu"))
+        "cpu_int4_max_batch": MAX_BATCH["cpu"]["int4"],
+        "cuda_int4_max_batch": MAX_BATCH["cuda"]["int4"],
+        "cpu_fused_kernel": BACKENDS["fused"].unavailable_reason(LayerShape(BITS, GROUP, 4096, 4096), torch.bfloat16,
+                                                                 torch.device("cpu"))
         or "available",
         "wall_s": round(wall.seconds, 1),
     }

@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 
 from . import export_io as io
 from .export_io import SourceModule
-from .ops.kernels import contiguous_groups, unpack_zeros
+from .ops.packing import contiguous_groups, unpack_zeros
 from .outdir import OutputDir
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from .arch import ArchSpec, spec_for_model_type
 from .config import QUANT_METHOD, VLMGPTQConfig
-from .ops.kernels import dequantize_packed
+from .ops.packing import dequantize_packed
 from .outdir import MARKER
 from .records import PACKED_BUFFERS, ModuleRecord, parse_records
 

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from . import export_io as io
 from .arch import VllmLayout
 from .export_io import SourceModule
-from .ops.kernels import contiguous_groups
+from .ops.packing import contiguous_groups
 from .outdir import OutputDir
 
 logger = logging.getLogger(__name__)

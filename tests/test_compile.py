@@ -13,7 +13,7 @@ import hf_vlm_gptq  # noqa: F401  (registers the quantizer)
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.ops import QuantLinear, qbase, rtn_quantize
 from hf_vlm_gptq.ops import cpu_fused as CF
-from hf_vlm_gptq.ops.kernels import unpack_codes
+from hf_vlm_gptq.ops.packing import unpack_codes
 from hf_vlm_gptq.testing import build_tiny_qwen2vl
 
 # generate() on two prompt lengths: the float model compiles 5 graphs too (prefill, then decode with a
@@ -106,7 +106,7 @@ def test_compiled_decode_through_the_fused_kernel(quantized_dir, fresh_dynamo, s
 def test_the_fused_kernel_op_is_traced_once_for_every_row_count(fresh_dynamo, stand_in_fused):
     res = rtn_quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)), bits=4, group_size=32)
     layer = QuantLinear.from_result(res, torch.randn(64), torch.bfloat16)
-    weights = layer._fused(torch.empty(1, 128, dtype=torch.bfloat16))
+    weights = layer._prepare("fused", torch.empty(1, 128, dtype=torch.bfloat16))
     assert isinstance(weights, CF.FusedWeights)
     fn = torch.compile(lambda x: CF.fused_matmul(x, weights, layer.bias) * 2)
     with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):

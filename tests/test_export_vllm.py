@@ -19,7 +19,7 @@ from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
 from hf_vlm_gptq.cli import main
 from hf_vlm_gptq.export_vllm import export_vllm, unsupported_reason
 from hf_vlm_gptq.ops import pack_gptq, rtn_quantize
-from hf_vlm_gptq.ops.kernels import dequantize_packed
+from hf_vlm_gptq.ops.packing import dequantize_packed
 from hf_vlm_gptq.outdir import MARKER
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")

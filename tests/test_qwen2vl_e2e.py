@@ -181,15 +181,15 @@ def test_push_to_hub_uploads_the_packed_checkpoint(quantized, eval_inputs, tmp_p
 def test_bfloat16_reload_uses_fast_paths_that_agree_with_the_reference(saved, eval_inputs, monkeypatch):
     """Reloaded in bf16 (how users run it), the default kernel choice gives the logits of the reference path
     (dequantize + dense op everywhere) within bf16 rounding, and greedy generation works."""
-    from hf_vlm_gptq.ops import qbase
+    from hf_vlm_gptq.ops import cpu_fused
 
     fused_rows = []
-    real = qbase.fused_matmul
-    monkeypatch.setattr(qbase, "fused_matmul", lambda x2, *a: fused_rows.append(x2.shape[0]) or real(x2, *a))
+    real = cpu_fused.fused_matmul
+    monkeypatch.setattr(cpu_fused, "fused_matmul", lambda x2, *a: fused_rows.append(x2.shape[0]) or real(x2, *a))
     model = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.bfloat16).eval()
     packed = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv))]
     probe = torch.empty(0, dtype=torch.bfloat16)
-    fast = [m for m in packed if isinstance(m._fused(probe.new_empty(0, m.in_features)), FusedWeights)]
+    fast = [m for m in packed if isinstance(m._prepare("fused", probe.new_empty(0, m.in_features)), FusedWeights)]
     inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in eval_inputs[0].items()}
     fast_logits = logits(model, inputs).float()
     assert len(fused_rows) >= len(fast)  # every layer the fused CPU kernel can serve went through it

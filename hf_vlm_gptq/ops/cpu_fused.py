@@ -1,12 +1,11 @@
 """A fused low-bit GEMM for CPUs with AVX512-BF16, compiled on first use (``csrc/lowbit_gemm_avx512bf16.c``).
 
-Why: on CPU, torch's int4 kernel is matrix-vector code (its cost grows linearly with the rows of ``x``) and
-dequantize + dense matmul pays a full dequantization per call, so a 4-bit layer was slower than dense bf16
-from ~10 rows up. This kernel dequantizes the weight exactly as the reference does (integer code - zero, one
-float32 multiply, one rounding to bfloat16) into an L1-sized buffer chunk by chunk and runs a register-blocked
-``vdpbf16ps`` GEMM on it, so it reads low-bit weights and computes at the dense bf16 rate (bench/ops.py).
-2, 4 and 8 bits take that path; 4 bits also have 1-4 row paths that beat torch's int4 kernel (no
-dequantized weight at all: codes become the bf16 numbers ``128 + q`` and the scale is applied per group).
+The kernel dequantizes the weight exactly as the reference does (integer code - zero, one float32 multiply,
+one rounding to bfloat16) into an L1-sized buffer chunk by chunk and runs a register-blocked ``vdpbf16ps``
+GEMM on it, so it reads low-bit weights and computes at the dense bf16 rate. 2, 4 and 8 bits take that
+path; 4 bits also have 1-4 row paths (no dequantized weight at all: codes become the bf16 numbers
+``128 + q`` and the scale is applied per group). ``backends/fused.py`` serves the packed modules with it;
+README (Performance) and ``bench/results/ops_cpu.md`` have its speed.
 
 It reads the checkpoint buffers as they are (``qweight``, fp16 ``scales``, ``g_idx``); the only derived
 data is the zero points as uint8 ``[n_groups, out]``. Act-order (any ``g_idx``) is handled in the kernel.
@@ -27,15 +26,16 @@ kills the process with SIGBUS inside ``dlopen``, before Python can catch anythin
   why, other paths used) and is removed, so the next process rebuilds it.
 
 Before the first layer uses it, the kernel is checked once per process against dequantize + matmul on small
-probe layers (each of its paths: 1-4 row and GEMM, 2/4/8 bits, act-order, one and several threads); a
-kernel that disagrees is logged and not used in this process. Without
+probe layers (each of its paths: 1-4 row and GEMM, 2/4/8 bits, act-order, one and several threads; through
+``selfcheck.self_check``); a kernel that disagrees is logged and not used in this process. Without
 Linux on x86-64 with AVX512F/BW/VL/VBMI/BF16, a compiler or OpenMP, or with ``HF_VLM_GPTQ_CPU_KERNEL=0``, the
-kernel is unavailable and :func:`fused_unavailable_reason` says why; callers then use the other paths.
+kernel is unavailable and :func:`kernel_unavailable_reason` says why; callers then use the other paths.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -52,7 +52,8 @@ from pathlib import Path
 
 import torch
 
-from .kernels import contiguous_groups, dequantize_packed, unpack_zeros
+from .packing import contiguous_groups, dequantize_packed, pack_gptq, unpack_zeros
+from .selfcheck import self_check
 
 logger = logging.getLogger(__name__)
 
@@ -335,8 +336,7 @@ def _kernel():
                     problem = _self_check(_state["lib"])
                     if problem is not None:
                         del _state["lib"]
-                        _state["reason"] = f"the kernel failed its self-check against dequantize + matmul: {problem}"
-                        logger.warning("fused CPU low-bit kernel not used in this process: %s", _state["reason"])
+                        _state["reason"] = problem
                 _state["ready"] = True
     return _state.get("lib")
 
@@ -354,8 +354,6 @@ _PROBES = (
 
 def _probe_layer(bits: int, in_f: int, out_f: int, group_size: int, act_order: bool, gen: torch.Generator):
     """Random packed buffers of one layer (any codes, zero points and fp16 scales), and its bias."""
-    from .packing import pack_gptq
-
     n_groups = 1 if group_size == -1 else -(-in_f // group_size)
     codes = torch.randint(0, 2**bits, (out_f, in_f), generator=gen, dtype=torch.int32)
     zeros = torch.randint(0, 2**bits, (out_f, n_groups), generator=gen, dtype=torch.int32)
@@ -369,12 +367,13 @@ def _probe_layer(bits: int, in_f: int, out_f: int, group_size: int, act_order: b
 
 
 def _self_check(fn) -> str | None:
-    """Run the kernel on the probe layers and compare with dequantize + matmul; None when it agrees.
+    """Run the kernel on the probe layers against dequantize + matmul; None when it agrees, else why (logged).
 
     Bound per element: 2**-7 of |reference| + 2**-7 of sum |x| |w| (a correct kernel stays within bf16
     rounding of the output and, on its 1-4 row paths, of the weight: ~4x below), and 1% relative error overall."""
     gen = torch.Generator().manual_seed(1234)
-    try:
+
+    def probes():
         for bits, in_f, out_f, group_size, act_order, all_rows in _PROBES:
             packed, bias = _probe_layer(bits, in_f, out_f, group_size, act_order, gen)
             w = build_fused(packed["qweight"], packed["scales"], unpack_zeros(packed["qzeros"], bits, out_f),
@@ -382,42 +381,34 @@ def _self_check(fn) -> str | None:
             dense = dequantize_packed(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
                                       bits=bits, in_features=in_f, out_features=out_f, group_size=group_size,
                                       dtype=torch.bfloat16).double()
+            where = f"{bits}-bit {out_f}x{in_f} group {group_size}{' act-order' if act_order else ''}"
             for rows in all_rows:
-                x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
-                y = _call(fn, x, w, bias).double()
-                ref = x.double() @ dense.T + bias.double()
-                scale = x.double().abs() @ dense.abs().T
-                where = f"{bits}-bit {out_f}x{in_f} group {group_size}{' act-order' if act_order else ''}, {rows} rows"
-                if not bool(torch.isfinite(y).all()):
-                    return f"non-finite outputs ({where})"
-                err = (y - ref).abs()
-                if not bool((err <= 2**-7 * (ref.abs() + scale) + 1e-6).all()):
-                    return f"max error {float(err.max()):.3g} against outputs up to {float(ref.abs().max()):.3g} ({where})"
-                rel = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
-                if not math.isfinite(rel) or rel > 1e-2:
-                    return f"relative error {rel:.3g} ({where})"
-    except Exception as err:  # a kernel that raises (bad return code, ctypes error) is a failed check too
-        return f"{type(err).__name__}: {err}"
+                yield functools.partial(_probe, fn, w, dense, bias, rows, gen, f"{where}, {rows} rows")
+
+    return self_check("fused CPU kernel", probes(), "not used in this process", logger)
+
+
+def _probe(fn, w: FusedWeights, dense: torch.Tensor, bias: torch.Tensor, rows: int, gen: torch.Generator,
+           where: str) -> str | None:
+    x = torch.randn(rows, w.in_features, generator=gen).to(torch.bfloat16)
+    y = _call(fn, x, w, bias).double()
+    ref = x.double() @ dense.T + bias.double()
+    scale = x.double().abs() @ dense.abs().T
+    if not bool(torch.isfinite(y).all()):
+        return f"non-finite outputs ({where})"
+    err = (y - ref).abs()
+    if not bool((err <= 2**-7 * (ref.abs() + scale) + 1e-6).all()):
+        return f"max error {float(err.max()):.3g} against outputs up to {float(ref.abs().max()):.3g} ({where})"
+    rel = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+    if not math.isfinite(rel) or rel > 1e-2:
+        return f"relative error {rel:.3g} ({where})"
     return None
 
 
-def fused_unavailable_reason(
-    bits: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device
-) -> str | None:
-    """Why the fused kernel cannot serve this layer / input (None when it can)."""
-    if device.type != "cpu":
-        return f"device {device.type} (the fused kernel is CPU code)"
-    if bits not in FUSED_BITS:
-        return f"bits={bits} (the fused kernel takes {FUSED_BITS})"
-    if dtype != torch.bfloat16:
-        return f"input dtype {dtype} (the fused kernel is bfloat16 only)"
-    if out_features % 16:
-        return f"out_features={out_features} not a multiple of 16"
-    if in_features % 2:
-        return f"in_features={in_features} is odd"
-    if _kernel() is None:
-        return _state["reason"]
-    return None
+def kernel_unavailable_reason() -> str | None:
+    """Why the fused kernel cannot run in this process (None when it can): looked for, built and
+    self-checked on the first call."""
+    return None if _kernel() is not None else _state["reason"]
 
 
 def build_fused(
@@ -463,7 +454,7 @@ def build_fused(
 
 
 def fused_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2[M, in] @ W^T (+ bias)`` in bfloat16 through the fused kernel (see :func:`fused_unavailable_reason`).
+    """``x2[M, in] @ W^T (+ bias)`` in bfloat16 through the fused kernel (see :func:`kernel_unavailable_reason`).
 
     Under ``torch.compile`` it is the custom op ``hf_vlm_gptq::fused_matmul`` (traced once through its fake
     implementation, whatever the rows); eager calls go to the kernel directly. Forward only: the packed

@@ -50,6 +50,7 @@ import torch
 from .grid import check_full_range, find_params, num_groups
 from .result import QuantResult, all_finite, check_common, check_hessian, check_weight, compute_dtype
 from .rtn import rtn_core
+from .selfcheck import self_check
 
 __all__ = ["GPTAQ_ALPHA", "MAX_REL_DAMP", "QuantResult", "gptaq_correction", "gptq_quantize", "gptq_quantize_shared",
            "group_aware_order", "upper_inverse_cholesky"]
@@ -224,14 +225,17 @@ def _column_sweep(
     if str(w.device) in _sweep_verified:
         return fused
     torch_loop = _gptq_columns(w, u, bits, group_size, sym, clip, block_size)
-    agreement = float((fused[0] == torch_loop[0]).float().mean())
-    ok = agreement >= SWEEP_AGREEMENT and all_finite(fused[3])
+
+    def agrees() -> str | None:
+        agreement = float((fused[0] == torch_loop[0]).float().mean())
+        if agreement >= SWEEP_AGREEMENT and all_finite(fused[3]):
+            return None
+        return f"it disagrees with the torch loop on {w.device}: {agreement:.4f} of codes equal" + (
+            "" if all_finite(fused[3]) else ", non-finite weights")
+
+    ok = self_check("fused Triton GPTQ sweep", [agrees], "using the torch loop", logger) is None
     _sweep_verified[str(w.device)] = ok
-    if not ok:
-        logger.warning("fused Triton GPTQ sweep disagrees with the torch loop on %s (%.4f of codes equal); "
-                       "using the torch loop", w.device, agreement)
-        return torch_loop
-    return fused
+    return fused if ok else torch_loop
 
 
 def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""GPTQ checkpoint layout ("gptq" format, v1 zeros) <-> codes / scales / zeros / g_idx.
+"""GPTQ checkpoint layout ("gptq" format, v1 zeros) <-> codes / scales / zeros / g_idx, and the readers of
+that layout the kernels and exports share (:func:`unpack_codes`, :func:`unpack_zeros`,
+:func:`contiguous_groups`, :func:`dequantize_packed`: the reference weight).
 
 Tensors written by :func:`pack_gptq` (``n_groups = scales.shape[1]``):
 
@@ -24,6 +26,7 @@ wrapping modulo ``2**bits`` (readers that add 1 without wrapping see ``2**bits``
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -32,6 +35,8 @@ from .grid import check_bits
 logger = logging.getLogger(__name__)
 
 _MASK32 = 0xFFFFFFFF
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_DEQUANT_CHUNK_ROWS = 128  # rows per fp32 work buffer in dequantize_packed (keeps it cache-resident)
 
 PACKED_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
 """The packed tensors of one quantized weight, in checkpoint order (the one list the package uses)."""
@@ -170,7 +175,83 @@ def unpack_gptq(
     if tuple(g_idx.shape) != (in_features,):
         raise ValueError(f"g_idx must be [{in_features}], got shape {tuple(g_idx.shape)}")
     _check_int_range(g_idx, "g_idx", n_groups - 1)
-    codes = unpack_rows(qweight, bits, in_features).t().contiguous()
-    stored = unpack_rows(qzeros.t().contiguous(), bits, out_features)  # [out, G]
-    zeros = (stored.to(torch.int32) + 1) & (2**bits - 1)
+    codes = unpack_codes(qweight, bits, in_features)
+    zeros = unpack_zeros(qzeros, bits, out_features).t().contiguous()
     return codes, scales.t().float().contiguous(), zeros, g_idx.to(torch.int32)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Codes ``[out, in]`` (uint8, contiguous) from ``qweight``. For 2/4/8 bits this reads ``qweight`` as
+    bytes (each byte holds whole values, low bits first) instead of shifting int32 words."""
+    if bits == 3 or not _LITTLE_ENDIAN:
+        return unpack_rows(qweight, bits, in_features).t().contiguous()
+    words, out_f = qweight.shape
+    per_byte = 8 // bits
+    b = (
+        qweight.contiguous()
+        .view(torch.uint8)
+        .view(words, out_f, 4)
+        .permute(1, 0, 2)
+        .reshape(out_f, words * 4)
+    )
+    if per_byte == 1:
+        return b[:, :in_features].contiguous()
+    codes = torch.empty(out_f, words * 4, per_byte, dtype=torch.uint8, device=qweight.device)
+    mask = 2**bits - 1
+    for j in range(per_byte):
+        torch.bitwise_and(b >> (bits * j) if j else b, mask, out=codes[..., j])
+    codes = codes.view(out_f, -1)
+    return codes if codes.shape[1] == in_features else codes[:, :in_features].contiguous()
+
+
+def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """Zero points ``[n_groups, out]`` (int32) from v1 ``qzeros`` (stored ``zero - 1``, wrapped)."""
+    stored = unpack_rows(qzeros.t().contiguous(), bits, out_features).t()
+    return (stored.to(torch.int32) + 1) & (2**bits - 1)
+
+
+def contiguous_groups(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True when ``g_idx == col // group_size`` (no act-order permutation)."""
+    if group_size == -1:
+        return bool((g_idx == 0).all())
+    cols = torch.arange(g_idx.numel(), device=g_idx.device, dtype=torch.int64)
+    return bool((g_idx.long() == cols // group_size).all())
+
+
+def dequantize_packed(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    *,
+    bits: int,
+    in_features: int,
+    out_features: int,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The weight ``[out, in]`` (contiguous) in ``dtype``: ``scale * (code - zero)`` computed in float32
+    (``code - zero`` is exact, so a single rounding) and cast once, chunk by chunk of rows. This is the
+    reference every matmul path of the packed modules must match."""
+    codes = unpack_codes(qweight, bits, in_features)
+    zeros = unpack_zeros(qzeros, bits, out_features).t().float()  # [out, G]
+    s = scales.t().float()
+    out = torch.empty(out_features, in_features, dtype=dtype, device=qweight.device)
+    g = in_features if group_size == -1 else group_size
+    full = in_features // g
+    regular = contiguous_groups(g_idx, group_size)
+    idx = None if regular else g_idx.long()
+    buf = torch.empty(min(_DEQUANT_CHUNK_ROWS, out_features), in_features, device=qweight.device)
+    for r1 in range(0, out_features, _DEQUANT_CHUNK_ROWS):
+        r2 = min(r1 + _DEQUANT_CHUNK_ROWS, out_features)
+        b, c, o = buf[: r2 - r1], codes[r1:r2], out[r1:r2]
+        if regular:
+            nb = full * g
+            torch.sub(c[:, :nb].view(-1, full, g), zeros[r1:r2, :full, None], out=b[:, :nb].view(-1, full, g))
+            b[:, :nb].view(-1, full, g).mul_(s[r1:r2, :full, None])
+            if nb < in_features:
+                torch.sub(c[:, nb:], zeros[r1:r2, full:], out=b[:, nb:]).mul_(s[r1:r2, full:])
+        else:
+            torch.sub(c, zeros[r1:r2][:, idx], out=b).mul_(s[r1:r2][:, idx])
+        o.copy_(b)
+    return out

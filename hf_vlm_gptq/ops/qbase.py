@@ -1,6 +1,5 @@
-"""``PackedWeightModule``: the GPTQ buffer set, lazy derived-weight caches and matmul path selection
-shared by ``QuantLinear`` and ``QuantConv`` (see ``qmodules.py`` for the policy and ``kernels.py`` for the
-paths).
+"""``PackedWeightModule``: the GPTQ buffer set, the lazy derived-weight caches and the torch ops shared by
+``QuantLinear`` and ``QuantConv``; which kernel computes a matmul is the business of ``backends/``.
 
 Torch custom ops wrap the modules' matmul and dequantization (``hf_vlm_gptq::packed_matmul`` for inference,
 ``hf_vlm_gptq::packed_linear`` when a gradient is needed, ``hf_vlm_gptq::dequantize``), for what plain Python
@@ -22,32 +21,18 @@ skip the ops (no dispatcher overhead): :meth:`PackedWeightModule._linear` picks.
 from __future__ import annotations
 
 import itertools
-import logging
 import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_fused import FusedWeights, build_fused, fused_matmul, fused_unavailable_reason
+from .backends import BACKENDS, Backend, choose
 from .grid import check_bits, check_group_size, num_groups
-from .kernels import (
-    Int4Weights,
-    build_int4,
-    dequantize_packed,
-    group_permutation,
-    int4_matmul,
-    int4_max_batch,
-    int4_unavailable_reason,
-    unpack_codes,
-    unpack_zeros,
-)
-from .packing import PACKED_BUFFERS, pack_gptq, packed_rows
+from .packing import PACKED_BUFFERS, dequantize_packed, pack_gptq, packed_rows
 from .result import QuantResult
 
-logger = logging.getLogger(__name__)
-
-KERNEL_MODES = ("auto", "int4", "fused", "dequant", "triton")
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # handle -> weak reference to its module, for the custom ops (entries go with their module)
@@ -69,9 +54,9 @@ def _module(handle: int) -> PackedWeightModule:
     return module
 
 
-# Inference: a plain torch.library op (no autograd kernel, no per-call aliasing check: ~10 us less per call
-# than custom_op's wrapper, which a compiled decode step pays for every packed layer); training: the
-# custom_op below, whose autograd formula gives the input's gradient.
+# Inference: a plain torch.library op (no autograd kernel, no per-call aliasing check: less fixed cost than
+# custom_op's wrapper, which a compiled decode step pays for every packed layer); training: the custom_op
+# below, whose autograd formula gives the input's gradient.
 _LIB = torch.library.Library("hf_vlm_gptq", "FRAGMENT")
 _LIB.define("packed_matmul(Tensor x2, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, Tensor? bias, "
             "int handle) -> Tensor")
@@ -142,7 +127,7 @@ def check_positive_int(name: str, v: object) -> int:
 
 
 class PackedWeightModule(nn.Module):
-    """Shared buffer set, caches and matmul path selection for QuantLinear / QuantConv."""
+    """Shared buffer set, derived-weight caches and kernel dispatch for QuantLinear / QuantConv."""
 
     cache_dequantized: bool = False
 
@@ -272,57 +257,16 @@ class PackedWeightModule(nn.Module):
             dtype=dtype,
         )
 
-    def _int4(self, x2: torch.Tensor) -> Int4Weights | str:
-        """Kernel-format weights for inputs like ``x2``, or why the kernel cannot be used."""
-        reason = int4_unavailable_reason(
-            self.bits, self.group_size, self.in_features, self.out_features, x2.dtype, x2.device
-        )
+    def _prepare(self, backend: Backend | str, x2: torch.Tensor) -> Any:
+        """``backend``'s weights for inputs like ``x2`` (built once, cached until the buffers change), or why
+        it cannot serve this layer / input."""
+        backend = BACKENDS[backend] if isinstance(backend, str) else backend
+        reason = backend.unavailable_reason(self, x2.dtype, x2.device)
         if reason is not None:
             return reason
-        return self._cached(("int4", x2.device, x2.dtype), lambda: self._build_int4(x2))
-
-    def _build_int4(self, x2: torch.Tensor) -> Int4Weights | str:
-        perm, ok = group_permutation(self.g_idx, self.group_size)
-        if not ok:
-            return "g_idx groups are not equal-sized blocks of group_size columns"
-        codes = unpack_codes(self.qweight, self.bits, self.in_features)
-        zeros = unpack_zeros(self.qzeros, self.bits, self.out_features)
-        w = build_int4(codes, zeros, self.scales, perm, self.group_size, x2.device)
-        if x2.device.type != "cpu":  # the CUDA layout is not testable on CPU hosts: verify once per module
-            gen = torch.Generator(device=x2.device).manual_seed(0)  # leave the caller's RNG alone
-            probe = torch.randn(4, self.in_features, generator=gen, device=x2.device).to(x2.dtype)
-            ref = F.linear(probe, self._dequantize(x2.dtype)).float()
-            err = (int4_matmul(probe, w).float() - ref).abs().max()
-            if not bool(err <= 0.02 * ref.abs().max() + 1e-3):
-                logger.warning("int4 kernel self-check failed (max err %.3g); using dequantize + matmul", err)
-                return "int4 kernel self-check failed"
-        return w
-
-    def _fused(self, x2: torch.Tensor) -> FusedWeights | str:
-        """Fused-kernel data for inputs like ``x2``, or why the fused CPU kernel cannot be used."""
-        reason = fused_unavailable_reason(self.bits, self.in_features, self.out_features, x2.dtype, x2.device)
-        if reason is not None:
-            return reason
-        if self.scales.dtype != torch.float16:
-            return f"scales are {self.scales.dtype} (the fused kernel reads float16 scales)"
-        return self._cached(
-            ("fused",),
-            lambda: build_fused(
-                self.qweight,
-                self.scales,
-                unpack_zeros(self.qzeros, self.bits, self.out_features),
-                self.g_idx,
-                self.group_size,
-                self.bits,
-            ),
-        )
-
-    def _triton(self, x2: torch.Tensor):
-        """Fused-kernel weights for inputs like ``x2`` (self-checked once), or why there are none."""
-        from . import triton_matmul as TM  # imports triton: CUDA (or forced) paths only
-
-        reason = TM.triton_unavailable_reason(self.bits, x2.dtype, x2.device)
-        return reason or self._cached(("triton", x2.device, x2.dtype), lambda: TM.module_weights(self, x2.dtype))
+        if not backend.caches:
+            return backend.prepare(self, x2)
+        return self._cached((backend.name, x2.device, x2.dtype), lambda: backend.prepare(self, x2))
 
     def _linear(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x2[M, in] @ W^T + bias``: through the custom op when compiling or when a gradient is needed (the
@@ -335,44 +279,10 @@ class PackedWeightModule(nn.Module):
         return self._matmul(x2, bias)
 
     def _matmul(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x2[M, in] @ W^T + bias`` through the chosen path (see ``kernels.py`` for the policy)."""
-        mode = self.kernel
-        if mode not in KERNEL_MODES:
-            raise ValueError(f"kernel must be one of {KERNEL_MODES}, got kernel={mode!r}")
-        if bias is not None:
-            bias = bias.to(x2.dtype)
-        if mode == "dequant":
-            return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
-        if mode == "triton" or (x2.is_cuda and mode == "auto"):  # CUDA: the fused Triton kernel first
-            from . import triton_matmul as TM
-
-            tw = self._triton(x2)
-            path = TM.fused_path(mode, x2.shape[0], self.cache_dequantized, tw)
-            if path == "triton":
-                y = TM.triton_matmul(x2, tw)
-                return y if bias is None else y.add_(bias)
-            if path == "dequant":
-                return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
-        fused = self._fused(x2) if mode in ("auto", "fused") else None
-        if mode == "fused":
-            if not isinstance(fused, FusedWeights):
-                raise ValueError(f"kernel='fused' is unavailable for this layer / input: {fused}")
-            return fused_matmul(x2, fused, bias)
-        has_fused = isinstance(fused, FusedWeights)
-        if has_fused:
-            alternative = "fused_small_batch" if fused.small_batch_path else "fused"
-        else:
-            alternative = "cached" if self.cache_dequantized else "uncached"
-        if mode == "int4" or x2.shape[0] <= int4_max_batch(x2.device.type, alternative):
-            w = self._int4(x2)
-            if isinstance(w, Int4Weights):
-                y = int4_matmul(x2, w)
-                return y if bias is None else y.add_(bias)
-            if mode == "int4":
-                raise ValueError(f"kernel='int4' is unavailable for this layer / input: {w}")
-        if has_fused:
-            return fused_matmul(x2, fused, bias)
-        return F.linear(x2, self.dequantize_weight(x2.dtype), bias)
+        """``x2[M, in] @ W^T + bias`` through the backend ``self.kernel`` names or "auto" picks
+        (``backends.choose``)."""
+        backend, weights = choose(self, x2, self.kernel)
+        return backend.matmul(self, x2, weights, None if bias is None else bias.to(x2.dtype))
 
     def forward_reference(self, x2: torch.Tensor) -> torch.Tensor:
         """Reference ``x2 @ dequantize(W)^T + bias`` in x's dtype (what every path must match)."""

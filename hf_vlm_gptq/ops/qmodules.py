@@ -6,23 +6,22 @@ shapes, so transformers can fill them from safetensors on a module built on the 
 Derived data is built lazily and cached per module, keyed on the buffers' identity and version (a reload,
 ``copy_`` or device move invalidates it):
 
-* int4 kernel weights (+ act-order permutation): built on first use of the kernel path. Cost: one extra
-  copy of the 4-bit weight (+ a bf16 scale/zero table). On CPUs with the fused kernel (``cpu_fused.py``)
-  the int4 kernel serves only act-order layers at a few rows, so most layers never build it.
-* the fused CPU kernel's zero points (uint8 ``[groups, out]``): it reads ``qweight`` / ``scales`` as stored.
+* each kernel backend's weight layout (``backends/``), built the first time that backend serves the module:
+  torch's int4 kernels keep one extra copy of the 4-bit weight (+ a bf16 scale/zero table); the fused CPU
+  kernel only uint8 zero points (it reads ``qweight`` / ``scales`` as stored); the Triton kernel nothing;
 * the dequantized weight: cached only when ``cache_dequantized`` is True. Default **off for QuantLinear**:
-  keeping a dense copy of every layer would cost more memory than the unquantized model, which defeats the
-  point of a 4-bit checkpoint. With the fused CPU kernel no batch size needs it (bench/ops.py: 4096x4096
-  at 1 row ~8x faster than dense bf16, at 16 rows ~1.4x, at 256-1024 rows on par). Without that kernel
-  (other CPUs, bits other than 4, fp16/fp32 inputs) large batches pay one dequantization per call; turn
-  the cache on (per module, with :func:`set_dequant_cache`, or for every instance with
-  ``QuantLinear.cache_dequantized = True``) when speed at large batches matters more than memory. Default
-  **on for QuantConv**: VLM patch embeddings are small, and Qwen2-VL reads ``proj.weight`` on every forward.
+  a dense copy of every layer would cost more memory than the unquantized model. Where no fused kernel
+  serves a layer (CPUs without AVX512-BF16, bits / dtypes it does not take), large batches then pay one
+  dequantization per call; turn the cache on (per module, with :func:`set_dequant_cache`, or for every
+  instance with ``QuantLinear.cache_dequantized = True``) when speed at large batches matters more than
+  memory. Default **on for QuantConv**: VLM patch embeddings are small, and Qwen2-VL reads ``proj.weight``
+  on every forward.
 
-Paths (``kernel`` attribute: "auto", "int4" / "fused" / "triton" to force a kernel, "dequant" to force the
-reference): see ``kernels.py`` and ``triton_matmul.py`` (on CUDA, "auto" tries the fused Triton kernel first,
-then the int4 kernel); buffers, caches and path selection live in ``qbase.py``. ``scales`` keeps its dtype (float16) through ``module.to(dtype)`` / ``.half()`` so a saved
-model stays in the checkpoint format; the compute dtype (``weight_dtype``) follows such casts.
+Kernel (``kernel`` attribute): "auto" (the per-device order and batch ranges of ``backends/__init__.py``),
+"int4" / "fused" / "triton" to force a kernel (``ValueError`` with the reason where it cannot serve), or
+"dequant" to force the reference. ``scales`` keeps its dtype (float16) through ``module.to(dtype)`` /
+``.half()`` so a saved model stays in the checkpoint format; the compute dtype (``weight_dtype``) follows
+such casts.
 """
 
 from __future__ import annotations
@@ -33,15 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import KERNEL_MODES
 from .hessian import pad_conv_input
-from .qbase import KERNEL_MODES, PackedWeightModule, check_positive_int
+from .qbase import PackedWeightModule, check_positive_int
 from .result import QuantResult
 
 __all__ = ["KERNEL_MODES", "QuantConv", "QuantLinear", "set_dequant_cache"]
 
 
 class QuantLinear(PackedWeightModule):
-    """A Linear layer with a GPTQ-packed weight; ``forward`` picks the int4 kernel or dequantize + matmul."""
+    """A Linear layer with a GPTQ-packed weight; ``forward`` runs the kernel backend ``kernel`` selects."""
 
     def __init__(
         self,

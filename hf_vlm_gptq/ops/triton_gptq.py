@@ -33,7 +33,7 @@ import itertools
 import torch
 
 from .grid import find_params, num_groups
-from .triton_matmul import _IMPORT_ERROR, _jit, interpreted, tl, triton
+from .triton_matmul import IMPORT_ERROR, _jit, interpreted, tl, triton
 
 MAX_BLOCK = 256  # widest launch block (columns held in registers per program)
 
@@ -97,8 +97,8 @@ def _gptq_block_kernel(
 
 def columns_unavailable_reason(w: torch.Tensor) -> str | None:
     """Why the fused sweep cannot take ``w[out, n]`` (None when it can)."""
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
+    if IMPORT_ERROR is not None:
+        return IMPORT_ERROR
     if w.dtype != torch.float32:
         return f"dtype {w.dtype} (fused sweep is float32)"
     if max(w.numel(), w.shape[-1] ** 2) >= 2**31:

@@ -23,45 +23,31 @@ Variants (one kernel, two launch shapes):
 
 Served: bits 2, 4, 8; any group size (also -1 and a partial last group); any ``in`` / ``out``; fp16 / bf16
 activations; CUDA tensors (CPU tensors too when ``TRITON_INTERPRET=1`` was set before this module was imported,
-as the tests do). Not served (see :func:`triton_unavailable_reason`): 3 bits (values straddle int32 words; the
+as the tests do). Not served (``backends/triton.py`` says why): 3 bits (values straddle int32 words; the
 dequantize path serves them), fp32 activations (``tl.dot`` would round them to TF32), bf16 below compute
-capability 8.0. Block sizes are fixed guesses, not autotuned (no GPU on the development host).
+capability 8.0. Block sizes are fixed per batch class (:data:`_TILES`), not autotuned.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .kernels import contiguous_groups
+from .packing import contiguous_groups
 
 try:
     import triton
     import triton.language as tl
 except ImportError as exc:  # the module stays importable; the reason says why nothing runs
     triton = tl = None
-    _IMPORT_ERROR: str | None = f"triton is not importable ({exc})"
+    IMPORT_ERROR: str | None = f"triton is not importable ({exc})"
 else:
-    _IMPORT_ERROR = None
-
-logger = logging.getLogger(__name__)
+    IMPORT_ERROR = None
 
 TRITON_BITS = (2, 4, 8)
 SPLIT_K_MAX_ROWS = 16
 PROGRAMS_PER_SM = 4
-# Largest batch (rows of x) sent to the fused kernel on CUDA; above it, dequantize + dense matmul.
-# An ESTIMATE, to be tuned on the H200 with bench/ops.py (no GPU on the development host):
-# * "cached" (the module keeps a dense copy): the dense bf16 matmul costs one read of the bf16 weight, 4x
-#   the 4-bit bytes, so the fused kernel should win while the layer is memory-bound: up to ~32 rows.
-# * "uncached" (default): the alternative pays an eager dequantization per call (hundreds of us to ms for
-#   7B shapes), far more than a fused kernel that reaches even a third of the dense tensor-core rate, up
-#   to prefill-sized batches.
-TRITON_MAX_BATCH = {"cached": 32, "uncached": 4096}
-_HALF = (torch.float16, torch.bfloat16)
 _MAX_OFFSET = 2**31 - 1  # the kernels index with int32
 
 
@@ -120,23 +106,6 @@ def interpreted() -> bool:
     return triton is not None and type(_packed_mm_kernel).__name__ == "InterpretedFunction"
 
 
-def triton_unavailable_reason(bits: int, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why the fused kernel cannot serve this layer / input (None when it can)."""
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    if bits not in TRITON_BITS:
-        return f"bits={bits} (fused kernel takes {TRITON_BITS}; 3-bit values straddle int32 words)"
-    if dtype not in _HALF:
-        return f"input dtype {dtype} (fused kernel takes float16 / bfloat16)"
-    if device.type == "cuda":
-        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
-            return "bfloat16 tl.dot needs compute capability >= 8.0"
-        return None
-    if device.type == "cpu" and interpreted():
-        return None
-    return f"device {device.type} (Triton runs on CUDA, or on CPU with TRITON_INTERPRET=1)"
-
-
 @dataclass(frozen=True)
 class PackedWeights:
     """The GPTQ buffers as the kernel reads them (contiguous, on one device)."""
@@ -188,8 +157,8 @@ def _block_k(w: PackedWeights, cap: int) -> tuple[int, bool]:
     return cap, False
 
 
-# (largest M, BM, BN, largest BK, warps, stages): guesses checked only for register use (ptxas for sm_90a:
-# 100-180 registers, no spills), not timed; tune on the H200 with bench/ops.py
+# (largest M, BM, BN, largest BK, warps, stages) per batch class; compiled for sm_90 without register spills
+# (tests/ops/test_ops_triton_compile.py), to be tuned with bench/ops.py --kernels
 _TILES = ((SPLIT_K_MAX_ROWS, 16, 64, 64, 8, 3), (32, 32, 64, 64, 8, 3), (64, 64, 64, 64, 8, 3), (None, 64, 128, 32, 8, 4))
 
 
@@ -225,51 +194,3 @@ def triton_matmul(x2: torch.Tensor, w: PackedWeights) -> torch.Tensor:
         BITS=w.bits, SCALAR_GROUP=scalar, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out[0] if split == 1 else out.sum(0).to(x2.dtype)
-
-
-def checked_weights(
-    w: PackedWeights, reference: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype
-) -> PackedWeights | str:
-    """``w`` after a once-per-layer check on the device (both variants against ``reference``, i.e.
-    dequantize + ``F.linear``), or why it failed (logged as a warning)."""
-    device = w.qweight.device
-    gen = torch.Generator(device=device).manual_seed(0)  # leave the caller's RNG alone
-    try:
-        for rows in (4, SPLIT_K_MAX_ROWS + 8, 80):  # every launch shape (split-K, tiled, wide tiles)
-            probe = torch.randn(rows, w.in_features, generator=gen, device=device).to(dtype)
-            ref = reference(probe).float()
-            err = (triton_matmul(probe, w).float() - ref).abs().max()
-            if not bool(err <= 0.02 * ref.abs().max() + 1e-3):
-                raise RuntimeError(f"max err {float(err):.3g} at {rows} rows")
-    except Exception as exc:  # a compile or launch failure must not take the model down
-        logger.warning("Triton kernel self-check failed (%s); using the other paths", exc)
-        return f"Triton kernel self-check failed ({exc})"
-    return w
-
-
-def module_weights(module, dtype: torch.dtype) -> PackedWeights | str:
-    """:func:`checked_weights` for a ``PackedWeightModule`` (qbase.py) and inputs of ``dtype``."""
-    w = packed_weights(
-        module.qweight,
-        module.qzeros,
-        module.scales,
-        module.g_idx,
-        bits=module.bits,
-        group_size=module.group_size,
-        in_features=module.in_features,
-        out_features=module.out_features,
-    )
-    return checked_weights(w, lambda probe: F.linear(probe, module.dequantize_weight(probe.dtype)), dtype)
-
-
-def fused_path(kernel: str, rows: int, cached: bool, weights: PackedWeights | str) -> str | None:
-    """The path a batch takes once the Triton weights (or the reason there are none) are known: "triton",
-    "dequant" (fused kernel available, batch above :data:`TRITON_MAX_BATCH`), or None (fused kernel unavailable
-    in "auto" mode: the int4 / dequant choice applies). Raises when ``kernel == "triton"`` cannot be served."""
-    if isinstance(weights, str):
-        if kernel == "triton":
-            raise ValueError(f"kernel='triton' is unavailable for this layer / input: {weights}")
-        return None
-    if kernel == "triton" or rows <= TRITON_MAX_BATCH["cached" if cached else "uncached"]:
-        return "triton"
-    return "dequant"

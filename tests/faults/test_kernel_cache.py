@@ -79,7 +79,7 @@ CHILD = textwrap.dedent(
         if kind:
             damage(kind)
             CF._state.clear()
-        reason = CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+        reason = CF.kernel_unavailable_reason()
         out = {"damage": kind, "reason": reason, "libraries": [p.name for p in CF.cache_dir().glob("*.so")]}
         if runs and reason is None:
             layer = QuantLinear.from_result(rtn_quantize(torch.randn(32, 64), bits=4, group_size=32), None,
@@ -184,7 +184,7 @@ def test_a_loaded_library_without_the_symbol_leaves_forwards_working(cache, tmp_
         ref = layer.forward_reference(x).float()
         for _ in range(2):
             assert float((layer(x).float() - ref).norm() / ref.norm()) < 1e-2
-        print(json.dumps({"reason": CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))}))
+        print(json.dumps({"reason": CF.kernel_unavailable_reason()}))
         """
     )
     (result,), _ = run_child(cache, script=child)
@@ -249,13 +249,13 @@ def test_a_kernel_that_disagrees_with_dequantize_matmul_is_never_used(monkeypatc
     for rows in (1, 4, 300):
         layer(torch.randn(rows, 256).to(torch.bfloat16))
     assert len(calls) == checked  # ...and nothing else did
-    assert "self-check" in CF.fused_unavailable_reason(4, 256, 64, torch.bfloat16, torch.device("cpu"))
+    assert "self-check" in CF.kernel_unavailable_reason()
 
 
 def test_a_kernel_that_agrees_passes_its_self_check_once(monkeypatch):
     """The self-check accepts the kernel's two ways of rounding (GEMM path: weights rounded to bf16 like
     the reference's; 1-4 row path: not rounded), emulated here in torch, and runs once per process."""
-    from hf_vlm_gptq.ops.kernels import unpack_codes
+    from hf_vlm_gptq.ops.packing import unpack_codes
 
     def emulated(fn, x2, w, bias):
         fn()

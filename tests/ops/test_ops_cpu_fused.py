@@ -12,11 +12,10 @@ from torch import nn
 
 from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize
 from hf_vlm_gptq.ops import cpu_fused as CF
-from hf_vlm_gptq.ops import qbase as Q
 
 from .helpers import correlated_hessian
 
-REASON = CF.fused_unavailable_reason(4, 128, 32, torch.bfloat16, torch.device("cpu"))
+REASON = CF.kernel_unavailable_reason()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"fused CPU kernel unavailable: {REASON}")
 
 
@@ -38,13 +37,13 @@ def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym
 @pytest.fixture
 def count_fused(monkeypatch):
     calls = []
-    real = Q.fused_matmul
+    real = CF.fused_matmul
 
     def spy(x2, *args):
         calls.append(x2.shape[0])
         return real(x2, *args)
 
-    monkeypatch.setattr(Q, "fused_matmul", spy)
+    monkeypatch.setattr(CF, "fused_matmul", spy)
     return calls
 
 
@@ -85,7 +84,7 @@ def test_matches_reference_within_bf16_rounding(rows, out_f, in_f, group_size, a
     assert _rel_err(y, exact) <= max(2 * _rel_err(ref, exact), 2e-3)
     # elementwise: output rounding + fp32 accumulation away from the exact product of the weights the path
     # uses -- rounded to bf16 like the reference's, or (small-batch path) not rounded at all
-    small_batch_path = rows <= 4 and m._fused(x).regular_group > 0
+    small_batch_path = rows <= 4 and m._prepare("fused", x).regular_group > 0
     w16 = m.dequantize_weight(torch.bfloat16).double()
     exact16 = F.linear(x.double(), w16, m.bias.to(torch.bfloat16).double())
     target = exact if small_batch_path else exact16
@@ -179,7 +178,7 @@ def fresh_state(monkeypatch, tmp_path):
 
 def test_env_switch_disables_the_kernel_and_auto_stays_correct(fresh_state, monkeypatch):
     monkeypatch.setenv(CF.ENV_SWITCH, "0")
-    assert "disabled" in CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+    assert "disabled" in CF.kernel_unavailable_reason()
     m = _module(32, 64, 32)
     with pytest.raises(ValueError, match="disabled"):
         m(torch.randn(9, 64).to(torch.bfloat16))
@@ -193,29 +192,29 @@ def test_env_switch_disables_the_kernel_and_auto_stays_correct(fresh_state, monk
 def test_a_failing_compiler_leaves_nothing_behind_and_says_why(fresh_state, monkeypatch, caplog):
     monkeypatch.setattr(CF, "_cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", "false")  # exists, always fails
-    reason = CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+    reason = CF.kernel_unavailable_reason()
     assert reason is not None and "could not build" in reason
     assert list(fresh_state.iterdir()) == []  # no half-written library
 
 
 def test_missing_cpu_features_and_compiler_are_reported(fresh_state, monkeypatch):
     monkeypatch.setattr(CF, "_cpu_flags", lambda: {"avx512f"})
-    assert "avx512_bf16" in CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+    assert "avx512_bf16" in CF.kernel_unavailable_reason()
     monkeypatch.setattr(CF, "_state", {})
     monkeypatch.setattr(CF, "_cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))
     monkeypatch.setattr(CF, "_compiler", lambda: None)
-    assert "compiler" in CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu"))
+    assert "compiler" in CF.kernel_unavailable_reason()
 
 
 @needs_kernel
 def test_library_is_compiled_once_into_the_cache(fresh_state):
     stale = fresh_state / f"{CF.SOURCE.stem}-0000000000000000.so"  # a build of an older source
     stale.write_bytes(b"old")
-    assert CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu")) is None
+    assert CF.kernel_unavailable_reason() is None
     assert not stale.exists()
     built = sorted(fresh_state.iterdir())
     assert [p.suffix for p in built] == [".json", ".so"]  # the library and its record
     stamp = built[1].stat().st_mtime_ns
     CF._state.clear()
-    assert CF.fused_unavailable_reason(4, 64, 32, torch.bfloat16, torch.device("cpu")) is None
+    assert CF.kernel_unavailable_reason() is None
     assert sorted(fresh_state.iterdir()) == built and built[1].stat().st_mtime_ns == stamp

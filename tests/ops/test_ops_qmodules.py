@@ -10,8 +10,10 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize, set_dequant_cache
-from hf_vlm_gptq.ops import kernels as K
-from hf_vlm_gptq.ops import qbase as Q
+from hf_vlm_gptq.ops import cpu_fused as CF
+from hf_vlm_gptq.ops.backends import MAX_BATCH
+from hf_vlm_gptq.ops.backends import int4 as I4
+from hf_vlm_gptq.ops.packing import contiguous_groups
 
 from .helpers import correlated_hessian
 
@@ -52,13 +54,13 @@ def _check_close_to_reference(module: nn.Module, x: torch.Tensor, y: torch.Tenso
 @pytest.fixture
 def count_int4(monkeypatch):
     calls = []
-    real = Q.int4_matmul
+    real = I4.int4_matmul
 
     def spy(x2, w):
         calls.append(x2.shape[0])
         return real(x2, w)
 
-    monkeypatch.setattr(Q, "int4_matmul", spy)
+    monkeypatch.setattr(I4, "int4_matmul", spy)
     return calls
 
 
@@ -90,7 +92,7 @@ def test_int4_path_matches_reference(group_size, act_order, sym, rows, count_int
     assert count_int4 == [rows * 3] and y.shape == (rows, 3, 48) and y.dtype == torch.bfloat16
     _check_close_to_reference(m, x, y)
     if act_order:
-        assert not K.contiguous_groups(m.g_idx, group_size)
+        assert not contiguous_groups(m.g_idx, group_size)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -114,9 +116,9 @@ def test_dequant_path_matches_reference(bits, dtype, cached):
 def fused_available(request, monkeypatch) -> bool:
     """Run a test with the fused CPU kernel as this host has it, and as on a CPU without it."""
     if request.param == "no fused kernel":
-        monkeypatch.setattr(Q, "fused_unavailable_reason", lambda *a: "simulated CPU without the kernel")
+        monkeypatch.setattr(CF, "kernel_unavailable_reason", lambda: "simulated CPU without the kernel")
         return False
-    if Q.fused_unavailable_reason(4, 128, 32, torch.bfloat16, torch.device("cpu")) is not None:
+    if CF.kernel_unavailable_reason() is not None:
         pytest.skip("the fused CPU kernel is unavailable on this host")
     return True
 
@@ -128,9 +130,9 @@ def test_auto_picks_int4_for_small_batches_only(count_int4, fused_available, act
     for cached in (False, True):
         m.cache_dequantized = cached
         if fused_available:  # the fused kernel's small-batch path needs groups of consecutive columns
-            limit = K.int4_max_batch("cpu", "fused" if act_order else "fused_small_batch")
+            limit = MAX_BATCH["cpu"]["int4"]["fused" if act_order else "fused_small_batch"]
         else:
-            limit = K.int4_max_batch("cpu", "cached" if cached else "uncached")
+            limit = MAX_BATCH["cpu"]["int4"]["cached" if cached else "uncached"]
         for rows in sorted({1, limit, limit + 1} - {0}):
             m(torch.randn(rows, 128).to(torch.bfloat16))
             expected += [rows] if rows <= limit else []
@@ -191,7 +193,7 @@ def test_caches_follow_buffer_updates():
     )
     a.cache_dequantized = True
     kernels = ["int4", "dequant"]
-    if Q.fused_unavailable_reason(4, 128, 32, torch.bfloat16, torch.device("cpu")) is None:
+    if CF.kernel_unavailable_reason() is None:
         kernels.append("fused")
     xs = torch.randn(1, 128).to(torch.bfloat16), torch.randn(64, 128).to(torch.bfloat16)
     for kernel in kernels:  # builds the int4 weights, the dense cache, the fused kernel's zero points

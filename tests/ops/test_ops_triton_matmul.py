@@ -12,14 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
+from hf_vlm_gptq.ops import backends as B
 from hf_vlm_gptq.ops import triton_matmul as TM
+from hf_vlm_gptq.ops.backends import int4 as I4
 from hf_vlm_gptq.ops.grid import num_groups
-from hf_vlm_gptq.ops.kernels import dequantize_packed
-
-pytestmark = pytest.mark.skipif(TM.triton_unavailable_reason(4, torch.float16, torch.device("cuda"
-    if torch.cuda.is_available() else "cpu")) is not None, reason="Triton unavailable")  # fmt: skip
+from hf_vlm_gptq.ops.packing import dequantize_packed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON = B.BACKENDS["triton"]
+
+pytestmark = pytest.mark.skipif(TRITON.unavailable_reason(B.LayerShape(4, 32, 64, 16), torch.float16,
+                                                          torch.device(DEVICE)) is not None,
+                                reason="Triton unavailable")
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # max abs err / max |ref|: the dtype's output rounding
 
 
@@ -116,18 +120,52 @@ def test_split_k_variant_cuts_k_for_decode_rows():
     assert torch.allclose(y_split.float(), y_tiled.float(), rtol=2e-3, atol=2e-3)
 
 
-def test_reasons_and_path_choice():
-    assert "bits=3" in TM.triton_unavailable_reason(3, torch.float16, torch.device(DEVICE))
-    assert "dtype" in TM.triton_unavailable_reason(4, torch.float32, torch.device(DEVICE))
-    w = _weights(_module(16, 64, 4, 32, False, True, torch.float16))
-    big = TM.TRITON_MAX_BATCH["uncached"]
-    assert TM.fused_path("auto", big, False, w) == "triton"
-    assert TM.fused_path("auto", big + 1, False, w) == "dequant"
-    assert TM.fused_path("auto", TM.TRITON_MAX_BATCH["cached"] + 1, True, w) == "dequant"
-    assert TM.fused_path("triton", big + 1, False, w) == "triton"
-    assert TM.fused_path("auto", 1, False, "no reason") is None
-    with pytest.raises(ValueError, match="no reason"):
-        TM.fused_path("triton", 1, False, "no reason")
+def test_reasons():
+    def reason(bits, dtype):
+        return TRITON.unavailable_reason(B.LayerShape(bits, 32, 64, 16), dtype, torch.device(DEVICE))
+
+    assert "bits=3" in reason(3, torch.float16)
+    assert "dtype" in reason(4, torch.float32)
+    assert reason(4, torch.float16) is None and reason(2, torch.bfloat16) is None
+    assert "device meta" in TRITON.unavailable_reason(B.LayerShape(4, 32, 64, 16), torch.float16,
+                                                      torch.device("meta"))
+
+
+def test_cuda_policy_replayed_on_cpu(monkeypatch):
+    """CUDA's order and batch ranges, replayed on this host (Triton in the interpreter, torch's CPU int4
+    kernel in place of the CUDA one): the fused kernel up to its batch limit, then dequantize + matmul;
+    the int4 kernel only where the fused kernel cannot serve the layer."""
+    monkeypatch.setitem(B.DISPATCH, DEVICE, B.DISPATCH["cuda"])
+    monkeypatch.setitem(B.MAX_BATCH, DEVICE, B.MAX_BATCH["cuda"])
+    m = _module(32, 128, 4, 32, False, True, torch.bfloat16)
+    dense = m.dequantize_weight(torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(TM, "triton_matmul", lambda x2, w: calls.append(("triton", x2.shape[0])) or x2 @ dense.T)
+    real_int4 = I4.int4_matmul
+    monkeypatch.setattr(I4, "int4_matmul", lambda x2, w: calls.append(("int4", x2.shape[0])) or real_int4(x2, w))
+    limits = B.MAX_BATCH["cuda"]
+
+    def path(rows: int, kernel: str = "auto") -> str | None:
+        calls.clear()
+        m.kernel = kernel
+        y = m(torch.randn(rows, 128, device=DEVICE).to(torch.bfloat16))
+        assert y.shape == (rows, 32)
+        return calls[-1][0] if calls else "dequant"
+
+    assert path(1) == "triton"
+    assert path(limits["triton"]["uncached"]) == "triton"
+    assert path(limits["triton"]["uncached"] + 1) == "dequant"
+    assert path(limits["triton"]["uncached"] + 1, "triton") == "triton"  # forced: every batch
+    m.cache_dequantized = True
+    assert path(limits["triton"]["cached"]) == "triton"
+    assert path(limits["triton"]["cached"] + 1) == "dequant"
+    m.cache_dequantized = False
+    monkeypatch.setattr(TM, "triton_matmul", lambda x2, w: torch.zeros_like(x2[:, :32]))  # fails its self-check
+    m.clear_cache()
+    assert path(limits["int4"]["uncached"]) == "int4"
+    assert path(limits["int4"]["uncached"] + 1) == "dequant"
+    with pytest.raises(ValueError, match="self-check"):
+        path(1, "triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -180,7 +218,7 @@ def test_cuda_auto_prefers_the_fused_kernel(monkeypatch):
         assert float((y.float() - ref.float()).abs().max()) <= 1e-2 * float(ref.float().abs().max())
     assert calls[3:] == [1, 16, 300]  # after the three self-check probes
     m.cache_dequantized = True
-    m(torch.randn(TM.TRITON_MAX_BATCH["cached"] + 1, 256, device="cuda").to(torch.bfloat16))
+    m(torch.randn(B.MAX_BATCH["cuda"]["triton"]["cached"] + 1, 256, device="cuda").to(torch.bfloat16))
     assert calls[-1] == 300
 
 

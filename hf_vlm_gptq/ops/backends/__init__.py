@@ -1,0 +1,79 @@
+"""Kernel backends of the packed modules and the one policy that picks among them.
+
+Each backend is one file here implementing :class:`~.base.Backend` (why it cannot serve a layer, its weight
+layout, its matmul) and one entry in :data:`BACKENDS`; where it sits in the per-device order
+(:data:`DISPATCH`) and the batch range where it wins (:data:`MAX_BATCH`) are the two tables below.
+
+``kernel="auto"`` (:func:`choose`) walks ``DISPATCH[x.device.type]`` in order and takes the first backend
+that serves the layer and whose batch range covers the rows of ``x``. A backend with a row in
+``MAX_BATCH[device]`` serves at most ``MAX_BATCH[device][name][column]`` rows, the column being the
+variant of its alternative: the first later backend in the order that has a column in that row and serves
+the layer (asked in that order, so a backend the row does not name is never prepared for the comparison).
+Without a row, every batch. The last entry, dequantize + matmul, serves every layer. Forcing a backend
+(``kernel="int4"`` etc.) skips the walk and raises ``ValueError`` with the reason where it cannot serve.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Backend, Layer, LayerShape
+from .dequant import DequantBackend
+from .fused import FusedBackend
+from .int4 import Int4Backend
+from .triton import TritonBackend
+
+__all__ = ["BACKENDS", "DISPATCH", "KERNEL_MODES", "MAX_BATCH", "Backend", "Layer", "LayerShape", "choose"]
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Int4Backend(), FusedBackend(), DequantBackend(), TritonBackend())}
+KERNEL_MODES = ("auto", *BACKENDS)
+
+# The order "auto" tries per device type (other devices: dequantize + matmul only).
+DISPATCH: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "int4", "dequant"),
+    "cpu": ("int4", "fused", "dequant"),
+}
+FALLBACK_ORDER = ("dequant",)
+
+# Largest batch (rows of x) where a backend beats its alternative, per device type; the columns are the
+# alternative's variants ("cached" / "uncached": dequantize + matmul with / without the module's dense cache;
+# "fused" / "fused_small_batch": the fused CPU kernel without / with its 1-4 row paths). How each number was
+# found: bench/results/kernel_thresholds.md (CPU: measured with bench/ops.py; CUDA: estimates to be tuned
+# with bench/cuda_all.sh).
+MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
+    "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0}},
+    "cuda": {"triton": {"cached": 32, "uncached": 4096}, "int4": {"cached": 4, "uncached": 32}},
+}
+
+
+def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:
+    """The backend that computes ``x2 @ W^T`` for ``module`` under ``module.kernel == mode``, with its
+    prepared weights (``module._prepare``, cached by the module)."""
+    if mode != "auto" and mode not in BACKENDS:
+        raise ValueError(f"kernel must be one of {('auto', *BACKENDS)}, got kernel={mode!r}")
+    if mode != "auto":
+        weights = module._prepare(BACKENDS[mode], x2)
+        if isinstance(weights, str):
+            raise ValueError(f"kernel={mode!r} is unavailable for this layer / input: {weights}")
+        return BACKENDS[mode], weights
+    order = [BACKENDS[name] for name in DISPATCH.get(x2.device.type, FALLBACK_ORDER)]
+    limits = MAX_BATCH.get(x2.device.type, {})
+    prepared: dict[int, Any] = {}
+
+    def serves(i: int) -> bool:
+        if i not in prepared:
+            prepared[i] = module._prepare(order[i], x2)
+        return not isinstance(prepared[i], str)
+
+    for i, backend in enumerate(order):
+        row = limits.get(backend.name)
+        if row is not None:
+            alt = next((j for j in range(i + 1, len(order)) if set(order[j].variants) & set(row) and serves(j)),
+                       None)
+            if alt is not None and x2.shape[0] > row[order[alt].variant(module, prepared[alt])]:
+                continue
+        if serves(i):
+            return backend, prepared[i]
+    raise RuntimeError(f"no kernel backend serves this layer on {x2.device.type}: {prepared}")

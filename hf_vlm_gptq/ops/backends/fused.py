@@ -1,0 +1,48 @@
+"""The fused low-bit CPU kernel (``ops/cpu_fused.py``: AVX512-BF16, compiled on first use) as a backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import cpu_fused as CF
+from ..packing import unpack_zeros
+from .base import Backend, Layer
+
+
+class FusedBackend(Backend):
+    """Reads ``qweight`` / fp16 ``scales`` / ``g_idx`` as stored (its layout adds only uint8 zero points).
+    Its 1-4 row paths (4 bits, groups of consecutive columns) make it the better alternative at small
+    batches: the ``fused_small_batch`` column of ``MAX_BATCH``."""
+
+    name = "fused"
+    variants = ("fused", "fused_small_batch")
+
+    def unavailable_reason(self, layer: Layer, dtype: torch.dtype, device: torch.device) -> str | None:
+        """Why the fused kernel cannot serve this layer / input (None when it can); the kernel itself is
+        looked for (built, loaded, self-checked) once per process, when a layer first qualifies."""
+        if device.type != "cpu":
+            return f"device {device.type} (the fused kernel is CPU code)"
+        if layer.bits not in CF.FUSED_BITS:
+            return f"bits={layer.bits} (the fused kernel takes {CF.FUSED_BITS})"
+        if dtype != torch.bfloat16:
+            return f"input dtype {dtype} (the fused kernel is bfloat16 only)"
+        if layer.out_features % 16:
+            return f"out_features={layer.out_features} not a multiple of 16"
+        if layer.in_features % 2:
+            return f"in_features={layer.in_features} is odd"
+        return CF.kernel_unavailable_reason()
+
+    def prepare(self, module: Any, x2: torch.Tensor) -> CF.FusedWeights | str:
+        if module.scales.dtype != torch.float16:
+            return f"scales are {module.scales.dtype} (the fused kernel reads float16 scales)"
+        zeros = unpack_zeros(module.qzeros, module.bits, module.out_features)
+        return CF.build_fused(module.qweight, module.scales, zeros, module.g_idx, module.group_size, module.bits)
+
+    def matmul(self, module: Any, x2: torch.Tensor, weights: CF.FusedWeights,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        return CF.fused_matmul(x2, weights, bias)
+
+    def variant(self, module: Any, weights: CF.FusedWeights) -> str:
+        return "fused_small_batch" if weights.small_batch_path else "fused"
