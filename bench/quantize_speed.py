@@ -3,7 +3,8 @@
     python -m bench.quantize_speed --config small              # CPU: a mid-size Qwen2-VL-style model
     python -m bench.quantize_speed --config 7b --llm-layers 4 --vision-depth 4 --max-minutes 4   # CUDA
 
-Same model (same seed), same calibration batches, 4-bit, group 128, symmetric, MSE clip, act-order off.
+Same model (same seed), same calibration batches, 4-bit, group 128, symmetric, MSE clip, act-order off,
+damping 0.01, the 15-level grid (`SAME_AS_REFERENCE`; a row with this release's defaults beside it).
 Ours goes through the public API: `from_pretrained(dir, quantization_config=VLMGPTQConfig(...))` for the
 small config (a checkpoint on disk), `hf_vlm_gptq.api.quantize(model, cfg, data=batches)` for the 7B config
 (random weights built directly on the GPU: a 16 GB checkpoint write + load would add the same time to every
@@ -38,6 +39,7 @@ from bench.harness import Stopwatch, cpu_pressure, env_info, loadavg, wait_for_q
 from bench.reference_gptq import reference_quantize
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.api import quantize
+from hf_vlm_gptq.config_fields import DEFAULTS
 
 logger = logging.getLogger("bench.quantize_speed")
 LLMC_PYTHON = "/work/llmc-venv/bin/python"
@@ -45,9 +47,16 @@ SMALL = {"hidden_size": 512, "num_llm_layers": 4, "vision_depth": 4, "vision_emb
          "text_config": {"intermediate_size": 2048}, "max_pixels": 252 * 252}
 
 
+# The algorithm the reference and llm-compressor's recipe run (damping 0.01, the 15-level symmetric grid,
+# plain Hessians, natural order): ours runs the same, so times and losses compare like with like; this
+# release's defaults (GPTAQ, damping 0.1, the 16-level grid) are the extra "ours, defaults" row.
+SAME_AS_REFERENCE = {"percdamp": 0.01, "sym_full_range": False, "gptaq": False, "hessian_weighting": "none",
+                     "group_order": False, "act_order": False}
+
+
 def _cfg(args, **flags) -> VLMGPTQConfig:
     return VLMGPTQConfig(num_samples=args.samples, w_groupsize=args.group, max_seq_len=args.seq_len,
-                         calibration_device=args.device, **flags)
+                         calibration_device=args.device, **{**SAME_AS_REFERENCE, **flags})
 
 
 class Setup:
@@ -263,6 +272,8 @@ def main() -> None:
         seconds, parts_s, recs = setup.ours()
         records = records or recs
         _keep(best, "ours", seconds, parts_s)
+        d_s, d_parts, _ = setup.ours(**{k: DEFAULTS[k] for k in SAME_AS_REFERENCE})
+        _keep(best, "ours, this release's defaults", d_s, d_parts)
         model = setup.model()
         with Stopwatch(args.device) as watch:
             run = reference_quantize(model, setup.batches, group_size=args.group, deadline=deadline)
