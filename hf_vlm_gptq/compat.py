@@ -20,13 +20,20 @@ from .report import QuantRecord
 
 logger = logging.getLogger(__name__)
 
-# the research code's flag names (config_fields.RESEARCH_NAMES: nsamples, seqlen, ...) and our names of them
-_ACCEPTED = {**{field: field for field in RESEARCH_NAMES.values()}, **RESEARCH_NAMES}
+# Options the research code did not have, set to its algorithm: its entry points reproduce its results
+# (really packed) unless the namespace or the call names them. This release's defaults for the same options
+# (GPTAQ, the 16-level grid, won on task accuracy: README "Quality") apply to from_pretrained / api.quantize.
+RESEARCH_ALGORITHM = {"gptaq": False, "sym_full_range": False, "group_order": False, "hessian_weighting": "none"}
+# the research code's flag names (config_fields.RESEARCH_NAMES: nsamples, seqlen, ...), our names of them, and
+# the newer options above (a namespace may set them)
+_ACCEPTED = {**{field: field for field in RESEARCH_NAMES.values()}, **RESEARCH_NAMES,
+             **{field: field for field in RESEARCH_ALGORITHM}}
 
 
 def config_from_args(args: Any, dev: Any = None, **overrides: Any) -> VLMGPTQConfig:
-    """A VLMGPTQConfig from an argparse-style namespace (unknown attributes are ignored)."""
-    values: dict[str, Any] = {}
+    """A VLMGPTQConfig from an argparse-style namespace (unknown attributes are ignored), with the research
+    code's algorithm for the options it did not have (`RESEARCH_ALGORITHM`)."""
+    values: dict[str, Any] = dict(RESEARCH_ALGORITHM)
     for name, value in vars(args).items() if args is not None else ():
         if name in _ACCEPTED:
             values[_ACCEPTED[name]] = value
@@ -129,4 +136,4 @@ _ENTRY_POINTS = [name for name in dir() if "fwrd" in name or name.endswith("_rtn
 for _name in _ENTRY_POINTS:
     globals()[_name].__name__ = globals()[_name].__qualname__ = _name
 
-__all__ = [*_ENTRY_POINTS, "config_from_args"]
+__all__ = [*_ENTRY_POINTS, "RESEARCH_ALGORITHM", "config_from_args"]

@@ -110,3 +110,27 @@ def test_config_from_args_maps_the_research_flag_names():
     cfg = compat.config_from_args(seed_args(nsamples=9, w_asym=True, visual_split=True), dev="cpu")
     assert (cfg.num_samples, cfg.sym, cfg.visual_split, cfg.calibration_device) == (9, False, True, "cpu")
     assert {"qwen2vl_rtn_gptq_fwrd_plus", "videollama3_rtn_gptq_fwrd_plus"} <= set(compat.__all__)
+
+
+def test_research_entry_points_run_the_research_algorithm_unless_asked(tiny_qwen2vl_dir, monkeypatch):
+    """The options the research code did not have stay at its algorithm (no GPTAQ, the 15-level grid), so a
+    compat run reproduces it: the records equal those of api.quantize with those options set explicitly."""
+    from hf_vlm_gptq import VLMGPTQConfig
+    from hf_vlm_gptq.api import quantize
+    from hf_vlm_gptq.config_fields import DEFAULTS
+
+    cfg = compat.config_from_args(seed_args(nsamples=4), dev="cpu")
+    assert (cfg.gptaq, cfg.sym_full_range, cfg.group_order, cfg.hessian_weighting) == (False, False, False, "none")
+    assert DEFAULTS["gptaq"] and DEFAULTS["sym_full_range"]  # differs from the library's defaults on purpose
+    asked = compat.config_from_args(seed_args(nsamples=4, gptaq=True), dev="cpu")
+    assert asked.gptaq and not asked.sym_full_range
+    monkeypatch.setenv("HF_VLM_GPTQ_ADAPTIVE_THREADS", "0")  # exact equality across runs: one thread count
+    samples = builtin_samples(4, seed=0)
+    research = VLMGPTQConfig(num_samples=4, w_groupsize=32, percdamp=0.01, calibration_device="cpu",
+                             **compat.RESEARCH_ALGORITHM)
+    model = load_float(tiny_qwen2vl_dir)
+    via_compat = compat.gptq_qwen2vl_fwrd_llm(model, samples, "cpu", "builtin", seed_args(nsamples=4))
+    model = load_float(tiny_qwen2vl_dir)
+    explicit = quantize(model, research, data=samples, select={"llm": "all"}, progress=False)
+    assert via_compat.keys() == explicit.keys() and via_compat
+    assert all(via_compat[p].loss == explicit[p].loss for p in explicit)
