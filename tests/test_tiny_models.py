@@ -1,9 +1,8 @@
 """Tiny offline checkpoints: they load through the Auto classes, run forward and generate on image, video and
-text prompts through the real processors, and are deterministic by seed."""
+text prompts through the real processors, and are deterministic by seed. (How fast they build and run:
+`python -m bench.tiny_models_speed`.)"""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -117,9 +116,23 @@ def test_forward_and_generate(arch, kind, loaded):
     assert torch.isfinite(logits).all()
     last = logits[0, -1]
     assert last.std() > 0.5 and last.softmax(-1).max() < 0.99  # peaked but not degenerate
-    out = model.generate(**inputs, max_new_tokens=4)
-    assert out.shape[1] > inputs["input_ids"].shape[1]
-    assert isinstance(processor.decode(out[0, inputs["input_ids"].shape[1]:]), str)
+    out = model.generate(**inputs, max_new_tokens=4)  # the tiny models' generation config is greedy
+    prompt = inputs["input_ids"].shape[1]
+    assert torch.equal(out[0, :prompt], inputs["input_ids"][0]) and 0 < out.shape[1] - prompt <= 4
+    assert int(out[0, prompt]) == int(last.argmax())
+    # generation with the cache agrees with one full forward pass over the result: each new token is (up to a
+    # near tie) the argmax after the tokens before it
+    media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    for key, value in media.items():  # per-token inputs (mm_token_type_ids): the new tokens are text (0)
+        if value.shape == inputs["input_ids"].shape:
+            media[key] = torch.cat([value, value.new_zeros(1, out.shape[1] - prompt)], 1)
+    with torch.no_grad():
+        full = model(input_ids=out, attention_mask=torch.ones_like(out), **media).logits[0, prompt - 1:-1]
+    chosen = full.gather(1, out[0, prompt:, None])[:, 0]
+    assert (full.max(-1).values - chosen).max() < 1e-4
+    # the tokens decode back to text: the user's words come out as written (no byte-level symbols)
+    words = _messages(kind)[0]["content"][-1]["text"]
+    assert words in processor.decode(out[0])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -131,23 +144,9 @@ def test_inputs_change_the_output(arch, loaded):
     assert not torch.allclose(a, b, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forward_on_one_image_is_fast(arch, loaded):
-    model, processor = loaded[arch]
-    inputs = _encode(processor, "image")
-    with torch.no_grad():
-        model(**inputs)
-        start = time.perf_counter()
-        model(**inputs)
-        elapsed = time.perf_counter() - start
-    assert elapsed < 0.5  # typically ~10 ms; the budget is 0.2 s, slack for loaded CI machines
-
-
 @pytest.mark.parametrize("builder", [build_tiny_qwen2vl, build_tiny_videollama3])
 def test_deterministic_by_seed(builder, tmp_path):
-    start = time.perf_counter()
     first = load_file(str(builder(tmp_path / "a", seed=0) / "model.safetensors"))
-    assert time.perf_counter() - start < 5.0
     second = load_file(str(builder(tmp_path / "b", seed=0) / "model.safetensors"))
     other = load_file(str(builder(tmp_path / "c", seed=1) / "model.safetensors"))
     assert first.keys() == second.keys() == other.keys()
