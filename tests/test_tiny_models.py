@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from generation_checks import assert_greedy
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -117,19 +118,9 @@ def test_forward_and_generate(arch, kind, loaded):
     last = logits[0, -1]
     assert last.std() > 0.5 and last.softmax(-1).max() < 0.99  # peaked but not degenerate
     out = model.generate(**inputs, max_new_tokens=4)  # the tiny models' generation config is greedy
-    prompt = inputs["input_ids"].shape[1]
-    assert torch.equal(out[0, :prompt], inputs["input_ids"][0]) and 0 < out.shape[1] - prompt <= 4
-    assert int(out[0, prompt]) == int(last.argmax())
-    # generation with the cache agrees with one full forward pass over the result: each new token is (up to a
-    # near tie) the argmax after the tokens before it
-    media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-    for key, value in media.items():  # per-token inputs (mm_token_type_ids): the new tokens are text (0)
-        if value.shape == inputs["input_ids"].shape:
-            media[key] = torch.cat([value, value.new_zeros(1, out.shape[1] - prompt)], 1)
-    with torch.no_grad():
-        full = model(input_ids=out, attention_mask=torch.ones_like(out), **media).logits[0, prompt - 1:-1]
-    chosen = full.gather(1, out[0, prompt:, None])[:, 0]
-    assert (full.max(-1).values - chosen).max() < 1e-4
+    assert out.shape[1] - inputs["input_ids"].shape[1] <= 4
+    assert int(out[0, inputs["input_ids"].shape[1]]) == int(last.argmax())
+    assert_greedy(model, inputs, out)
     # the tokens decode back to text: the user's words come out as written (no byte-level symbols)
     words = _messages(kind)[0]["content"][-1]["text"]
     assert words in processor.decode(out[0])
