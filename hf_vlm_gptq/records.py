@@ -141,15 +141,15 @@ class ModuleRecord:
             inner = cls.from_module(module.L2)
             return cls("split_linear", inner.bits, inner.group_size, inner.bias, in_features=module.in_features,
                        out_features=module.out_features)
+        if not isinstance(module, (QuantConv, QuantLinear)):
+            raise TypeError(f"no module record for a {type(module).__name__}")
         common = {"bits": module.bits, "group_size": module.group_size, "bias": module.bias is not None}
         if isinstance(module, QuantConv):
             padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
             return cls("conv", conv_kind=module.conv_kind, in_channels=module.in_channels,
                        out_channels=module.out_channels, kernel_size=tuple(module.kernel_size),
                        stride=tuple(module.stride), padding=padding, **common)
-        if isinstance(module, QuantLinear):
-            return cls("linear", in_features=module.in_features, out_features=module.out_features, **common)
-        raise TypeError(f"no module record for a {type(module).__name__}")
+        return cls("linear", in_features=module.in_features, out_features=module.out_features, **common)
 
 
 def parse_records(modules: Any) -> dict[str, ModuleRecord]:

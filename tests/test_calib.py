@@ -179,40 +179,51 @@ def test_missing_pyav_says_how_to_install(tmp_path, monkeypatch):
 # --- bad input ----------------------------------------------------------------------------------------
 
 
-def _bad_cases(tmp_path):
-    garbage = tmp_path / "x.mp4"
-    garbage.write_bytes(b"this is not a video at all" * 10)
-    not_png = tmp_path / "broken.png"
-    not_png.write_bytes(b"nope")
-    ok = {"text": "fine"}
-    return [
-        ([{}], r"sample 0: needs at least one of the fields image, video, text, messages"),
-        ([ok, {"image": str(tmp_path / "missing.png")}], r"sample 1: field 'image': cannot read image"),
-        ([ok, ok, {"image": str(not_png)}], r"sample 2: field 'image': cannot read image .*broken\.png"),
-        ([ok, ok, ok, {"video": str(garbage)}], r"sample 3: field 'video': cannot decode video '.*x\.mp4': "),
-        ([{"video": str(tmp_path / "none.mp4")}], r"sample 0: field 'video': cannot decode video .*no such file"),
-        ([{"image": np.zeros((5, 6, 7))}], r"sample 0: field 'image': expected an HxW"),
-        ([{"video": [np.zeros((8, 8, 3)), np.zeros((9, 9, 3))]}], r"sample 0: field 'video': all frames"),
-        ([{"text": 42}], r"sample 0: field 'text' must be a string"),
-        ([{"text": "q", "answer": ["a"]}], r"sample 0: field 'answer' must be a string"),
-        ([ok, "just a string"], r"sample 1: expected a dict"),
-        ([{"messages": [{"role": "robot", "content": "hi"}]}], r"sample 0: field 'messages'\[0\]"),
-        ([{"messages": [{"role": "user", "content": [{"type": "image", "image": 3}]}]}],
-         r"sample 0: field 'messages'\[0\] content part 0 \(image\)"),
-        ([{"messages": [{"role": "user", "content": "hi"}], "text": "also"}], r"sample 0: give either"),
-        ({"text": "a dict, not a list"}, r"not a single dict"),
-        (str(tmp_path / "missing_folder"), r"is neither a folder of images"),
-        (12345, r"unsupported calibration dataset"),
-        ([], r"empty"),
-    ]
+_OK = {"text": "fine"}
+# (id, dataset given the test's folder, error pattern, needs PyAV); "garbage.mp4" and "broken.png" exist there
+_BAD_CASES = [
+    ("no-fields", lambda d: [{}], r"sample 0: needs at least one of the fields image, video, text, messages", False),
+    ("missing-image-file", lambda d: [_OK, {"image": str(d / "missing.png")}],
+     r"sample 1: field 'image': cannot read image", False),
+    ("unreadable-image-file", lambda d: [_OK, _OK, {"image": str(d / "broken.png")}],
+     r"sample 2: field 'image': cannot read image .*broken\.png", False),
+    ("undecodable-video", lambda d: [_OK, _OK, _OK, {"video": str(d / "garbage.mp4")}],
+     r"sample 3: field 'video': cannot decode video '.*garbage\.mp4': ", True),
+    ("missing-video-file", lambda d: [{"video": str(d / "none.mp4")}],
+     r"sample 0: field 'video': cannot decode video .*no such file", False),
+    ("image-array-shape", lambda d: [{"image": np.zeros((5, 6, 7))}], r"sample 0: field 'image': expected an HxW",
+     False),
+    ("frame-sizes-differ", lambda d: [{"video": [np.zeros((8, 8, 3)), np.zeros((9, 9, 3))]}],
+     r"sample 0: field 'video': all frames", False),
+    ("text-not-a-string", lambda d: [{"text": 42}], r"sample 0: field 'text' must be a string", False),
+    ("answer-not-a-string", lambda d: [{"text": "q", "answer": ["a"]}], r"sample 0: field 'answer' must be a string",
+     False),
+    ("sample-not-a-dict", lambda d: [_OK, "just a string"], r"sample 1: expected a dict", False),
+    ("message-role", lambda d: [{"messages": [{"role": "robot", "content": "hi"}]}],
+     r"sample 0: field 'messages'\[0\]", False),
+    ("message-image-part", lambda d: [{"messages": [{"role": "user", "content": [{"type": "image", "image": 3}]}]}],
+     r"sample 0: field 'messages'\[0\] content part 0 \(image\)", False),
+    ("messages-and-text", lambda d: [{"messages": [{"role": "user", "content": "hi"}], "text": "also"}],
+     r"sample 0: give either", False),
+    ("one-dict", lambda d: {"text": "a dict, not a list"}, r"not a single dict", False),
+    ("missing-folder", lambda d: str(d / "missing_folder"), r"is neither a folder of images", False),
+    ("unsupported-type", lambda d: 12345, r"unsupported calibration dataset", False),
+    ("empty-list", lambda d: [], r"empty", False),
+]
 
 
-def test_bad_inputs_name_the_sample_and_field(tmp_path):
-    pytest.importorskip("av")  # the undecodable-video cases need PyAV (the `test` extra installs it)
-    for dataset, pattern in _bad_cases(tmp_path):
-        with pytest.raises(ValueError, match=pattern):
-            load_samples(dataset, num_samples=10)
-            pytest.fail(f"no error for {pattern!r}")
+@pytest.mark.parametrize(("make", "pattern", "needs_av"), [case[1:] for case in _BAD_CASES],
+                         ids=[case[0] for case in _BAD_CASES])
+def test_bad_inputs_name_the_sample_and_field(tmp_path, make, pattern, needs_av):
+    if needs_av:
+        pytest.importorskip("av")  # undecodable-video cases need PyAV (the `test` extra installs it)
+    (tmp_path / "garbage.mp4").write_bytes(b"this is not a video at all" * 10)
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match=pattern):
+        load_samples(make(tmp_path), num_samples=10)
+
+
+def test_empty_folder_and_zero_samples_are_errors(tmp_path):
     empty = tmp_path / "empty_folder"
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no images"):
@@ -301,8 +312,35 @@ def test_truncation_never_cuts_vision_tokens(tiny, caplog):
                                                                                       vision_ids).sum())
 
 
-def test_normalize_sample_is_idempotent(builtin_samples_small):
-    for index, sample in enumerate(builtin_samples_small[:6]):
+def _content(value):
+    """A sample as comparable data: every picture and frame as (mode, size, pixel digest)."""
+    if isinstance(value, Image.Image):
+        return ("image", value.mode, value.size, _digest(value))
+    if isinstance(value, dict):
+        return {key: _content(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_content(v) for v in value]
+    return value
+
+
+def test_normalize_sample_is_idempotent(builtin_samples_small, tmp_path):
+    rgb = np.asarray(_frames(1, (30, 20))[0])
+    Image.fromarray(rgb).save(tmp_path / "pic.png")
+    given = [
+        *builtin_samples_small,  # pictures, clips, text-only turns
+        {"image": Image.fromarray(rgb).convert("RGBA"), "answer": "a"},
+        {"image": rgb.transpose(2, 0, 1).astype(np.float32) / 255.0},
+        {"image": str(tmp_path / "pic.png"), "text": "file"},
+        {"video": np.stack(_frames(3)), "video_fps": 2},
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": rgb},
+                                                   {"type": "video", "video": _frames(2)},
+                                                   {"type": "text", "text": "Compare."}]}]},
+    ]
+    assert sum("video" in s for s in builtin_samples_small) >= 2 and any("image" in s for s in builtin_samples_small)
+    for index, sample in enumerate(given):
         once = normalize_sample(sample, index)
         twice = normalize_sample(once, index)
-        assert once.keys() == twice.keys() and once["text"] == twice["text"]
+        assert _content(twice) == _content(once), index
+    # the first pass did load every form into RGB pictures, and kept their pixels
+    loaded = normalize_sample(given[-4], 0)["image"]
+    assert loaded.mode == "RGB" and np.array_equal(np.asarray(loaded), rgb)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from generation_checks import assert_greedy
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -132,18 +133,32 @@ def test_save_writes_gptq_layout_and_reload_is_identical(saved, quantized, eval_
         assert torch.equal(logits(reloaded, inputs), logits(quantized, inputs))
 
 
-def test_reloaded_model_generates_and_runs_in_a_pipeline(saved, eval_inputs):
+def test_reloaded_model_generates_and_runs_in_a_pipeline(saved, quantized, eval_inputs):
     from transformers import pipeline
 
-    model = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.float32)
-    out = model.generate(**eval_inputs[0], max_new_tokens=5, do_sample=False)
-    assert out.shape[1] == eval_inputs[0]["input_ids"].shape[1] + 5 or out.shape[1] > eval_inputs[0]["input_ids"].shape[1]
-    pipe = pipeline("image-text-to-text", model=model, processor=AutoProcessor.from_pretrained(saved))
-    image = builtin_samples(3, seed=5, with_video=False)[0].get("image") or builtin_samples(8, seed=5)[1]["image"]
-    result = pipe(text=[{"role": "user", "content": [{"type": "image", "image": image},
-                                                     {"type": "text", "text": "Describe."}]}],
-                  max_new_tokens=4)
-    assert isinstance(result[0]["generated_text"], (str, list))
+    model = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.float32).eval()
+    inputs = eval_inputs[0]
+    prompt = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    new = out[0, prompt:].tolist()
+    stops = set(model.generation_config.eos_token_id)
+    assert 1 <= len(new) <= 5 and (len(new) == 5 or new[-1] in stops)  # shorter only when it stopped
+    assert new[0] == int(logits(model, inputs)[0, -1].argmax())
+    assert_greedy(model, inputs, out)  # the packed layers' decode calls (1 row) agree with the full pass
+    # the same tokens as the model quantized in memory (the reload is bit-identical)
+    assert torch.equal(out, quantized.generate(**inputs, max_new_tokens=5, do_sample=False))
+
+    processor = AutoProcessor.from_pretrained(saved)
+    image = next(s["image"] for s in builtin_samples(8, seed=5, with_video=False) if "image" in s)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "Describe."}]}]
+    pipe = pipeline("image-text-to-text", model=model, processor=processor)
+    result = pipe(text=messages, max_new_tokens=4, return_full_text=False)
+    # what the pipeline answers is the model's own greedy continuation of the chat prompt, decoded
+    direct = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    expected = model.generate(**direct, max_new_tokens=4, do_sample=False)[0, direct["input_ids"].shape[1]:]
+    assert result[0]["generated_text"] == processor.decode(expected, skip_special_tokens=True)
 
 
 def test_push_to_hub_uploads_the_packed_checkpoint(quantized, eval_inputs, tmp_path, monkeypatch):
@@ -183,16 +198,24 @@ def test_bfloat16_reload_uses_fast_paths_that_agree_with_the_reference(saved, ev
     (dequantize + dense op everywhere) within bf16 rounding, and greedy generation works."""
     from hf_vlm_gptq.ops import cpu_fused
 
-    fused_rows = []
+    through_fused = []  # the kernel data of every call of the fused CPU kernel
     real = cpu_fused.fused_matmul
-    monkeypatch.setattr(cpu_fused, "fused_matmul", lambda x2, *a: fused_rows.append(x2.shape[0]) or real(x2, *a))
+    monkeypatch.setattr(cpu_fused, "fused_matmul", lambda x2, w, *a: through_fused.append(w) or real(x2, w, *a))
     model = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.bfloat16).eval()
     packed = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv))]
     probe = torch.empty(0, dtype=torch.bfloat16)
-    fast = [m for m in packed if isinstance(m._prepare("fused", probe.new_empty(0, m.in_features)), FusedWeights)]
+    fast = {}  # kernel data (built once per layer, then cached) -> the layer's path
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv)):
+            data = m._prepare("fused", probe.new_empty(0, m.in_features))
+            if isinstance(data, FusedWeights):
+                fast[id(data)] = name
+    if cpu_fused.kernel_unavailable_reason() is None:
+        assert f"{LLM}.0.mlp.down_proj" in fast.values()  # a host with the kernel serves the LLM's layers
     inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in eval_inputs[0].items()}
     fast_logits = logits(model, inputs).float()
-    assert len(fused_rows) >= len(fast)  # every layer the fused CPU kernel can serve went through it
+    # the image prompt runs every packed layer, and every layer the fused kernel can serve went through it
+    assert {fast.get(id(w), "another layer") for w in through_fused} == set(fast.values())
     for m in packed:
         m.kernel = "dequant"
     ref_logits = logits(model, inputs).float()

@@ -1,13 +1,13 @@
 """Tiny offline checkpoints: they load through the Auto classes, run forward and generate on image, video and
-text prompts through the real processors, and are deterministic by seed."""
+text prompts through the real processors, and are deterministic by seed. (How fast they build and run:
+`python -m bench.tiny_models_speed`.)"""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
 import torch
+from generation_checks import assert_greedy
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -117,9 +117,13 @@ def test_forward_and_generate(arch, kind, loaded):
     assert torch.isfinite(logits).all()
     last = logits[0, -1]
     assert last.std() > 0.5 and last.softmax(-1).max() < 0.99  # peaked but not degenerate
-    out = model.generate(**inputs, max_new_tokens=4)
-    assert out.shape[1] > inputs["input_ids"].shape[1]
-    assert isinstance(processor.decode(out[0, inputs["input_ids"].shape[1]:]), str)
+    out = model.generate(**inputs, max_new_tokens=4)  # the tiny models' generation config is greedy
+    assert out.shape[1] - inputs["input_ids"].shape[1] <= 4
+    assert int(out[0, inputs["input_ids"].shape[1]]) == int(last.argmax())
+    assert_greedy(model, inputs, out)
+    # the tokens decode back to text: the user's words come out as written (no byte-level symbols)
+    words = _messages(kind)[0]["content"][-1]["text"]
+    assert words in processor.decode(out[0])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -131,23 +135,9 @@ def test_inputs_change_the_output(arch, loaded):
     assert not torch.allclose(a, b, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_forward_on_one_image_is_fast(arch, loaded):
-    model, processor = loaded[arch]
-    inputs = _encode(processor, "image")
-    with torch.no_grad():
-        model(**inputs)
-        start = time.perf_counter()
-        model(**inputs)
-        elapsed = time.perf_counter() - start
-    assert elapsed < 0.5  # typically ~10 ms; the budget is 0.2 s, slack for loaded CI machines
-
-
 @pytest.mark.parametrize("builder", [build_tiny_qwen2vl, build_tiny_videollama3])
 def test_deterministic_by_seed(builder, tmp_path):
-    start = time.perf_counter()
     first = load_file(str(builder(tmp_path / "a", seed=0) / "model.safetensors"))
-    assert time.perf_counter() - start < 5.0
     second = load_file(str(builder(tmp_path / "b", seed=0) / "model.safetensors"))
     other = load_file(str(builder(tmp_path / "c", seed=1) / "model.safetensors"))
     assert first.keys() == second.keys() == other.keys()
