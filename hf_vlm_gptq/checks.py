@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from .arch import ArchSpec, find_module
 from .config import VLMGPTQConfig
+from .config_fields import DEFAULTS, PART_SWITCHES
 from .ops.result import all_finite
 from .report import QuantRecord
 
@@ -225,3 +227,27 @@ def run_model_checks(model: nn.Module, spec: ArchSpec, config: VLMGPTQConfig,
     layers = planned_layers(model, spec, config, select)
     scan_weights(layers, config.sym)
     return RunChecks(model, layers)
+
+
+def check_part_flags(spec: ArchSpec, config: VLMGPTQConfig) -> None:
+    """Fail before any work when none of the parts this architecture has is switched on."""
+    if not any(getattr(config, flag) for flag in sorted(spec.flags())):
+        others = [f for f in PART_SWITCHES if f not in spec.flags()]
+        raise ValueError(
+            f"nothing to quantize: {spec.name}'s parts are switched by {', '.join(sorted(spec.flags()))}, and all "
+            f"are False ({', '.join(others)} do not apply to {spec.name}); switch one of its parts on."
+        )
+
+
+def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str] = PART_SWITCHES) -> None:
+    """One log line for part flags that do not apply to this architecture.
+
+    INFO when the user changed such a flag from its default (they meant something by it), DEBUG otherwise:
+    `quant_cross_attention` / `quant_visual_projector` both default to True, so each architecture has one.
+    """
+    ignored = [f for f in flags if f not in spec.flags()]
+    if not ignored:
+        return
+    changed = any(getattr(config, f) != DEFAULTS[f] for f in ignored)
+    logger.log(logging.INFO if changed else logging.DEBUG, "%s has no part behind %s; ignored", spec.name,
+               ", ".join(f"{f}={getattr(config, f)}" for f in ignored))

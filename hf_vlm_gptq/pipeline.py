@@ -19,7 +19,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -39,9 +39,9 @@ from .capture import (
     run_batches,
     with_hidden,
 )
-from .checks import run_model_checks
+from .checks import check_part_flags, log_ignored_flags, run_model_checks
 from .config import VLMGPTQConfig
-from .config_fields import DEFAULTS, PART_SWITCHES, PartOptions
+from .config_fields import PartOptions
 from .events import BlockEnd, BlockStart, CaptureDone, ComponentStart, Listener, ModuleSolved, emit, listen
 from .importance import gradient_token_weights
 from .modality import GroupInputs, TokenInfo
@@ -384,30 +384,6 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     checks.finish(collected.records)  # float16 scales that underflowed -> the records' stats
     model.train(was_training)
     return collected.records, collected.entries
-
-
-def check_part_flags(spec: ArchSpec, config: VLMGPTQConfig) -> None:
-    """Fail before any work when none of the parts this architecture has is switched on."""
-    if not any(getattr(config, flag) for flag in sorted(spec.flags())):
-        others = [f for f in PART_SWITCHES if f not in spec.flags()]
-        raise ValueError(
-            f"nothing to quantize: {spec.name}'s parts are switched by {', '.join(sorted(spec.flags()))}, and all "
-            f"are False ({', '.join(others)} do not apply to {spec.name}); switch one of its parts on."
-        )
-
-
-def log_ignored_flags(spec: ArchSpec, config: VLMGPTQConfig, flags: Iterable[str] = PART_SWITCHES) -> None:
-    """One log line for part flags that do not apply to this architecture.
-
-    INFO when the user changed such a flag from its default (they meant something by it), DEBUG otherwise:
-    `quant_cross_attention` / `quant_visual_projector` both default to True, so each architecture has one.
-    """
-    ignored = [f for f in flags if f not in spec.flags()]
-    if not ignored:
-        return
-    changed = any(getattr(config, f) != DEFAULTS[f] for f in ignored)
-    logger.log(logging.INFO if changed else logging.DEBUG, "%s has no part behind %s; ignored", spec.name,
-               ", ".join(f"{f}={getattr(config, f)}" for f in ignored))
 
 
 __all__ = ["SplitLinear", "advance", "capture_calls", "quantize_model", "replay", "run_batches"]

@@ -21,6 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 from . import card
 from .arch import spec_for_model_type
 from .calib import load_samples
+from .checks import check_part_flags
 from .config import VLMGPTQConfig
 from .modules_swap import (
     check_checkpoint_files,
@@ -29,7 +30,6 @@ from .modules_swap import (
     replace_with_quant_modules,
     verify_loaded,
 )
-from .pipeline import check_part_flags
 from .records import ModuleRecord, parse_records
 from .report import QuantRecord, records_from_config
 from .runner import quantize_and_record
