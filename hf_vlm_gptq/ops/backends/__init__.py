@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .avx2 import Avx2Backend
 from .base import Backend, Layer, LayerShape
 from .dequant import DequantBackend
 from .fused import FusedBackend
@@ -27,13 +28,15 @@ from .triton import TritonBackend
 
 __all__ = ["BACKENDS", "DISPATCH", "KERNEL_MODES", "MAX_BATCH", "Backend", "Layer", "LayerShape", "choose"]
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Int4Backend(), FusedBackend(), DequantBackend(), TritonBackend())}
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (Int4Backend(), FusedBackend(), DequantBackend(), TritonBackend(), Avx2Backend())
+}
 KERNEL_MODES = ("auto", *BACKENDS)
 
 # The order "auto" tries per device type (other devices: dequantize + matmul only).
 DISPATCH: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "int4", "dequant"),
-    "cpu": ("int4", "fused", "dequant"),
+    "cpu": ("int4", "fused", "avx2", "dequant"),
 }
 FALLBACK_ORDER = ("dequant",)
 
@@ -43,7 +46,8 @@ FALLBACK_ORDER = ("dequant",)
 # found: bench/results/kernel_thresholds.md (CPU: measured with bench/ops.py; CUDA: estimates to be tuned
 # with bench/cuda_all.sh).
 MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
-    "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0}},
+    "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0, "avx2": 16},
+            "avx2": {"cached": 1 << 30, "uncached": 1 << 30}},
     "cuda": {"triton": {"cached": 32, "uncached": 4096}, "int4": {"cached": 4, "uncached": 32}},
 }
 
