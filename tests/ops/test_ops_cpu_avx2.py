@@ -186,3 +186,25 @@ def test_a_kernel_that_disagrees_is_never_used(monkeypatch):
     assert "self-check" in A.kernel_unavailable_reason()
     monkeypatch.setattr(A, "_call", wrong)
     _auto_is_still_correct(_module(32, 64, 32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_its_op_is_traced_by_torch_compile_once_for_every_row_count(dtype):
+    from torch._dynamo.utils import counters
+
+    m = _module(64, 128, 32, dtype=dtype)
+    weights = m._prepare("avx2", torch.empty(1, 128, dtype=dtype))
+    assert isinstance(weights, CF.FusedWeights)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        fn = torch.compile(lambda x: A.avx2_matmul(x, weights, m.bias) * 2)
+        with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+            for rows in (3, 5, 7, 16, 33):
+                x = torch.randn(rows, 128, dtype=dtype)
+                torch.testing.assert_close(fn(x), A.avx2_matmul(x, weights, m.bias) * 2, rtol=0, atol=0)
+        assert not counters["graph_break"]
+        assert counters["stats"]["unique_graphs"] <= 2  # static first shape, then one dynamic graph
+    finally:
+        torch._dynamo.reset()
