@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
 from hf_vlm_gptq.ops import cpu_avx2 as A
 from hf_vlm_gptq.ops import cpu_fused as CF
-from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, choose
+from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, MIN_BATCH, choose
 
 from .helpers import correlated_hessian
 
@@ -90,22 +90,21 @@ def test_large_layer_several_threads_and_zero_rows():
 
 
 @needs_kernel
-def test_dispatch_picks_it_where_the_table_says_on_this_host():
+@pytest.mark.parametrize("cached", [False, True])
+def test_dispatch_picks_it_where_the_tables_say_on_this_host(cached):
     m = _module(64, 256, 128, kernel="auto")
-    limits = MAX_BATCH["cpu"]
-    has_fused = CF.kernel_unavailable_reason() is None
-    for rows in (1, 4, 16, 17, 64, 300):
-        x = torch.randn(rows, 256).bfloat16()
-        backend, _ = choose(m, x, "auto")
-        if has_fused:  # the AVX512 kernel comes first in the order; AVX2 is never its alternative
-            assert backend.name in ("int4", "fused")
-        elif rows <= limits["int4"]["avx2"]:
-            assert backend.name == "int4"
-        else:
-            assert backend.name == ("avx2" if rows <= limits["avx2"]["uncached"] else "dequant")
     m32 = _module(64, 256, 128, dtype=torch.float32, kernel="auto")  # int4 and the AVX512 kernel: bf16 only
-    assert choose(m32, torch.randn(64, 256), "auto")[0].name == ("avx2" if limits["avx2"]["uncached"] >= 64
-                                                                 else "dequant")
+    m.cache_dequantized = m32.cache_dequantized = cached
+    most_int4, least = MAX_BATCH["cpu"]["int4"]["avx2"], MIN_BATCH["cpu"]["avx2"].get("cached", 0) if cached else 0
+    assert "avx2" not in MAX_BATCH["cpu"]  # no upper limit: it beats dequantize + matmul at every batch
+    has_fused = CF.kernel_unavailable_reason() is None
+    for rows in (1, 3, 4, 6, 7, 16, 300):
+        backend, _ = choose(m, torch.randn(rows, 256).bfloat16(), "auto")
+        if has_fused:  # the AVX512 kernel comes first in the order; AVX2 is never int4's alternative there
+            assert backend.name in ("int4", "fused")
+        else:
+            assert backend.name == ("int4" if rows <= most_int4 else "avx2" if rows >= least else "dequant")
+        assert choose(m32, torch.randn(rows, 256), "auto")[0].name == ("avx2" if rows >= least else "dequant")
 
 
 def test_refusals_name_the_reason():
