@@ -49,7 +49,7 @@ FALLBACK_ORDER = ("dequant",)
 # bench/cpu_avx2.py on an AVX2-only CPU; CUDA: estimates to be tuned with bench/cuda_all.sh). The AVX2
 # kernel has no row: it beats dequantize + matmul at every batch and a dense cache from MIN_BATCH on.
 MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
-    "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0, "avx2": 6}},
+    "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0, "avx2": 8}},
     "cuda": {"triton": {"cached": 32, "uncached": 4096}, "int4": {"cached": 4, "uncached": 32}},
 }
 # Smallest batch where a backend beats its alternative (same columns; absent: from one row on). The AVX2
