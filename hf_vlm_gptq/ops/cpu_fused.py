@@ -74,6 +74,29 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+@dataclass(frozen=True)
+class KernelSource:
+    """One C kernel built into the cache: its source, compiler flags, exported symbol and ctypes signature,
+    the CPU flags it needs, and its name in log messages (the AVX2 kernel, ``cpu_avx2.py``, is another)."""
+
+    source: Path
+    cflags: tuple[str, ...]
+    symbol: str
+    argtypes: tuple
+    required_cpu_flags: tuple[str, ...]
+    what: str
+
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+ARGTYPES = (_P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _P, _INT, _I64, _INT)
+
+
+def _avx512() -> KernelSource:
+    """This module's kernel, read from the module constants at call time (the tests build it with -O0)."""
+    return KernelSource(SOURCE, tuple(CFLAGS), SYMBOL, ARGTYPES, tuple(REQUIRED_CPU_FLAGS),
+                        "fused CPU low-bit kernel")
+
+
 @dataclass
 class FusedWeights:
     """What the kernel reads for one layer, checked once (built on first use, cached by the module)."""
@@ -134,21 +157,24 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _build_inputs(cc: str) -> dict:
-    """What a build depends on; its hash (the cache key) names the entry and is recorded beside it."""
-    inputs = {"source_sha256": _sha256(SOURCE.read_bytes()), "cflags": list(CFLAGS),
+def _build_inputs(cc: str, src: KernelSource | None = None) -> dict:
+    """What a build of ``src`` (default: the AVX512 kernel) depends on; its hash (the cache key) names the
+    entry and is recorded beside it."""
+    src = src or _avx512()
+    inputs = {"source_sha256": _sha256(src.source.read_bytes()), "cflags": list(src.cflags),
               "compiler": _compiler_id(cc), "compiler_path": os.path.realpath(cc)}
     return {"key": _sha256(json.dumps(inputs, sort_keys=True).encode()), **inputs}
 
 
-def _entry_paths(key: str) -> tuple[Path, Path]:
+def _entry_paths(key: str, src: KernelSource | None = None) -> tuple[Path, Path]:
     """(library, record) of the cache entry of ``key``."""
-    stem = cache_dir() / f"{SOURCE.stem}-{key[:16]}"
+    stem = cache_dir() / f"{(src or _avx512()).source.stem}-{key[:16]}"
     return stem.with_suffix(".so"), stem.with_suffix(".json")
 
 
-def _entry_problem(library: Path, record: Path, inputs: dict) -> str | None:
+def _entry_problem(library: Path, record: Path, inputs: dict, src: KernelSource | None = None) -> str | None:
     """Why the cache entry cannot be trusted (None when the library matches its record and the key)."""
+    symbol = (src or _avx512()).symbol
     try:
         data = library.read_bytes()
     except FileNotFoundError:
@@ -167,8 +193,8 @@ def _entry_problem(library: Path, record: Path, inputs: dict) -> str | None:
         return f"size {len(data)} bytes, the record says {rec.get('size')} (truncated or overwritten)"
     if rec.get("sha256") != _sha256(data):
         return "its SHA-256 differs from the record (the file changed after it was built)"
-    if SYMBOL.encode() not in data:
-        return f"it does not contain the symbol {SYMBOL}"
+    if symbol.encode() not in data:
+        return f"it does not contain the symbol {symbol}"
     return None
 
 
@@ -221,7 +247,7 @@ class _CacheLock:
             os.close(self.fd)  # releases the lock
 
 
-def _compile(cc: str, library: Path, record: Path, inputs: dict) -> None:
+def _compile(cc: str, library: Path, record: Path, inputs: dict, src: KernelSource) -> None:
     """Build into temporaries, fsync them, rename the library, then its record (a crash in between leaves
     a library without a record: rebuilt next time)."""
     folder = library.parent
@@ -230,13 +256,13 @@ def _compile(cc: str, library: Path, record: Path, inputs: dict) -> None:
     fd, tmp_record = tempfile.mkstemp(prefix=record.name + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        cmd = [cc, *CFLAGS, "-o", tmp, str(SOURCE)]
+        cmd = [cc, *src.cflags, "-o", tmp, str(src.source)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-800:]}")
         data = Path(tmp).read_bytes()
-        if SYMBOL.encode() not in data:
-            raise RuntimeError(f"{' '.join(cmd)} wrote a library without the symbol {SYMBOL}")
+        if src.symbol.encode() not in data:
+            raise RuntimeError(f"{' '.join(cmd)} wrote a library without the symbol {src.symbol}")
         _fsync_file(tmp)
         Path(tmp_record).write_text(json.dumps(
             {"format": RECORD_FORMAT, **inputs, "size": len(data), "sha256": _sha256(data)}, indent=1))
@@ -250,13 +276,13 @@ def _compile(cc: str, library: Path, record: Path, inputs: dict) -> None:
         for path in (tmp, tmp_record):
             if os.path.exists(path):
                 os.unlink(path)
-    logger.info("compiled the fused CPU low-bit kernel into %s", library)
+    logger.info("compiled the %s into %s", src.what, library)
 
 
-def _remove_stale(library: Path) -> None:
+def _remove_stale(library: Path, src: KernelSource) -> None:
     """Builds of older sources / compilers, and temporaries of killed builds (called under the lock)."""
     now = time.time()
-    for path in library.parent.glob(f"{SOURCE.stem}-*"):
+    for path in library.parent.glob(f"{src.source.stem}-*"):
         if path.stem == library.stem:
             continue
         if path.suffix == ".tmp":
@@ -270,75 +296,88 @@ def _remove_stale(library: Path) -> None:
         path.unlink(missing_ok=True)  # a process still using an old library keeps its mapping
 
 
-def _build(cc: str) -> Path:
-    """The checked library path: the cached entry when it matches its record, else a fresh build."""
-    inputs = _build_inputs(cc)
-    library, record = _entry_paths(inputs["key"])
+def _build(cc: str, src: KernelSource | None = None) -> Path:
+    """The checked library path of ``src`` (default: the AVX512 kernel): the cached entry when it matches its
+    record, else a fresh build."""
+    src = src or _avx512()
+    inputs = _build_inputs(cc, src)
+    library, record = _entry_paths(inputs["key"], src)
     library.parent.mkdir(parents=True, exist_ok=True)
     with _CacheLock(library.parent):
-        problem = _entry_problem(library, record, inputs)
+        problem = _entry_problem(library, record, inputs, src)
         if problem is None:
             return library
         if problem != "missing" or record.exists():
-            logger.warning("cached fused CPU kernel %s failed its check (%s); rebuilding it", library, problem)
+            logger.warning("cached %s %s failed its check (%s); rebuilding it", src.what, library, problem)
         _remove_entry(library, record)
-        _compile(cc, library, record, inputs)
-        problem = _entry_problem(library, record, inputs)
+        _compile(cc, library, record, inputs, src)
+        problem = _entry_problem(library, record, inputs, src)
         if problem is not None:
             raise RuntimeError(f"the fresh build {library} fails its own check: {problem}")
-        _remove_stale(library)
+        _remove_stale(library, src)
     return library
 
 
-def _load() -> None:
+def load_kernel(src: KernelSource, state: dict) -> None:
+    """Look for ``src`` on this host: ``state["lib"]`` becomes its ctypes function (built or taken from the
+    cache), else ``state["reason"]`` says why there is none (logged as a warning where a build failed)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
-        _state["reason"] = f"disabled by {ENV_SWITCH}=0"
+        state["reason"] = f"disabled by {ENV_SWITCH}=0"
         return
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        _state["reason"] = f"needs Linux on x86-64, this is {platform.system()} {platform.machine()}"
+        state["reason"] = f"needs Linux on x86-64, this is {platform.system()} {platform.machine()}"
         return
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    missing = [f for f in src.required_cpu_flags if f not in _cpu_flags()]
     if missing:
-        _state["reason"] = f"this CPU lacks {', '.join(missing)}"
+        state["reason"] = f"this CPU lacks {', '.join(missing)}"
         return
     cc = _compiler()
     if cc is None:
-        _state["reason"] = "no C compiler found (set CC, or install gcc)"
+        state["reason"] = "no C compiler found (set CC, or install gcc)"
         return
     try:
-        path = _build(cc)
+        path = _build(cc, src)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        _state["reason"] = f"could not build the kernel: {err}"
-        logger.warning("fused CPU low-bit kernel unavailable, using the other paths: %s", err)
+        state["reason"] = f"could not build the kernel: {err}"
+        logger.warning("%s unavailable, using the other paths: %s", src.what, err)
         return
     try:
-        fn = getattr(lib, SYMBOL)
+        fn = getattr(lib, src.symbol)
     except AttributeError:
         # this process keeps the bad mapping (dlopen would hand it back for the same path): the next one rebuilds
         _remove_entry(path, path.with_suffix(".json"))
-        _state["reason"] = f"the cached library {path} has no symbol {SYMBOL} (removed; the next process rebuilds)"
-        logger.warning("fused CPU low-bit kernel unavailable, using the other paths: %s", _state["reason"])
+        state["reason"] = f"the cached library {path} has no symbol {src.symbol} (removed; the next process rebuilds)"
+        logger.warning("%s unavailable, using the other paths: %s", src.what, state["reason"])
         return
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int, i64, ctypes.c_int]
+    fn.argtypes = list(src.argtypes)
     fn.restype = ctypes.c_int
-    _state["lib"] = fn
+    state["lib"] = fn
+
+
+def checked_kernel(state: dict, load, check):
+    """The kernel of ``state`` once loaded (``load()``) and passed ``check(fn)`` (None, else the reason, which
+    takes the kernel out of this process), looked for once per process; None when unavailable."""
+    if not state.get("ready"):  # looked for and checked once per process; the lock only guards that
+        with _lock:
+            if not state.get("ready"):
+                if "lib" not in state and "reason" not in state:
+                    load()
+                if "lib" in state:
+                    problem = check(state["lib"])
+                    if problem is not None:
+                        del state["lib"]
+                        state["reason"] = problem
+                state["ready"] = True
+    return state.get("lib")
+
+
+def _load() -> None:
+    load_kernel(_avx512(), _state)
 
 
 def _kernel():
-    if not _state.get("ready"):  # looked for and checked once per process; the lock only guards that
-        with _lock:
-            if not _state.get("ready"):
-                if "lib" not in _state and "reason" not in _state:
-                    _load()
-                if "lib" in _state:
-                    problem = _self_check(_state["lib"])
-                    if problem is not None:
-                        del _state["lib"]
-                        _state["reason"] = problem
-                _state["ready"] = True
-    return _state.get("lib")
+    return checked_kernel(_state, _load, _self_check)
 
 
 # (bits, in, out, group_size, act_order, rows): the kernel's paths -- 1-row and 2-4-row 4-bit paths, the GEMM
@@ -366,32 +405,38 @@ def _probe_layer(bits: int, in_f: int, out_f: int, group_size: int, act_order: b
     return packed, bias
 
 
-def _self_check(fn) -> str | None:
-    """Run the kernel on the probe layers against dequantize + matmul; None when it agrees, else why (logged).
+def kernel_probes(call, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,), layers=_PROBES):
+    """Probes of ``call(x, w, bias)`` against dequantize + matmul in float64 on random probe layers (each of
+    ``layers``: (bits, in, out, group_size, act_order, rows)), for inputs of each of ``dtypes``.
 
     Bound per element: 2**-7 of |reference| + 2**-7 of sum |x| |w| (a correct kernel stays within bf16
-    rounding of the output and, on its 1-4 row paths, of the weight: ~4x below), and 1% relative error overall."""
+    rounding of the output and, where it does not round the weight, of the weight: ~4x below), and 1%
+    relative error overall. The reference weight is dequantized in the input's dtype."""
     gen = torch.Generator().manual_seed(1234)
-
-    def probes():
-        for bits, in_f, out_f, group_size, act_order, all_rows in _PROBES:
-            packed, bias = _probe_layer(bits, in_f, out_f, group_size, act_order, gen)
-            w = build_fused(packed["qweight"], packed["scales"], unpack_zeros(packed["qzeros"], bits, out_f),
-                            packed["g_idx"], group_size, bits)
+    for bits, in_f, out_f, group_size, act_order, all_rows in layers:
+        packed, bias = _probe_layer(bits, in_f, out_f, group_size, act_order, gen)
+        w = build_fused(packed["qweight"], packed["scales"], unpack_zeros(packed["qzeros"], bits, out_f),
+                        packed["g_idx"], group_size, bits)
+        where = f"{bits}-bit {out_f}x{in_f} group {group_size}{' act-order' if act_order else ''}"
+        for dtype in dtypes:
             dense = dequantize_packed(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
                                       bits=bits, in_features=in_f, out_features=out_f, group_size=group_size,
-                                      dtype=torch.bfloat16).double()
-            where = f"{bits}-bit {out_f}x{in_f} group {group_size}{' act-order' if act_order else ''}"
+                                      dtype=dtype).double()
             for rows in all_rows:
-                yield functools.partial(_probe, fn, w, dense, bias, rows, gen, f"{where}, {rows} rows")
+                yield functools.partial(_probe, call, w, dense, bias.to(dtype), rows, gen,
+                                        f"{where}, {rows} rows, {dtype}", dtype)
 
-    return self_check("fused CPU kernel", probes(), "not used in this process", logger)
+
+def _self_check(fn) -> str | None:
+    """Run the kernel on the probe layers against dequantize + matmul; None when it agrees, else why (logged)."""
+    return self_check("fused CPU kernel", kernel_probes(lambda x, w, bias: _call(fn, x, w, bias)),
+                      "not used in this process", logger)
 
 
-def _probe(fn, w: FusedWeights, dense: torch.Tensor, bias: torch.Tensor, rows: int, gen: torch.Generator,
-           where: str) -> str | None:
-    x = torch.randn(rows, w.in_features, generator=gen).to(torch.bfloat16)
-    y = _call(fn, x, w, bias).double()
+def _probe(call, w: FusedWeights, dense: torch.Tensor, bias: torch.Tensor, rows: int, gen: torch.Generator,
+           where: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    x = torch.randn(rows, w.in_features, generator=gen).to(dtype)
+    y = call(x, w, bias).double()
     ref = x.double() @ dense.T + bias.double()
     scale = x.double().abs() @ dense.abs().T
     if not bool(torch.isfinite(y).all()):

@@ -14,7 +14,7 @@ from hf_vlm_gptq.ops.selfcheck import matmul_probes, self_check
 
 
 def test_every_backend_answers_to_its_kernel_mode():
-    assert B.KERNEL_MODES == ("auto", "int4", "fused", "dequant", "triton")
+    assert B.KERNEL_MODES == ("auto", "int4", "fused", "dequant", "triton", "avx2")
     for name, backend in B.BACKENDS.items():
         assert isinstance(backend, B.Backend) and backend.name == name and backend.variants
 
@@ -27,6 +27,11 @@ def test_the_tables_name_known_backends_and_end_in_the_reference():
             columns = {v for n in later for v in B.BACKENDS[n].variants}
             assert set(row) <= columns, (device, name)  # every column is a later backend's variant
             assert any(v in row for v in B.BACKENDS["dequant"].variants), (device, name)
+    for device, rows in B.MIN_BATCH.items():
+        order = B.DISPATCH[device]
+        for name, row in rows.items():
+            columns = {v for n in order[order.index(name) + 1 :] for v in B.BACKENDS[n].variants}
+            assert set(row) <= columns, (device, name)
     assert B.FALLBACK_ORDER == ("dequant",)
 
 
@@ -92,6 +97,16 @@ def test_walk_measures_against_the_first_alternative_that_serves(stand_ins):
     mid.serves = False  # "fast" is now measured against the reference: up to 8 rows
     assert [_chosen(module, rows) for rows in (4, 8, 9)] == ["fast", "fast", "dequant"]
     assert log == ["mid", "fast"]  # a failed preparation is cached like a layout
+
+
+def test_a_min_batch_row_hands_the_smallest_batches_to_the_alternative(stand_ins, monkeypatch):
+    module, _fast, mid, _log = stand_ins
+    monkeypatch.setitem(B.MIN_BATCH, "cpu", {"fast": {"mid": 2}, "mid": {"uncached": 3}})
+    assert [_chosen(module, rows) for rows in (1, 2, 3, 4, 5, 6)] == ["dequant", "fast", "fast", "mid", "mid",
+                                                                    "dequant"]
+    mid.serves = False  # "fast" against the reference, which has no floor in its row: from one row on
+    module.clear_cache()
+    assert _chosen(module, 1) == "fast"
 
 
 def test_backends_the_row_does_not_name_are_not_prepared(stand_ins, monkeypatch):

@@ -10,6 +10,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize, set_dequant_cache
+from hf_vlm_gptq.ops import cpu_avx2 as A
 from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops.backends import int4 as I4
 from hf_vlm_gptq.ops.packing import contiguous_groups
@@ -115,10 +116,13 @@ def test_dequant_path_matches_reference(bits, dtype, cached):
     assert torch.equal(m.dequantize_weight(torch.float32), w64.float())
 
 
-@pytest.fixture(params=["fused kernel", "no fused kernel"])
+@pytest.fixture(params=["fused kernel", "no fused kernel", "no CPU kernel"])
 def fused_available(request, monkeypatch) -> bool:
-    """Run a test with the fused CPU kernel as this host has it, and as on a CPU without it."""
-    if request.param == "no fused kernel":
+    """Run a test with the fused CPU kernel as this host has it, and as on a CPU without it (with the AVX2
+    kernel as this host has it, or without that one either)."""
+    if request.param == "no CPU kernel":
+        monkeypatch.setattr(A, "kernel_unavailable_reason", lambda: "simulated CPU without AVX2")
+    if request.param != "fused kernel":
         monkeypatch.setattr(CF, "kernel_unavailable_reason", lambda: "simulated CPU without the kernel")
         return False
     if CF.kernel_unavailable_reason() is not None:

@@ -9,7 +9,9 @@ that serves the layer and whose batch range covers the rows of ``x``. A backend 
 ``MAX_BATCH[device]`` serves at most ``MAX_BATCH[device][name][column]`` rows, the column being the
 variant of its alternative: the first later backend in the order that has a column in that row and serves
 the layer (asked in that order, so a backend the row does not name is never prepared for the comparison).
-Without a row, every batch. The last entry, dequantize + matmul, serves every layer. Forcing a backend
+Without a row, every batch. :data:`MIN_BATCH` rows work the same way from below: a backend that loses
+to an alternative at the smallest batches serves from ``MIN_BATCH[device][name][column]`` rows on (its
+alternative is then looked for among the columns of both rows). The last entry, dequantize + matmul, serves every layer. Forcing a backend
 (``kernel="int4"`` etc.) skips the walk and raises ``ValueError`` with the reason where it cannot serve.
 """
 
@@ -19,33 +21,41 @@ from typing import Any
 
 import torch
 
+from .avx2 import Avx2Backend
 from .base import Backend, Layer, LayerShape
 from .dequant import DequantBackend
 from .fused import FusedBackend
 from .int4 import Int4Backend
 from .triton import TritonBackend
 
-__all__ = ["BACKENDS", "DISPATCH", "KERNEL_MODES", "MAX_BATCH", "Backend", "Layer", "LayerShape", "choose"]
+__all__ = ["BACKENDS", "DISPATCH", "KERNEL_MODES", "MAX_BATCH", "MIN_BATCH", "Backend", "Layer", "LayerShape", "choose"]
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Int4Backend(), FusedBackend(), DequantBackend(), TritonBackend())}
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (Int4Backend(), FusedBackend(), DequantBackend(), TritonBackend(), Avx2Backend())
+}
 KERNEL_MODES = ("auto", *BACKENDS)
 
 # The order "auto" tries per device type (other devices: dequantize + matmul only).
 DISPATCH: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "int4", "dequant"),
-    "cpu": ("int4", "fused", "dequant"),
+    "cpu": ("int4", "fused", "avx2", "dequant"),
 }
 FALLBACK_ORDER = ("dequant",)
 
 # Largest batch (rows of x) where a backend beats its alternative, per device type; the columns are the
 # alternative's variants ("cached" / "uncached": dequantize + matmul with / without the module's dense cache;
 # "fused" / "fused_small_batch": the fused CPU kernel without / with its 1-4 row paths). How each number was
-# found: bench/results/kernel_thresholds.md (CPU: measured with bench/ops.py; CUDA: estimates to be tuned
-# with bench/cuda_all.sh).
+# found: bench/results/kernel_thresholds.md (CPU: measured with bench/ops.py, the "avx2" column with
+# bench/cpu_avx2.py on an AVX2-only CPU; CUDA: estimates to be tuned with bench/cuda_all.sh). The AVX2
+# kernel has no row: it beats dequantize + matmul at every batch and a dense cache from MIN_BATCH on.
 MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
-    "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0}},
+    "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0, "avx2": 8}},
     "cuda": {"triton": {"cached": 32, "uncached": 4096}, "int4": {"cached": 4, "uncached": 32}},
 }
+# Smallest batch where a backend beats its alternative (same columns; absent: from one row on). The AVX2
+# kernel dequantizes the whole weight on every call, so a dense cache beats it at a few rows (measured on
+# this project's 2-core AVX2-only AMD EPYC host: bench/results/cpu_avx2_cpu.md).
+MIN_BATCH: dict[str, dict[str, dict[str, int]]] = {"cpu": {"avx2": {"cached": 4}}}
 
 
 def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:
@@ -59,7 +69,7 @@ def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:
             raise ValueError(f"kernel={mode!r} is unavailable for this layer / input: {weights}")
         return BACKENDS[mode], weights
     order = [BACKENDS[name] for name in DISPATCH.get(x2.device.type, FALLBACK_ORDER)]
-    limits = MAX_BATCH.get(x2.device.type, {})
+    limits, floors = MAX_BATCH.get(x2.device.type, {}), MIN_BATCH.get(x2.device.type, {})
     prepared: dict[int, Any] = {}
 
     def serves(i: int) -> bool:
@@ -68,12 +78,15 @@ def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:
         return not isinstance(prepared[i], str)
 
     for i, backend in enumerate(order):
-        row = limits.get(backend.name)
-        if row is not None:
-            alt = next((j for j in range(i + 1, len(order)) if set(order[j].variants) & set(row) and serves(j)),
+        row, floor = limits.get(backend.name), floors.get(backend.name, {})
+        if row is not None or floor:
+            columns = set(row or {}) | set(floor)
+            alt = next((j for j in range(i + 1, len(order)) if set(order[j].variants) & columns and serves(j)),
                        None)
-            if alt is not None and x2.shape[0] > row[order[alt].variant(module, prepared[alt])]:
-                continue
+            if alt is not None:
+                column = order[alt].variant(module, prepared[alt])
+                if (row is not None and x2.shape[0] > row[column]) or x2.shape[0] < floor.get(column, 0):
+                    continue
         if serves(i):
             return backend, prepared[i]
     raise RuntimeError(f"no kernel backend serves this layer on {x2.device.type}: {prepared}")
