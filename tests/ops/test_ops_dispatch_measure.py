@@ -206,6 +206,13 @@ def test_real_measurement_of_this_hosts_backends(monkeypatch):
     torch.testing.assert_close(y, module.forward_reference(x), rtol=2e-2, atol=0.1)  # bf16 rounding
 
 
+def test_a_class_only_one_backend_serves_is_not_measured(monkeypatch):
+    monkeypatch.setattr(M, "_time_round_robin", lambda *a: pytest.fail("measured"))
+    module = _module(dtype=torch.float32)  # float32: dequantize + matmul only
+    assert M.measured_for(module, torch.randn(1, 32), [B.BACKENDS[n] for n in B.DISPATCH["cpu"]]) is None
+    assert _chosen(module, 1) == "dequant"
+
+
 def test_a_backend_this_host_lacks_is_measured_through_a_stand_in(monkeypatch):
     """The fused kernel (AVX512-BF16) forced on with a stand-in computation: measured like the others."""
     module = _module(32, 128, dtype=torch.bfloat16)

@@ -166,21 +166,28 @@ def _pow2(n: int) -> int:
 
 
 def shape_class(module: Any, dtype: torch.dtype, order: Sequence[Backend] = ()) -> str:
-    """The shape class of a packed module for inputs of ``dtype`` (layers of one class share a measurement),
-    with the names of the backends in ``order`` (another order is measured again)."""
+    """The shape class of a packed module for inputs of ``dtype`` on the CPU (layers of one class share a
+    measurement), with the backends of ``order`` that serve it (another set is measured again)."""
+    return _classify(module, dtype, order)[0]
+
+
+def _classify(module: Any, dtype: torch.dtype, order: Sequence[Backend]) -> tuple[str, int]:
+    """(:func:`shape_class`, how many backends of ``order`` serve it), cached by the module."""
     g = module.g_idx
     stamp = (g.data_ptr(), 0 if g.is_inference() else g._version, dtype, module.cache_dequantized,
              tuple(backend.name for backend in order))
     hit = module._cache.get("dispatch_class")  # cheaper than module._cached: only g_idx matters
     if hit is not None and hit[0] == stamp:
         return hit[1]
+    cpu = torch.device("cpu")
+    serving = [b.name for b in order if b.unavailable_reason(module, dtype, cpu) is None]
     group = "c" if module.group_size == -1 else _pow2(module.group_size)
     act = "seq" if contiguous_groups(g, module.group_size) else "act"
     dense = "dense" if module.cache_dequantized else "nodense"
-    cls = (f"b{module.bits}-g{group}-i{_pow2(module.in_features)}-o{_pow2(module.out_features)}-{act}-"
-           f"{str(dtype).removeprefix('torch.')}-{dense}:{','.join(stamp[-1])}")
-    module._cache["dispatch_class"] = (stamp, cls)
-    return cls
+    answer = (f"b{module.bits}-g{group}-i{_pow2(module.in_features)}-o{_pow2(module.out_features)}-{act}-"
+           f"{str(dtype).removeprefix('torch.')}-{dense}:{','.join(serving)}", len(serving))
+    module._cache["dispatch_class"] = (stamp, answer)
+    return answer
 
 
 def _read(path: Path, key: dict[str, Any]) -> dict[str, Measured]:
@@ -269,10 +276,13 @@ def _log(cls: str, m: Measured, source: str) -> None:
 
 def measured_for(module: Any, x2: torch.Tensor, order: Sequence[Backend]) -> Measured | None:
     """This host's measurement of ``module``'s shape class, measured now if nobody has (None: table mode,
-    not a measured device, tracing without a known measurement, or the measurement failed)."""
+    not a measured device, one backend serves the class, tracing without a known measurement, or the
+    measurement failed)."""
     if x2.device.type not in MEASURED_DEVICES or mode() == "table":
         return None
-    key_hash, cls = cpu_hash(), shape_class(module, x2.dtype, order)
+    (cls, serving), key_hash = _classify(module, x2.dtype, order), cpu_hash()
+    if serving < 2:  # nothing to choose between
+        return None
     known = _known.get(key_hash)
     if known is not None and cls in known:
         return known[cls]
