@@ -13,6 +13,7 @@ import torch
 from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
 from hf_vlm_gptq.ops import backends as B
 from hf_vlm_gptq.ops import cpu_fused as CF
+from hf_vlm_gptq.ops.backends import dispatch_cache as C
 from hf_vlm_gptq.ops.backends import measure as M
 
 from .test_ops_backends import StandIn
@@ -49,12 +50,12 @@ def fake_times(monkeypatch):
         "fast": dict(zip(M.BATCHES, (1, 2, 9, 40, 400))),
         "mid": dict(zip(M.BATCHES, (2, 3, 5, 20, 300))),
         "dequant": dict(zip(M.BATCHES, (9, 9, 10, 30, 100))),
-        M.DENSE: dict(zip(M.BATCHES, (3, 3, 6, 25, 90))),
+        C.DENSE: dict(zip(M.BATCHES, (3, 3, 6, 25, 90))),
     }
     timed: list[int] = []
 
     def timer(fns, reps, deadline):
-        batch = fns[M.DENSE].args[0].shape[0]  # F.linear(x, dense): the rows being timed
+        batch = fns[C.DENSE].args[0].shape[0]  # F.linear(x, dense): the rows being timed
         timed.append(batch)
         return {name: times[name][batch] * MS for name in fns}
 
@@ -105,7 +106,7 @@ def test_rows_past_an_unfinished_measurement_go_by_the_table(fake_times, monkeyp
     module = _module()
     assert _chosen(module, 1) == "fast" and timed == [1]
     assert _chosen(module, 4) == "mid"  # table: fast serves up to 3 rows against mid
-    assert M.Measured((1,), {"fast": (1.0,), M.DENSE: (2.0,)}, False).ranges() == {"fast": [(1, 1)]}
+    assert C.Measured((1,), {"fast": (1.0,), C.DENSE: (2.0,)}, False).ranges() == {"fast": [(1, 1)]}
 
 
 def test_a_class_is_measured_once_per_process_and_once_per_cache(fake_times, measured, caplog):
@@ -123,10 +124,10 @@ def test_a_class_is_measured_once_per_process_and_once_per_cache(fake_times, mea
     timed.clear()
     assert [_chosen(_module(), rows) for rows in (1, 16, 256)] == ["fast", "mid", "dequant"]
     assert timed == []
-    data = json.loads(M.cache_path(M.cpu_hash()).read_text())
-    assert data["schema"] == M.SCHEMA and data["cpu"] == M.cpu_key() and len(data["classes"]) == 2
-    assert M.cache_path(M.cpu_hash()).parent == measured / "dispatch"
-    assert [p.name for p in (measured / "dispatch").iterdir()] == [M.cache_path(M.cpu_hash()).name]  # no temp
+    data = json.loads(C.cache_path(C.cpu_hash()).read_text())
+    assert data["schema"] == C.SCHEMA and data["cpu"] == C.cpu_key() and len(data["classes"]) == 2
+    assert C.cache_path(C.cpu_hash()).parent == measured / "dispatch"
+    assert [p.name for p in (measured / "dispatch").iterdir()] == [C.cache_path(C.cpu_hash()).name]  # no temp
 
 
 @pytest.mark.parametrize("garbage", [
@@ -137,27 +138,27 @@ def test_a_class_is_measured_once_per_process_and_once_per_cache(fake_times, mea
 ])
 def test_a_garbage_cache_is_ignored_and_measured_again(fake_times, garbage, caplog):
     _times, timed, _ = fake_times
-    path = M.cache_path(M.cpu_hash())
+    path = C.cache_path(C.cpu_hash())
     path.parent.mkdir(parents=True)
     cls = M.shape_class(_module(), torch.float32, [B.BACKENDS[n] for n in B.DISPATCH["cpu"]])
-    entry = {"batches": [1], "times": {"fast": [1.0], M.DENSE: [1.0]}, "complete": True}
+    entry = {"batches": [1], "times": {"fast": [1.0], C.DENSE: [1.0]}, "complete": True}
     if garbage == "WRONG-CPU":
-        garbage = json.dumps({"schema": M.SCHEMA, "cpu": {**M.cpu_key(), "model": "other"}, "classes": {cls: entry}})
+        garbage = json.dumps({"schema": C.SCHEMA, "cpu": {**C.cpu_key(), "model": "other"}, "classes": {cls: entry}})
     elif garbage == "BAD-TIMES":
         entry["times"]["fast"] = [1.0, 2.0]
-        garbage = json.dumps({"schema": M.SCHEMA, "cpu": M.cpu_key(), "classes": {cls: entry}})
+        garbage = json.dumps({"schema": C.SCHEMA, "cpu": C.cpu_key(), "classes": {cls: entry}})
     path.write_text(garbage)
-    with caplog.at_level(logging.DEBUG, logger=M.__name__):
+    with caplog.at_level(logging.DEBUG, logger=C.__name__):
         assert _chosen(_module(), 16) == "mid"
     assert "ignoring the dispatch cache" in caplog.text and timed == list(M.BATCHES)
-    assert M._read(path, M.cpu_key())[cls].ranking(16) == ("mid", "fast", "dequant")  # rewritten, valid
+    assert C.read_cache(path, C.cpu_key())[cls].ranking(16) == ("mid", "fast", "dequant")  # rewritten, valid
 
 
 def test_the_cpu_key_differs_by_kernel_flags_and_threads(monkeypatch):
     def key_with(flags, threads=2):
-        monkeypatch.setattr(M, "cpu_identity", lambda: ("Some CPU", frozenset(flags)))
+        monkeypatch.setattr(C, "cpu_identity", lambda: ("Some CPU", frozenset(flags)))
         monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-        return M.cpu_hash(), M.cpu_key()
+        return C.cpu_hash(), C.cpu_key()
 
     avx2, key = key_with({"avx2", "fma", "sse4_2"})
     assert key["model"] == "Some CPU" and key["flags"] == ["avx2", "fma"] and key["threads"] == 2
@@ -165,7 +166,7 @@ def test_the_cpu_key_differs_by_kernel_flags_and_threads(monkeypatch):
     assert key_with({"avx2", "fma", "avx512f", "avx512_bf16"})[0] != avx2
     assert key_with({"avx2", "fma", "amx_bf16", "amx_tile"})[0] != avx2
     assert key_with({"avx2", "fma"}, threads=1)[0] != avx2
-    assert M.cache_path(avx2).name == f"{avx2}.json"
+    assert C.cache_path(avx2).name == f"{avx2}.json"
 
 
 def test_tracing_uses_only_what_is_known(fake_times, monkeypatch):
@@ -200,7 +201,7 @@ def test_real_measurement_of_this_hosts_backends(monkeypatch):
     x = torch.randn(3, 128).to(torch.bfloat16)
     measured = M.measured_for(module, x, order)
     serving = {b.name for b in order if b.unavailable_reason(module, x.dtype, x.device) is None}
-    assert set(measured.times) == serving | {M.DENSE} and measured.complete
+    assert set(measured.times) == serving | {C.DENSE} and measured.complete
     assert module._cache.keys() <= {"dispatch_class"}  # layouts built for the measurement are dropped
     y = module(x)
     torch.testing.assert_close(y, module.forward_reference(x), rtol=2e-2, atol=0.1)  # bf16 rounding
