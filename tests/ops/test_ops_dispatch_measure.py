@@ -60,6 +60,7 @@ def fake_times(monkeypatch):
         return {name: times[name][batch] * MS for name in fns}
 
     monkeypatch.setattr(M, "_time_round_robin", timer)
+    monkeypatch.setattr(M, "BUDGET_S", 60.0)  # the fake times count against the budget's prediction
     return times, timed, (fast, mid)
 
 
@@ -101,12 +102,19 @@ def test_table_mode_never_measures(fake_times, monkeypatch):
 
 
 def test_rows_past_an_unfinished_measurement_go_by_the_table(fake_times, monkeypatch):
-    monkeypatch.setattr(M, "BUDGET_S", 0.0)  # the deadline has passed after the first batch
     _times, timed, _ = fake_times
+    monkeypatch.setattr(M, "BUDGET_S", 0.0)  # the deadline has passed after the first batch
     module = _module()
     assert _chosen(module, 1) == "fast" and timed == [1]
     assert _chosen(module, 4) == "mid"  # table: fast serves up to 3 rows against mid
     assert C.Measured((1,), {"fast": (1.0,), C.DENSE: (2.0,)}, False).ranges() == {"fast": [(1, 1)]}
+
+
+def test_a_batch_predicted_past_the_budget_is_not_timed(fake_times, monkeypatch):
+    _times, timed, _ = fake_times
+    monkeypatch.setenv(M.ENV_BUDGET, "0.3")  # rounds of 15, 17, 30, 115 ms: 4 x 115 ms would pass 0.3 s
+    measured = M.measure(_module(), torch.randn(1, 32), [B.BACKENDS[n] for n in B.DISPATCH["cpu"]])
+    assert timed == [1, 4, 16, 64] and measured.batches == (1, 4, 16, 64) and not measured.complete
 
 
 def test_a_class_is_measured_once_per_process_and_once_per_cache(fake_times, measured, caplog):

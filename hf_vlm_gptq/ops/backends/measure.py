@@ -4,8 +4,8 @@ backend that can serve it is timed against a dense matmul, and the per-batch ran
 * Shape class (:func:`shape_class`): bits, group size and in / out features rounded to powers of two, act-order,
   the activation dtype, whether the module keeps a dense cache, the backends that serve it.
 * Measurement (:func:`measure`): batches :data:`BATCHES`, the variants taken in turns, best of :data:`REPS`,
-  the whole within about :data:`BUDGET_S` seconds (batches past the budget are not measured: there the table
-  decides). Eager only: while ``torch.compile`` traces, only what is already known is used.
+  the whole within about :data:`BUDGET_S` seconds (``$HF_VLM_GPTQ_DISPATCH_BUDGET_S``; batches past the
+  budget are not measured: there the table decides). Eager only: while ``torch.compile`` traces, only what is already known is used.
 * Kept per process and in the per-CPU cache file (``dispatch_cache.py``); logged at INFO once per class.
 * ``HF_VLM_GPTQ_DISPATCH=table``: no measuring, the fixed table only; ``measure``: the default.
 """
@@ -36,6 +36,7 @@ MEASURED_DEVICES = ("cpu",)
 BATCHES = (1, 4, 16, 64, 256)
 REPS = 3
 BUDGET_S = 0.4
+ENV_BUDGET = "HF_VLM_GPTQ_DISPATCH_BUDGET_S"  # seconds per class instead of BUDGET_S (once per CPU: cached)
 
 _lock = threading.RLock()
 _known: dict[str, dict[str, Measured]] = {}  # cpu-key hash -> shape class -> measurement (files read once)
@@ -80,7 +81,8 @@ def _classify(module: Any, dtype: torch.dtype, order: Sequence[Backend]) -> tupl
 
 
 def _time_round_robin(fns: dict[str, Callable[[], Any]], reps: int, deadline: float) -> dict[str, float]:
-    """Best seconds per call of each function, taken in turns, ``reps`` rounds or until ``deadline``."""
+    """Best seconds per call of each function, taken in turns, ``reps`` rounds or until ``deadline`` (the
+    best of them: a first call's lazy initialisation is outrun by the later ones)."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(reps):
         for name, fn in fns.items():
@@ -94,8 +96,12 @@ def _time_round_robin(fns: dict[str, Callable[[], Any]], reps: int, deadline: fl
 
 def measure(module: Any, x2: torch.Tensor, order: Sequence[Backend], budget_s: float | None = None) -> Measured:
     """Time every backend of ``order`` that serves ``module`` for inputs like ``x2`` (its own layout, built
-    for the measurement and dropped after), and :data:`DENSE`, at :data:`BATCHES` within ``budget_s``."""
-    deadline = time.perf_counter() + (BUDGET_S if budget_s is None else budget_s)
+    for the measurement and dropped after), and :data:`DENSE`, at :data:`BATCHES` within ``budget_s``: a
+    batch whose round would end past the budget (the last round's time scaled by the rows) is not timed,
+    nor any larger one."""
+    if budget_s is None:
+        budget_s = float(os.environ.get(ENV_BUDGET) or BUDGET_S)
+    deadline = time.perf_counter() + budget_s
     layouts = {}
     for backend in order:
         if backend.unavailable_reason(module, x2.dtype, x2.device) is None:
@@ -107,14 +113,11 @@ def measure(module: Any, x2: torch.Tensor, order: Sequence[Backend], budget_s: f
     batches, times = [], {name: [] for name in (*layouts, DENSE)}
     with torch.no_grad():
         for batch in BATCHES:
-            if batches and time.perf_counter() > deadline:
+            if batches and time.perf_counter() + sum(t[-1] for t in times.values()) * batch / batches[-1] > deadline:
                 break
             x = torch.randn(batch, module.in_features, generator=gen, device=x2.device).to(x2.dtype)
             fns = {name: functools.partial(b.matmul, module, x, w, None) for name, (b, w) in layouts.items()}
             fns[DENSE] = functools.partial(F.linear, x, dense)
-            if not batches:  # first calls: lazy initialisation outside the timing
-                for fn in fns.values():
-                    fn()
             for name, t in _time_round_robin(fns, REPS, deadline).items():
                 times[name].append(max(t, 1e-9))
             batches.append(batch)
