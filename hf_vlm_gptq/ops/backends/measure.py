@@ -81,24 +81,35 @@ def _classify(module: Any, dtype: torch.dtype, order: Sequence[Backend]) -> tupl
 
 
 def _time_round_robin(fns: dict[str, Callable[[], Any]], reps: int, deadline: float) -> dict[str, float]:
-    """Best seconds per call of each function, taken in turns, ``reps`` rounds or until ``deadline`` (the
-    best of them: a first call's lazy initialisation is outrun by the later ones)."""
+    """Best seconds per call of each function, taken in turns: up to ``reps`` rounds, a next one only if it
+    would end by ``deadline`` (at least one; the best of them: a first call's lazy set-up is outrun)."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(reps):
+        start = time.perf_counter()
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
-        if time.perf_counter() > deadline:
+        now = time.perf_counter()
+        if now + (now - start) > deadline:
             break
     return best
 
 
+def _predict(batches: Sequence[int], seconds: Sequence[float], batch: int) -> float:
+    """A call's seconds at ``batch`` rows: the line through the last two measured batches (slope >= 0),
+    proportional to the rows after one."""
+    if len(batches) == 1:
+        return seconds[-1] * batch / batches[-1]
+    slope = max(0.0, (seconds[-1] - seconds[-2]) / (batches[-1] - batches[-2]))
+    return seconds[-1] + slope * (batch - batches[-1])
+
+
 def measure(module: Any, x2: torch.Tensor, order: Sequence[Backend], budget_s: float | None = None) -> Measured:
     """Time every backend of ``order`` that serves ``module`` for inputs like ``x2`` (its own layout, built
-    for the measurement and dropped after), and :data:`DENSE`, at :data:`BATCHES` within ``budget_s``: a
-    batch whose round would end past the budget (the last round's time scaled by the rows) is not timed,
-    nor any larger one."""
+    for the measurement and dropped after), and :data:`DENSE`, at :data:`BATCHES` within ``budget_s``: each
+    batch gets an equal share of what is left, and a batch whose round is predicted (:func:`_predict`) to
+    end past the budget is not timed, nor any larger one."""
     if budget_s is None:
         budget_s = float(os.environ.get(ENV_BUDGET) or BUDGET_S)
     deadline = time.perf_counter() + budget_s
@@ -112,13 +123,15 @@ def measure(module: Any, x2: torch.Tensor, order: Sequence[Backend], budget_s: f
     gen = torch.Generator(device=x2.device).manual_seed(0)
     batches, times = [], {name: [] for name in (*layouts, DENSE)}
     with torch.no_grad():
-        for batch in BATCHES:
-            if batches and time.perf_counter() + sum(t[-1] for t in times.values()) * batch / batches[-1] > deadline:
+        for i, batch in enumerate(BATCHES):
+            now = time.perf_counter()
+            if batches and now + sum(_predict(batches, ts, batch) for ts in times.values()) > deadline:
                 break
             x = torch.randn(batch, module.in_features, generator=gen, device=x2.device).to(x2.dtype)
             fns = {name: functools.partial(b.matmul, module, x, w, None) for name, (b, w) in layouts.items()}
             fns[DENSE] = functools.partial(F.linear, x, dense)
-            for name, t in _time_round_robin(fns, REPS, deadline).items():
+            share = now + (deadline - now) / (len(BATCHES) - i)
+            for name, t in _time_round_robin(fns, REPS, share).items():
                 times[name].append(max(t, 1e-9))
             batches.append(batch)
     return Measured(tuple(batches), {n: tuple(t) for n, t in times.items()}, len(batches) == len(BATCHES))
