@@ -116,7 +116,7 @@ def cpu_key(threads: int | None = None) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=64)
-def _cpu_hash(threads: int, identity: tuple[str, frozenset[str]]) -> str:
+def _cpu_hash(threads: int, identity: tuple[str, frozenset[str]]) -> str:  # identity: part of the cache key
     return hashlib.sha256(json.dumps(cpu_key(threads), sort_keys=True).encode()).hexdigest()[:16]
 
 

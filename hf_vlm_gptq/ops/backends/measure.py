@@ -74,8 +74,8 @@ def _classify(module: Any, dtype: torch.dtype, order: Sequence[Backend]) -> tupl
     group = "c" if module.group_size == -1 else _pow2(module.group_size)
     act = "seq" if contiguous_groups(g, module.group_size) else "act"
     dense = "dense" if module.cache_dequantized else "nodense"
-    answer = (f"b{module.bits}-g{group}-i{_pow2(module.in_features)}-o{_pow2(module.out_features)}-{act}-"
-           f"{str(dtype).removeprefix('torch.')}-{dense}:{','.join(serving)}", len(serving))
+    shape = f"b{module.bits}-g{group}-i{_pow2(module.in_features)}-o{_pow2(module.out_features)}-{act}"
+    answer = (f"{shape}-{str(dtype).removeprefix('torch.')}-{dense}:{','.join(serving)}", len(serving))
     module._cache["dispatch_class"] = (stamp, answer)
     return answer
 
