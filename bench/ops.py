@@ -3,7 +3,7 @@
     python -m bench.ops            # ~2 minutes on 2 CPU cores; writes ops_<device>.{json,md} (bench.harness)
     python -m bench.ops --kernels  # only the CUDA kernel rows (bench/ops_kernels.py; ~60 s on an H200)
     python -m bench.ops --kernels --small   # those rows on tiny shapes (CPU: Triton interpreter, a dry run)
-    python -m bench.ops --dispatch # only the measured-dispatch rows (bench/ops_dispatch.py; ~1 minute)
+    python -m bench.ops --dispatch # only the measured-dispatch rows (bench/ops_dispatch.py; 1-5 minutes)
 
 Solve: a 4096x4096 and a 4096->11008 layer (weight [11008, 4096]), 4-bit, group 128, symmetric, Hessian
 from random correlated inputs. Ours is ``gptq_quantize`` end to end, including its exact proxy loss
@@ -20,9 +20,10 @@ CPUs that have it), auto with a dense cache, and each path forced. The variants 
 round-robin, call by call, and the 10th percentile is reported: the host is shared with other jobs, and
 interleaving plus a low percentile keeps their load from landing on one variant only.
 
-On CPU the run ends with the dispatch rows of bench/ops_dispatch.py (the batch ranges measured on this host
-next to the table's, and "auto" with measuring on and off vs dense bf16). With a GPU the run ends with the kernel rows of bench/ops_kernels.py (fused Triton matmul vs torch int4 vs
-dense bf16 on 7B shapes, GPTQ sweep fused vs torch loop, Hessian bf16 vs fp32 rows).
+Then the dispatch rows of bench/ops_dispatch.py (the batch ranges measured on this host next to the table's,
+and "auto" with measuring on and off vs dense bf16). With a GPU the run ends with the kernel rows of
+bench/ops_kernels.py (fused Triton matmul vs torch int4 vs dense bf16 on 7B shapes, GPTQ sweep fused vs
+torch loop, Hessian bf16 vs fp32 rows).
 """
 
 from __future__ import annotations

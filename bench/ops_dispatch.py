@@ -2,9 +2,9 @@
 CPU). Writes dispatch_measured_<cpu|cuda>.{json,md} (bench.harness).
 
 Per shape class (4096x4096 at 4 bits g128 with and without act-order, and at 2 bits): the batch ranges this
-host's measurement gives each backend (``ops/backends/measure.py``, measured fresh into a temporary cache, with a budget of
-:data:`BUDGET_S` per class unless ``$HF_VLM_GPTQ_DISPATCH_BUDGET_S`` says otherwise)
-next to the fixed table's (``MAX_BATCH``), and at batch 1 / 4 / 16 / 64 / 256 the speedup over dense bf16
+host's measurement gives each backend (``ops/backends/measure.py``, measured fresh into a temporary cache,
+within :data:`BUDGET_S` per class unless ``$HF_VLM_GPTQ_DISPATCH_BUDGET_S`` says otherwise) next to the
+fixed table's (``MAX_BATCH``), and at batch 1 / 4 / 16 / 64 / 256 the speedup over dense bf16
 ``nn.Linear`` of ``kernel="auto"`` with measuring on and off (one layer called repeatedly, the three
 variants taken in turns, p10). The CPU's model and flags are in the environment section.
 """
