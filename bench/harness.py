@@ -166,17 +166,12 @@ def wait_for_quiet(limit_pct: float = 20.0, max_wait_s: float = 300.0) -> float 
 
 def cpu_info() -> dict[str, Any]:
     """The CPU's model, which of `CPU_FLAGS` it has, its core count and the cores this process may use."""
-    model, flags = None, set()
-    path = Path("/proc/cpuinfo")
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model is None:
-            model = value.strip()
-        elif key.strip() in ("flags", "Features") and not flags:
-            flags = set(value.split())
+    from hf_vlm_gptq.ops.backends.dispatch_cache import cpu_identity  # what the CPU dispatch is keyed on
+
+    model, flags = cpu_identity()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"model": model or platform.processor() or platform.machine(),
-            "flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(), "usable_cores": usable}
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(),
+            "usable_cores": usable}
 
 
 def device_tag() -> str:

@@ -3,6 +3,7 @@
     python -m bench.ops            # ~2 minutes on 2 CPU cores; writes ops_<device>.{json,md} (bench.harness)
     python -m bench.ops --kernels  # only the CUDA kernel rows (bench/ops_kernels.py; ~60 s on an H200)
     python -m bench.ops --kernels --small   # those rows on tiny shapes (CPU: Triton interpreter, a dry run)
+    python -m bench.ops --dispatch # only the measured-dispatch rows (bench/ops_dispatch.py; 1-5 minutes)
 
 Solve: a 4096x4096 and a 4096->11008 layer (weight [11008, 4096]), 4-bit, group 128, symmetric, Hessian
 from random correlated inputs. Ours is ``gptq_quantize`` end to end, including its exact proxy loss
@@ -19,8 +20,10 @@ CPUs that have it), auto with a dense cache, and each path forced. The variants 
 round-robin, call by call, and the 10th percentile is reported: the host is shared with other jobs, and
 interleaving plus a low percentile keeps their load from landing on one variant only.
 
-With a GPU the run ends with the kernel rows of bench/ops_kernels.py (fused Triton matmul vs torch int4 vs
-dense bf16 on 7B shapes, GPTQ sweep fused vs torch loop, Hessian bf16 vs fp32 rows).
+Then the dispatch rows of bench/ops_dispatch.py (the batch ranges measured on this host next to the table's,
+and "auto" with measuring on and off vs dense bf16). With a GPU the run ends with the kernel rows of
+bench/ops_kernels.py (fused Triton matmul vs torch int4 vs dense bf16 on 7B shapes, GPTQ sweep fused vs
+torch loop, Hessian bf16 vs fp32 rows).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import torch
 from torch import nn
 
 from bench._common import correlated_hessian
-from bench.harness import Stopwatch, device_tag, loadavg, repeat, round_robin, write_results
+from bench.harness import Stopwatch, cpu_info, device_tag, loadavg, repeat, round_robin, write_results
+from bench.ops_dispatch import run_dispatch
 from bench.reference_gptq import fasterquant, proxy_loss
 from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
 from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, LayerShape
@@ -213,10 +217,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", action="store_true", help="only the kernel rows (bench/ops_kernels.py)")
     parser.add_argument("--small", action="store_true", help="kernel rows on tiny shapes (a dry run)")
+    parser.add_argument("--dispatch", action="store_true", help="only the measured-dispatch rows (CPU)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.kernels:
         run_kernels(args.small)
+        return
+    if args.dispatch:
+        run_dispatch()
         return
     wall = Stopwatch.started()
     load_before = loadavg()
@@ -227,6 +235,7 @@ def main() -> None:
     table = render(solves, matmuls) + "\n\n" + render_bits(other_bits)
     logger.info("%s", table)
     meta = {
+        "cpu": cpu_info(),  # which CPU the rows were measured on (model, kernel flags, cores)
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),  # 2 cores: anything well above 2 means other jobs shared the run
         "cpu_int4_max_batch": MAX_BATCH["cpu"]["int4"],
@@ -237,8 +246,10 @@ def main() -> None:
         "wall_s": round(wall.seconds, 1),
     }
     payload = {"meta": meta, "solve": solves, "matmul": matmuls, "other_bits": other_bits}
-    path = write_results("ops", payload, f"# ops benchmark ({device_tag()})\n\n{table}\n\n`{json.dumps(meta)}`\n")
+    path = write_results("ops", payload, f"# ops benchmark ({device_tag()}; CPU: {meta['cpu']['model']}, "
+                         f"flags {' '.join(meta['cpu']['flags'])})\n\n{table}\n\n`{json.dumps(meta)}`\n")
     logger.info("wrote %s (%.0f s)", path, meta["wall_s"])
+    run_dispatch()
     if torch.cuda.is_available():
         run_kernels(small=False)
 

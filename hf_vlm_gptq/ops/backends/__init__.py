@@ -11,7 +11,11 @@ variant of its alternative: the first later backend in the order that has a colu
 the layer (asked in that order, so a backend the row does not name is never prepared for the comparison).
 Without a row, every batch. :data:`MIN_BATCH` rows work the same way from below: a backend that loses
 to an alternative at the smallest batches serves from ``MIN_BATCH[device][name][column]`` rows on (its
-alternative is then looked for among the columns of both rows). The last entry, dequantize + matmul, serves every layer. Forcing a backend
+alternative is then looked for among the columns of both rows). The last entry, dequantize + matmul, serves
+every layer. On CPU the walk is the fallback: a measurement of every backend in the order on this host
+(:mod:`.measure`, at a shape class's first use, cached per CPU) ranks them per batch, and the fastest that
+serves the module is taken, unless ``HF_VLM_GPTQ_DISPATCH=table`` or the measurement does not cover the
+batch. Forcing a backend
 (``kernel="int4"`` etc.) skips the walk and raises ``ValueError`` with the reason where it cannot serve.
 """
 
@@ -26,6 +30,7 @@ from .base import Backend, Layer, LayerShape
 from .dequant import DequantBackend
 from .fused import FusedBackend
 from .int4 import Int4Backend
+from .measure import measured_for
 from .triton import TritonBackend
 
 __all__ = ["BACKENDS", "DISPATCH", "KERNEL_MODES", "MAX_BATCH", "MIN_BATCH", "Backend", "Layer", "LayerShape", "choose"]
@@ -48,6 +53,7 @@ FALLBACK_ORDER = ("dequant",)
 # found: bench/results/kernel_thresholds.md (CPU: measured with bench/ops.py, the "avx2" column with
 # bench/cpu_avx2.py on an AVX2-only CPU; CUDA: estimates to be tuned with bench/cuda_all.sh). The AVX2
 # kernel has no row: it beats dequantize + matmul at every batch and a dense cache from MIN_BATCH on.
+# On CPU these tables are the fallback of the measured dispatch (measure.py).
 MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
     "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0, "avx2": 8}},
     "cuda": {"triton": {"cached": 32, "uncached": 4096}, "int4": {"cached": 4, "uncached": 32}},
@@ -69,6 +75,13 @@ def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:
             raise ValueError(f"kernel={mode!r} is unavailable for this layer / input: {weights}")
         return BACKENDS[mode], weights
     order = [BACKENDS[name] for name in DISPATCH.get(x2.device.type, FALLBACK_ORDER)]
+    measured = measured_for(module, x2, order)
+    ranking = None if measured is None else measured.ranking(x2.shape[0])
+    by_name = {backend.name: backend for backend in order}
+    for backend in (by_name[name] for name in ranking or () if name in by_name):
+        weights = module._prepare(backend, x2)
+        if not isinstance(weights, str):
+            return backend, weights
     limits, floors = MAX_BATCH.get(x2.device.type, {}), MIN_BATCH.get(x2.device.type, {})
     prepared: dict[int, Any] = {}
 
