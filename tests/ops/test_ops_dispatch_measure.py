@@ -217,9 +217,12 @@ def test_real_measurement_of_this_hosts_backends(monkeypatch):
 
 def test_a_class_only_one_backend_serves_is_not_measured(monkeypatch):
     monkeypatch.setattr(M, "_time_round_robin", lambda *a: pytest.fail("measured"))
-    module = _module(dtype=torch.float32)  # float32: dequantize + matmul only
-    assert M.measured_for(module, torch.randn(1, 32), [B.BACKENDS[n] for n in B.DISPATCH["cpu"]]) is None
-    assert _chosen(module, 1) == "dequant"
+    module = _module(dtype=torch.float16)  # float16: only dequantize + matmul serves it on CPU
+    x = torch.randn(1, 32, dtype=torch.float16)
+    order = [B.BACKENDS[n] for n in B.DISPATCH["cpu"]]
+    assert [b.name for b in order if b.unavailable_reason(module, x.dtype, x.device) is None] == ["dequant"]
+    assert M.measured_for(module, x, order) is None
+    assert B.choose(module, x, "auto")[0].name == "dequant"
 
 
 def test_a_backend_this_host_lacks_is_measured_through_a_stand_in(monkeypatch):
