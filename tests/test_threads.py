@@ -13,8 +13,10 @@ from hf_vlm_gptq import VLMGPTQConfig
 
 @pytest.fixture(autouse=True)
 def no_pressure_reading(monkeypatch):
-    """The probes decide unless a test says the kernel reports CPU pressure."""
+    """The probes decide unless a test says the kernel reports CPU pressure; the policy is on (the rest of
+    the suite runs with it off, tests/conftest.py)."""
     monkeypatch.setattr(threads, "cpu_pressure", lambda: None)
+    monkeypatch.setenv("HF_VLM_GPTQ_ADAPTIVE_THREADS", "1")
 
 
 @pytest.fixture
