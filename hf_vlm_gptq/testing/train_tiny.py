@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -297,11 +296,11 @@ def train_tiny(arch: str, out_dir: str | Path, *, recipe: dict | None = None, pr
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress and (step % 50 == 0 or step + 1 == recipe["steps"]):
                 elapsed = time.perf_counter() - start_time
-                print(f"[{arch}] step {step:4d} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                      f"lr {_lr_at(step, recipe):.2e} {elapsed:6.0f} s", file=sys.stderr, flush=True)
+                logger.info("[%s] step %4d loss %.4f lr %.2e %6.0f s", arch, step,
+                            sum(losses[-50:]) / len(losses[-50:]), _lr_at(step, recipe), elapsed)
         train_seconds = time.perf_counter() - start_time
         model.eval()
         result = evaluate(model, eval_batches)
@@ -371,11 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", action="append", help="family name (repeatable; default qwen2_vl, video_llama_3)")
     parser.add_argument("--force", action="store_true", help="retrain even when the cache has this key")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logger.setLevel(logging.INFO)  # the command shows the training progress and the result
     for arch in args.arch or ["qwen2_vl", "video_llama_3"]:
         path = ensure_trained(arch, force=args.force)
         record = json.loads((path / "training.json").read_text())
-        print(f"{path}\n  {_summary(record)}")
+        logger.info("%s\n  %s", path, _summary(record))
 
 
 if __name__ == "__main__":
