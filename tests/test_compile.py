@@ -13,6 +13,7 @@ import hf_vlm_gptq  # noqa: F401  (registers the quantizer)
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.ops import QuantLinear, qbase, rtn_quantize
 from hf_vlm_gptq.ops import cpu_fused as CF
+from hf_vlm_gptq.ops.cpu_kernel import FusedWeights
 from hf_vlm_gptq.ops.packing import unpack_codes
 from hf_vlm_gptq.testing import build_tiny_qwen2vl
 
@@ -107,7 +108,7 @@ def test_the_fused_kernel_op_is_traced_once_for_every_row_count(fresh_dynamo, st
     res = rtn_quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(0)), bits=4, group_size=32)
     layer = QuantLinear.from_result(res, torch.randn(64), torch.bfloat16)
     weights = layer._prepare("fused", torch.empty(1, 128, dtype=torch.bfloat16))
-    assert isinstance(weights, CF.FusedWeights)
+    assert isinstance(weights, FusedWeights)
     fn = torch.compile(lambda x: CF.fused_matmul(x, weights, layer.bias) * 2)
     with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
         for rows in (3, 5, 7, 16, 33):

@@ -18,7 +18,7 @@ import hf_vlm_gptq
 from hf_vlm_gptq import VLMGPTQConfig, get_quantizers
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
 from hf_vlm_gptq.ops import QuantConv, QuantLinear
-from hf_vlm_gptq.ops.cpu_fused import FusedWeights
+from hf_vlm_gptq.ops.cpu_kernel import FusedWeights
 
 VISION = "model.visual.blocks"
 MERGER = "model.visual.merger"

@@ -29,14 +29,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
+from hf_vlm_gptq.ops import QuantLinear, cpu_kernel, rtn_quantize
 from hf_vlm_gptq.ops import cpu_fused as CF
+from hf_vlm_gptq.ops import kernel_cache as KC
 
 pytestmark = pytest.mark.skipif(
-    CF._compiler() is None or sys.platform != "linux", reason="needs Linux and a C compiler"
+    KC.compiler() is None or sys.platform != "linux", reason="needs Linux and a C compiler"
 )
 
-CPU_RUNS_KERNEL = set(CF.REQUIRED_CPU_FLAGS) <= CF._cpu_flags()
+CPU_RUNS_KERNEL = set(CF.REQUIRED_CPU_FLAGS) <= KC.cpu_flags()
 
 # The child: for each damage named on its command line (none: just once), damage the cache entry, then look
 # for the kernel the way the first fused forward does (the cache is checked before each look, even when this
@@ -48,29 +49,30 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
     from hf_vlm_gptq.ops import cpu_fused as CF
+    from hf_vlm_gptq.ops import kernel_cache as KC
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the cache's warnings go to stderr
     CF.CFLAGS = tuple("-O0" if f == "-O3" else f for f in CF.CFLAGS)  # fast builds; still the real source
-    runs = set(CF.REQUIRED_CPU_FLAGS) <= CF._cpu_flags()
+    runs = set(CF.REQUIRED_CPU_FLAGS) <= KC.cpu_flags()
     if not runs:  # this CPU cannot run the kernel: pretend it can, and only build / check / load it
-        CF._cpu_flags = lambda: set(CF.REQUIRED_CPU_FLAGS)
+        KC.cpu_flags = lambda: set(CF.REQUIRED_CPU_FLAGS)
         CF._self_check = lambda fn: None
 
     def damage(kind):
         # a new file in the entry's place (this process has the old one mapped: changing it in place would
         # crash this process, which is not what is tested)
-        (library,) = CF.cache_dir().glob("*.so")
+        (library,) = KC.cache_dir().glob("*.so")
         good, bad = library.read_bytes(), library.with_suffix(".bad")
         if kind == "truncated":  # what a full disk or a killed copy leaves; dlopen of it dies with SIGBUS
             bad.write_bytes(good[: len(good) // 2])
         elif kind == "overwritten":  # same size, other bytes
             bad.write_bytes(good[:4096] + bytes(len(good) - 8192) + good[-4096:])
         elif kind == "another library":  # a valid library, but not the kernel
-            src = CF.cache_dir().parent / "other.c"
+            src = KC.cache_dir().parent / "other.c"
             src.write_text("int some_other_function(void) { return 1; }")
-            subprocess.run([CF._compiler(), "-shared", "-fPIC", "-o", str(bad), str(src)], check=True)
+            subprocess.run([KC.compiler(), "-shared", "-fPIC", "-o", str(bad), str(src)], check=True)
         if kind == "no record":
-            for record in CF.cache_dir().glob("*.json"):
+            for record in KC.cache_dir().glob("*.json"):
                 record.unlink()
         else:
             bad.replace(library)
@@ -80,7 +82,7 @@ CHILD = textwrap.dedent(
             damage(kind)
             CF._state.clear()
         reason = CF.kernel_unavailable_reason()
-        out = {"damage": kind, "reason": reason, "libraries": [p.name for p in CF.cache_dir().glob("*.so")]}
+        out = {"damage": kind, "reason": reason, "libraries": [p.name for p in KC.cache_dir().glob("*.so")]}
         if runs and reason is None:
             layer = QuantLinear.from_result(rtn_quantize(torch.randn(32, 64), bits=4, group_size=32), None,
                                             torch.bfloat16)
@@ -95,7 +97,7 @@ CHILD = textwrap.dedent(
 def run_child(cache: Path, *damages: str, script: str = CHILD) -> tuple[list[dict], str]:
     """Run the child on ``cache``; returns its JSON lines and its log. It must not die."""
     env = {**os.environ, "HF_VLM_GPTQ_CACHE": str(cache)}
-    env.pop(CF.ENV_SWITCH, None)
+    env.pop(KC.ENV_SWITCH, None)
     done = subprocess.run([sys.executable, "-c", script, *damages], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, f"child died with {done.returncode}: {done.stderr[-2000:]}"
@@ -106,8 +108,9 @@ def entry_problem(cache: Path, monkeypatch) -> str | None:
     """The cache entry checked in this process, with the child's flags."""
     monkeypatch.setenv("HF_VLM_GPTQ_CACHE", str(cache))
     monkeypatch.setattr(CF, "CFLAGS", tuple("-O0" if f == "-O3" else f for f in CF.CFLAGS))
-    inputs = CF._build_inputs(CF._compiler())
-    return CF._entry_problem(*CF._entry_paths(inputs["key"]), inputs)
+    src = CF.kernel_source()
+    inputs = KC.build_inputs(KC.compiler(), src)
+    return KC.entry_problem(*KC.entry_paths(inputs["key"], src), inputs, src)
 
 
 def libraries(cache: Path) -> list[Path]:
@@ -165,19 +168,20 @@ def test_a_loaded_library_without_the_symbol_leaves_forwards_working(cache, tmp_
     (library,) = libraries(cache)
     src = tmp_path / "other.c"
     src.write_text(f'int some_other_function(void) {{ return 1; }}\nconst char *name = "{CF.SYMBOL}";\n')
-    subprocess.run([CF._compiler(), "-shared", "-fPIC", "-o", str(library), str(src)], check=True)
+    subprocess.run([KC.compiler(), "-shared", "-fPIC", "-o", str(library), str(src)], check=True)
     other = library.read_bytes()
     record = library.with_suffix(".json")
     entry = json.loads(record.read_text())
-    entry.update(size=len(other), sha256=CF._sha256(other))
+    entry.update(size=len(other), sha256=KC.sha256(other))
     record.write_text(json.dumps(entry))
     child = textwrap.dedent(
         """
         import json, torch
         from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
         from hf_vlm_gptq.ops import cpu_fused as CF
+        from hf_vlm_gptq.ops import kernel_cache as KC
         CF.CFLAGS = tuple("-O0" if f == "-O3" else f for f in CF.CFLAGS)
-        CF._cpu_flags = lambda: set(CF.REQUIRED_CPU_FLAGS)
+        KC.cpu_flags = lambda: set(CF.REQUIRED_CPU_FLAGS)
         layer = QuantLinear.from_result(rtn_quantize(torch.randn(32, 64), bits=4, group_size=32), None,
                                         torch.bfloat16)
         x = torch.randn(5, 64).to(torch.bfloat16)
@@ -209,7 +213,7 @@ def test_a_build_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    library = CF._build(CF._compiler())
+    library = KC.build(KC.compiler(), CF.kernel_source())
     monkeypatch.undo()
     renamed = [name for kind, name in events if kind == "replace"]
     assert len(renamed) == 2  # the library, then its record
@@ -275,5 +279,5 @@ def test_a_kernel_that_agrees_passes_its_self_check_once(monkeypatch):
         ref = layer.forward_reference(x).float()
         assert float((layer(x).float() - ref).norm() / ref.norm()) < 1e-2
     assert CF._state.get("lib") is not None and "reason" not in CF._state
-    probe_calls = sum(len(rows) for *_, rows in CF._PROBES)
+    probe_calls = sum(len(rows) for *_, rows in cpu_kernel.PROBES)
     assert len(runs) == probe_calls + 3  # the probes once, then one call per forward

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
 from hf_vlm_gptq.ops import cpu_avx2 as A
 from hf_vlm_gptq.ops import cpu_fused as CF
+from hf_vlm_gptq.ops import kernel_cache as KC
 from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, MIN_BATCH, choose
+from hf_vlm_gptq.ops.cpu_kernel import FusedWeights
 
 from .helpers import correlated_hessian
 
@@ -139,7 +141,7 @@ def _auto_is_still_correct(m: QuantLinear) -> None:
 
 
 def test_env_switch_disables_it_and_auto_stays_correct(fresh_state, monkeypatch):
-    monkeypatch.setenv(CF.ENV_SWITCH, "0")
+    monkeypatch.setenv(KC.ENV_SWITCH, "0")
     assert "disabled" in A.kernel_unavailable_reason()
     m = _module(32, 64, 32)
     with pytest.raises(ValueError, match="disabled"):
@@ -148,7 +150,7 @@ def test_env_switch_disables_it_and_auto_stays_correct(fresh_state, monkeypatch)
 
 
 def test_a_build_failure_falls_back_with_a_reason(fresh_state, monkeypatch):
-    monkeypatch.setattr(CF, "_cpu_flags", lambda: set(A.KERNEL.required_cpu_flags))
+    monkeypatch.setattr(KC, "cpu_flags", lambda: set(A.KERNEL.required_cpu_flags))
     monkeypatch.setenv("CC", "false")  # exists, always fails
     reason = A.kernel_unavailable_reason()
     assert reason is not None and "could not build" in reason
@@ -157,11 +159,11 @@ def test_a_build_failure_falls_back_with_a_reason(fresh_state, monkeypatch):
 
 
 def test_missing_cpu_features_and_compiler_are_reported(fresh_state, monkeypatch):
-    monkeypatch.setattr(CF, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(KC, "cpu_flags", lambda: {"avx2"})
     assert "fma" in A.kernel_unavailable_reason()
     monkeypatch.setattr(A, "_state", {})
-    monkeypatch.setattr(CF, "_cpu_flags", lambda: set(A.KERNEL.required_cpu_flags))
-    monkeypatch.setattr(CF, "_compiler", lambda: None)
+    monkeypatch.setattr(KC, "cpu_flags", lambda: set(A.KERNEL.required_cpu_flags))
+    monkeypatch.setattr(KC, "compiler", lambda: None)
     assert "compiler" in A.kernel_unavailable_reason()
 
 
@@ -194,7 +196,7 @@ def test_its_op_is_traced_by_torch_compile_once_for_every_row_count(dtype):
 
     m = _module(64, 128, 32, dtype=dtype)
     weights = m._prepare("avx2", torch.empty(1, 128, dtype=dtype))
-    assert isinstance(weights, CF.FusedWeights)
+    assert isinstance(weights, FusedWeights)
     torch._dynamo.reset()
     counters.clear()
     try:

@@ -12,6 +12,8 @@ from torch import nn
 
 from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize
 from hf_vlm_gptq.ops import cpu_fused as CF
+from hf_vlm_gptq.ops import kernel_cache as KC
+from hf_vlm_gptq.ops.cpu_kernel import build_fused
 
 from .helpers import correlated_hessian
 
@@ -159,7 +161,7 @@ def test_forcing_fused_where_unsupported_names_the_reason(bits, out_f, dtype, wh
 
 def test_out_of_range_g_idx_is_refused_before_the_kernel_reads_it():
     with pytest.raises(ValueError, match="g_idx"):
-        CF.build_fused(
+        build_fused(
             torch.zeros(1, 16, dtype=torch.int32),
             torch.zeros(2, 16, dtype=torch.float16),
             torch.zeros(2, 16, dtype=torch.int32),
@@ -177,7 +179,7 @@ def fresh_state(monkeypatch, tmp_path):
 
 
 def test_env_switch_disables_the_kernel_and_auto_stays_correct(fresh_state, monkeypatch):
-    monkeypatch.setenv(CF.ENV_SWITCH, "0")
+    monkeypatch.setenv(KC.ENV_SWITCH, "0")
     assert "disabled" in CF.kernel_unavailable_reason()
     m = _module(32, 64, 32)
     with pytest.raises(ValueError, match="disabled"):
@@ -190,7 +192,7 @@ def test_env_switch_disables_the_kernel_and_auto_stays_correct(fresh_state, monk
 
 @pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo")
 def test_a_failing_compiler_leaves_nothing_behind_and_says_why(fresh_state, monkeypatch, caplog):
-    monkeypatch.setattr(CF, "_cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(KC, "cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))
     monkeypatch.setenv("CC", "false")  # exists, always fails
     reason = CF.kernel_unavailable_reason()
     assert reason is not None and "could not build" in reason
@@ -198,11 +200,11 @@ def test_a_failing_compiler_leaves_nothing_behind_and_says_why(fresh_state, monk
 
 
 def test_missing_cpu_features_and_compiler_are_reported(fresh_state, monkeypatch):
-    monkeypatch.setattr(CF, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(KC, "cpu_flags", lambda: {"avx512f"})
     assert "avx512_bf16" in CF.kernel_unavailable_reason()
     monkeypatch.setattr(CF, "_state", {})
-    monkeypatch.setattr(CF, "_cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))
-    monkeypatch.setattr(CF, "_compiler", lambda: None)
+    monkeypatch.setattr(KC, "cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(KC, "compiler", lambda: None)
     assert "compiler" in CF.kernel_unavailable_reason()
 
 

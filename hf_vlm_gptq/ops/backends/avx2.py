@@ -7,14 +7,13 @@ from typing import Any
 import torch
 
 from .. import cpu_avx2 as A
-from .. import cpu_fused as CF
-from ..packing import unpack_zeros
+from ..cpu_kernel import FusedWeights, fused_weights_of
 from .base import Backend, Layer
 
 
 class Avx2Backend(Backend):
     """Reads ``qweight`` / fp16 ``scales`` / ``g_idx`` as stored (its layout adds only uint8 zero points, the
-    same :class:`~..cpu_fused.FusedWeights` as the AVX512 kernel); bfloat16 and float32 inputs, act-order."""
+    same :class:`~..cpu_kernel.FusedWeights` as the AVX512 kernel); bfloat16 and float32 inputs, act-order."""
 
     name = "avx2"
     variants = ("avx2",)
@@ -32,12 +31,9 @@ class Avx2Backend(Backend):
             return f"out_features={layer.out_features} not a multiple of 8"
         return A.kernel_unavailable_reason()
 
-    def prepare(self, module: Any, x2: torch.Tensor) -> CF.FusedWeights | str:
-        if module.scales.dtype != torch.float16:
-            return f"scales are {module.scales.dtype} (the AVX2 kernel reads float16 scales)"
-        zeros = unpack_zeros(module.qzeros, module.bits, module.out_features)
-        return CF.build_fused(module.qweight, module.scales, zeros, module.g_idx, module.group_size, module.bits)
+    def prepare(self, module: Any, x2: torch.Tensor) -> FusedWeights | str:
+        return fused_weights_of(module, "AVX2 kernel")
 
-    def matmul(self, module: Any, x2: torch.Tensor, weights: CF.FusedWeights,
+    def matmul(self, module: Any, x2: torch.Tensor, weights: FusedWeights,
                bias: torch.Tensor | None) -> torch.Tensor:
         return A.avx2_matmul(x2, weights, bias)

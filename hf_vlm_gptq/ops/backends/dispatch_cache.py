@@ -1,6 +1,6 @@
 """The measured CPU dispatch's data and its cache file: :class:`Measured`, the CPU key and the per-CPU file.
 
-The file is ``<cache_dir>/dispatch/<cpu-key-hash>.json`` (``cpu_fused.cache_dir``: ``$HF_VLM_GPTQ_CACHE``,
+The file is ``<cache_dir>/dispatch/<cpu-key-hash>.json`` (``kernel_cache.cache_dir``: ``$HF_VLM_GPTQ_CACHE``,
 else ``$XDG_CACHE_HOME/hf_vlm_gptq``, else ``~/.cache/hf_vlm_gptq``), one entry per shape class, merged
 under the folder's lock and written as a temporary file renamed over the old one; read back with validation
 (a file of another schema or CPU key, or anything unreadable, is ignored and said at debug level).
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .. import cpu_fused as CF
+from .. import kernel_cache
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def cpu_hash() -> str:
 
 
 def cache_path(key_hash: str) -> Path:
-    return CF.cache_dir() / "dispatch" / f"{key_hash}.json"
+    return kernel_cache.cache_dir() / "dispatch" / f"{key_hash}.json"
 
 
 def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Measured]:
@@ -147,7 +147,7 @@ def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Measured]:
 def write_cache(path: Path, key: dict[str, Any], cls: str, measured: Measured) -> None:
     """Merge one class into the file: under the folder's lock, a temporary file renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with CF._CacheLock(path.parent):
+    with kernel_cache.CacheLock(path.parent):
         classes = {c: m.to_json() for c, m in read_cache(path, key).items()}
         classes[cls] = measured.to_json()
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -157,7 +157,7 @@ def write_cache(path: Path, key: dict[str, Any], cls: str, measured: Measured) -
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            CF._fsync_dir(path.parent)
+            kernel_cache.fsync_dir(path.parent)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

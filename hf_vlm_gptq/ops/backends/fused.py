@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import cpu_fused as CF
-from ..packing import unpack_zeros
+from ..cpu_kernel import FusedWeights, fused_weights_of
 from .base import Backend, Layer
 
 
@@ -34,15 +34,12 @@ class FusedBackend(Backend):
             return f"in_features={layer.in_features} is odd"
         return CF.kernel_unavailable_reason()
 
-    def prepare(self, module: Any, x2: torch.Tensor) -> CF.FusedWeights | str:
-        if module.scales.dtype != torch.float16:
-            return f"scales are {module.scales.dtype} (the fused kernel reads float16 scales)"
-        zeros = unpack_zeros(module.qzeros, module.bits, module.out_features)
-        return CF.build_fused(module.qweight, module.scales, zeros, module.g_idx, module.group_size, module.bits)
+    def prepare(self, module: Any, x2: torch.Tensor) -> FusedWeights | str:
+        return fused_weights_of(module, "fused kernel")
 
-    def matmul(self, module: Any, x2: torch.Tensor, weights: CF.FusedWeights,
+    def matmul(self, module: Any, x2: torch.Tensor, weights: FusedWeights,
                bias: torch.Tensor | None) -> torch.Tensor:
         return CF.fused_matmul(x2, weights, bias)
 
-    def variant(self, module: Any, weights: CF.FusedWeights) -> str:
+    def variant(self, module: Any, weights: FusedWeights) -> str:
         return "fused_small_batch" if weights.small_batch_path else "fused"
