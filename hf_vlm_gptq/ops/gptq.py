@@ -43,12 +43,22 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
+from typing import Any
 
 import torch
 
-from .grid import check_full_range, find_params, num_groups
-from .result import QuantResult, all_finite, check_common, check_hessian, check_weight, compute_dtype
+from .grid import find_params, num_groups
+from .result import (
+    QuantResult,
+    all_finite,
+    check_common,
+    check_gptq_options,
+    check_hessian,
+    check_solver_args,
+    check_weight,
+    compute_dtype,
+    split_results,
+)
 from .rtn import rtn_core
 from .selfcheck import self_check
 
@@ -333,68 +343,6 @@ def _solve(
     return codes, scales, zeros, g_idx, row_losses, used, "gptq", None
 
 
-def _check_options(group_order: object, act_order: object, full_range: object, gptaq_cross: object,
-                   gptaq_alpha: object, columns: int) -> None:
-    if not isinstance(group_order, bool):
-        raise ValueError(f"group_order must be a bool, got group_order={group_order!r}")
-    if group_order and act_order:
-        raise ValueError("act_order and group_order are two column orders; pick one")
-    check_full_range(full_range)
-    if gptaq_cross is not None:
-        if not isinstance(gptaq_cross, torch.Tensor) or tuple(gptaq_cross.shape) != (columns, columns):
-            shape = tuple(gptaq_cross.shape) if isinstance(gptaq_cross, torch.Tensor) else type(gptaq_cross).__name__
-            raise ValueError(f"gptaq_cross must be [{columns}, {columns}] to match the weight, got {shape}")
-        if not gptaq_cross.is_floating_point() or not all_finite(gptaq_cross):
-            raise ValueError("gptaq_cross must be a finite floating-point tensor")
-    if (isinstance(gptaq_alpha, bool) or not isinstance(gptaq_alpha, (int, float))
-            or not math.isfinite(gptaq_alpha) or gptaq_alpha < 0):
-        raise ValueError(f"gptaq_alpha must be a finite number >= 0, got gptaq_alpha={gptaq_alpha!r}")
-
-
-def _check_solver_args(percdamp: object, block_size: object, act_order: object, nsamples: object) -> None:
-    if (
-        isinstance(percdamp, bool)
-        or not isinstance(percdamp, (int, float))
-        or not math.isfinite(percdamp)
-        or percdamp < 0
-    ):
-        raise ValueError(f"percdamp must be a finite number >= 0, got percdamp={percdamp!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
-    if not isinstance(act_order, bool):
-        raise ValueError(f"act_order must be a bool, got act_order={act_order!r}")
-    if nsamples is not None and (isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 0):
-        raise ValueError(f"nsamples must be an int >= 0 or None, got nsamples={nsamples!r}")
-
-
-def _results(
-    weights: list[torch.Tensor], solved: tuple, bits: int, group_size: int, sym: bool, nsamples: int | None
-) -> list[QuantResult]:
-    """Split the stacked solution back into one result per layer."""
-    codes, scales, zeros, g_idx, row_losses, damp, method, fallback = solved
-    results, row = [], 0
-    for weight in weights:
-        rows = slice(row, row + weight.shape[0])
-        row += weight.shape[0]
-        results.append(
-            QuantResult(
-                codes=codes[rows].contiguous(),
-                scales=scales[rows].float().contiguous(),
-                zeros=zeros[rows].to(torch.int32).contiguous(),
-                g_idx=g_idx.clone(),
-                bits=bits,
-                group_size=group_size,
-                sym=sym,
-                loss=float(row_losses[rows].sum()),
-                damp=float(damp),
-                method=method,
-                fallback=fallback,
-                nsamples=int(nsamples or 0),
-            )
-        )
-    return results
-
-
 def gptq_quantize_shared(
     weights: list[torch.Tensor],
     hessian: torch.Tensor,
@@ -418,7 +366,7 @@ def gptq_quantize_shared(
     if not isinstance(weights, (list, tuple)) or not weights:
         raise ValueError(f"weights must be a non-empty list of 2-D tensors, got {type(weights).__name__}")
     check_common(bits, group_size, sym, clip)
-    _check_solver_args(percdamp, block_size, act_order, nsamples)
+    check_solver_args(percdamp, block_size, act_order, nsamples)
     for i, wi in enumerate(weights):
         check_weight(wi, f"weights[{i}]")
         if wi.shape[1] != weights[0].shape[1]:
@@ -426,7 +374,7 @@ def gptq_quantize_shared(
                 f"weights[{i}] has {wi.shape[1]} input columns, weights[0] has {weights[0].shape[1]}"
             )
     check_hessian(hessian, weights[0].shape[1])
-    _check_options(group_order, act_order, full_range, gptaq_cross, gptaq_alpha, weights[0].shape[1])
+    check_gptq_options(group_order, act_order, full_range, gptaq_cross, gptaq_alpha, weights[0].shape[1])
     dtype = compute_dtype(hessian, *weights)
     device = weights[0].device
     stacked = torch.cat([wi.detach().to(device=device, dtype=dtype) for wi in weights], 0)
@@ -446,46 +394,18 @@ def gptq_quantize_shared(
         gptaq_cross=gptaq_cross,
         gptaq_alpha=float(gptaq_alpha),
     )
-    return _results(list(weights), solved, bits, group_size, sym, nsamples)
+    return split_results(list(weights), solved, bits, group_size, sym, nsamples)
 
 
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int = -1,
-    sym: bool = True,
-    act_order: bool = False,
-    percdamp: float = 0.01,
-    block_size: int = 128,
-    clip: bool = False,
-    nsamples: int | None = None,
-    group_order: bool = False,
-    full_range: bool = False,
-    gptaq_cross: torch.Tensor | None = None,
-    gptaq_alpha: float = GPTAQ_ALPHA,
-) -> QuantResult:
-    """GPTQ-quantize ``weight[out, in]`` given the layer Hessian ``[in, in]`` (see the module docstring).
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, **options: Any) -> QuantResult:
+    """GPTQ-quantize ``weight[out, in]`` given the layer Hessian ``[in, in]`` (see the module docstring);
+    ``options`` are those of :func:`gptq_quantize_shared` (``group_size``, ``sym``, ``act_order``,
+    ``percdamp``, ``block_size``, ``clip``, ``nsamples``, ``group_order``, ``full_range``, ``gptaq_cross``,
+    ``gptaq_alpha``), with the same defaults.
 
     ``nsamples``: rows behind the Hessian; 0 means no calibration input (RTN fallback), None means unknown
     (then only an all-zero Hessian counts as no input). Computes in float64 when an input is float64,
     else float32. The caller's tensors are never modified.
     """
     check_weight(weight)
-    return gptq_quantize_shared(
-        [weight],
-        hessian,
-        bits=bits,
-        group_size=group_size,
-        sym=sym,
-        act_order=act_order,
-        percdamp=percdamp,
-        block_size=block_size,
-        clip=clip,
-        nsamples=nsamples,
-        group_order=group_order,
-        full_range=full_range,
-        gptaq_cross=gptaq_cross,
-        gptaq_alpha=gptaq_alpha,
-    )[0]
+    return gptq_quantize_shared([weight], hessian, bits=bits, **options)[0]

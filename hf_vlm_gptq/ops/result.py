@@ -1,4 +1,5 @@
-"""``QuantResult`` (what a solve returns) and the shared argument checks and proxy loss.
+"""``QuantResult`` (what a solve returns), the argument checks of the solvers, the split of a stacked solve
+into per-layer results, and the proxy loss.
 
 Re-exported by ``ops/gptq.py`` (where the contract names it) and ``ops/rtn.py``; it lives here so the two
 solvers can share it without importing each other.
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import check_bits, check_group_size, dequantize
+from .grid import check_bits, check_full_range, check_group_size, dequantize
 
 
 @dataclass
@@ -99,3 +100,67 @@ def proxy_loss(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Ten
     d = weight.to(dtype) - quantized.to(device=weight.device, dtype=dtype)
     h = hessian.to(device=weight.device, dtype=dtype)
     return float(((d @ h) * d).sum())
+
+
+def check_gptq_options(group_order: object, act_order: object, full_range: object, gptaq_cross: object,
+                       gptaq_alpha: object, columns: int) -> None:
+    """GPTQ's column-order, grid and GPTAQ options (``gptq.py``), checked against a weight of ``columns`` inputs."""
+    if not isinstance(group_order, bool):
+        raise ValueError(f"group_order must be a bool, got group_order={group_order!r}")
+    if group_order and act_order:
+        raise ValueError("act_order and group_order are two column orders; pick one")
+    check_full_range(full_range)
+    if gptaq_cross is not None:
+        if not isinstance(gptaq_cross, torch.Tensor) or tuple(gptaq_cross.shape) != (columns, columns):
+            shape = tuple(gptaq_cross.shape) if isinstance(gptaq_cross, torch.Tensor) else type(gptaq_cross).__name__
+            raise ValueError(f"gptaq_cross must be [{columns}, {columns}] to match the weight, got {shape}")
+        if not gptaq_cross.is_floating_point() or not all_finite(gptaq_cross):
+            raise ValueError("gptaq_cross must be a finite floating-point tensor")
+    if (isinstance(gptaq_alpha, bool) or not isinstance(gptaq_alpha, (int, float))
+            or not math.isfinite(gptaq_alpha) or gptaq_alpha < 0):
+        raise ValueError(f"gptaq_alpha must be a finite number >= 0, got gptaq_alpha={gptaq_alpha!r}")
+
+
+def check_solver_args(percdamp: object, block_size: object, act_order: object, nsamples: object) -> None:
+    """GPTQ's damping, block size, act-order and sample-count arguments."""
+    if (
+        isinstance(percdamp, bool)
+        or not isinstance(percdamp, (int, float))
+        or not math.isfinite(percdamp)
+        or percdamp < 0
+    ):
+        raise ValueError(f"percdamp must be a finite number >= 0, got percdamp={percdamp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got block_size={block_size!r}")
+    if not isinstance(act_order, bool):
+        raise ValueError(f"act_order must be a bool, got act_order={act_order!r}")
+    if nsamples is not None and (isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 0):
+        raise ValueError(f"nsamples must be an int >= 0 or None, got nsamples={nsamples!r}")
+
+
+def split_results(
+    weights: list[torch.Tensor], solved: tuple, bits: int, group_size: int, sym: bool, nsamples: int | None
+) -> list[QuantResult]:
+    """Split the stacked solution back into one result per layer."""
+    codes, scales, zeros, g_idx, row_losses, damp, method, fallback = solved
+    results, row = [], 0
+    for weight in weights:
+        rows = slice(row, row + weight.shape[0])
+        row += weight.shape[0]
+        results.append(
+            QuantResult(
+                codes=codes[rows].contiguous(),
+                scales=scales[rows].float().contiguous(),
+                zeros=zeros[rows].to(torch.int32).contiguous(),
+                g_idx=g_idx.clone(),
+                bits=bits,
+                group_size=group_size,
+                sym=sym,
+                loss=float(row_losses[rows].sum()),
+                damp=float(damp),
+                method=method,
+                fallback=fallback,
+                nsamples=int(nsamples or 0),
+            )
+        )
+    return results
