@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--only-bits", default=None, help="comma-separated subset of 'W4 g128,W3 g128,W2 g64'")
     parser.add_argument("--parts", default="vision,llm,all")
     parser.add_argument("--train", action="store_true", help="train a family whose trained model is not cached")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="the fixture trained this many steps (default the recipe's; fewer: a harder fixture)")
     parser.add_argument("--llmc-python", default=None, help="python of a virtualenv with llmcompressor")
     parser.add_argument("--llmc-timeout", type=int, default=1800)
     parser.add_argument("--threads", type=int, default=1)
@@ -208,13 +210,13 @@ def main() -> None:
     changed = {k: v for k, v in new_defaults.items() if PLAIN[k] != v}
     report["defaults_changed"] = changed
     for arch in args.archs.split(","):
-        if train_tiny.trained_model_path(arch) is None and not args.train:
-            report["archs"][arch] = {"skipped": f"no trained model cached at {train_tiny.trained_dir(arch)} "
+        if train_tiny.trained_model_path(arch, args.train_steps) is None and not args.train:
+            report["archs"][arch] = {"skipped": f"no trained model cached at {train_tiny.trained_dir(arch, args.train_steps)} "
                                                 f"(python -m hf_vlm_gptq.testing.train_tiny --arch {arch}, or --train)"}
             print(f"{arch}: skipped (no trained model)")
             continue
-        path = train_tiny.ensure_trained(arch)
-        float_model, processor, _ = train_tiny.load_trained(arch)
+        path = train_tiny.ensure_trained(arch, steps=args.train_steps)
+        float_model, processor, _ = train_tiny.load_trained(arch, steps=args.train_steps)
         training = json.loads((path / "training.json").read_text())
         items = task_samples(args.eval, "eval", training["recipe"]["seed"])
         eval_batches = train_tiny.make_batches(processor, items)

@@ -87,22 +87,27 @@ def _source_files(arch: str) -> list[Path]:
             Path(inspect.getsourcefile(builder)).resolve()]
 
 
-def cache_key(arch: str) -> str:
-    """Hash of the sources that decide what training produces (this file, tasks, tokenizer, the builder)."""
+def cache_key(arch: str, steps: int | None = None) -> str:
+    """Hash of the sources that decide what training produces (this file, tasks, tokenizer, the builder), and
+    of ``steps`` when it overrides the recipe's (a shorter-trained fixture: less margin, so quantization
+    changes more answers)."""
     digest = hashlib.sha256(arch.encode())
+    if steps is not None and steps != RECIPE["steps"]:
+        digest.update(f"steps={steps}".encode())
     for path in _source_files(arch):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def trained_dir(arch: str) -> Path:
-    return cache_root() / f"{arch}-{cache_key(arch)}"
+def trained_dir(arch: str, steps: int | None = None) -> Path:
+    return cache_root() / f"{arch}-{cache_key(arch, steps)}"
 
 
-def trained_model_path(arch: str) -> Path | None:
-    """The cached trained model of ``arch``, or None when it has not been trained with the current sources."""
-    path = trained_dir(arch)
+def trained_model_path(arch: str, steps: int | None = None) -> Path | None:
+    """The cached trained model of ``arch`` (trained ``steps`` steps, default the recipe's), or None when it
+    has not been trained with the current sources."""
+    path = trained_dir(arch, steps)
     return path if (path / "training.json").is_file() else None
 
 
@@ -306,7 +311,7 @@ def train_tiny(arch: str, out_dir: str | Path, *, recipe: dict | None = None, pr
         result = evaluate(model, eval_batches)
     model.save_pretrained(out_dir)
     record = {
-        "arch": arch, "key": cache_key(arch), "recipe": recipe, "sizes": sizes,
+        "arch": arch, "key": cache_key(arch, recipe["steps"]), "recipe": recipe, "sizes": sizes,
         "params": sum(p.numel() for p in model.parameters()),
         "seconds": round(train_seconds, 1), "torch": torch.__version__,
         "loss_curve": [round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4)
@@ -319,25 +324,26 @@ def train_tiny(arch: str, out_dir: str | Path, *, recipe: dict | None = None, pr
     return record
 
 
-def ensure_trained(arch: str, *, force: bool = False, progress: bool = True) -> Path:
-    """The cached trained model of ``arch``, training it first when the cache has none for these sources.
+def ensure_trained(arch: str, *, force: bool = False, progress: bool = True, steps: int | None = None) -> Path:
+    """The cached trained model of ``arch`` (``steps``: see :func:`cache_key`), training it first when the cache
+    has none for these sources.
 
     Training goes to a temporary sibling folder that is renamed into place when complete (atomic on one
     file system); a concurrent trainer that finishes first wins and the other copy is dropped.
     """
-    final = trained_dir(arch)
-    if not force and trained_model_path(arch) is not None:
+    final = trained_dir(arch, steps)
+    if not force and trained_model_path(arch, steps) is not None:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        train_tiny(arch, tmp, progress=progress)
+        train_tiny(arch, tmp, progress=progress, recipe=None if steps is None else {"steps": steps})
         if force and final.exists():
             shutil.rmtree(final)
         try:
             os.rename(tmp, final)
         except OSError:
-            if trained_model_path(arch) is None:
+            if trained_model_path(arch, steps) is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # someone else finished first
     except BaseException:
@@ -346,11 +352,11 @@ def ensure_trained(arch: str, *, force: bool = False, progress: bool = True) -> 
     return final
 
 
-def load_trained(arch: str, dtype: torch.dtype = torch.float32):
+def load_trained(arch: str, dtype: torch.dtype = torch.float32, steps: int | None = None):
     """``(model, processor, path)`` of the cached trained model, or None when the cache is cold."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = trained_model_path(arch)
+    path = trained_model_path(arch, steps)
     if path is None:
         return None
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).eval()
@@ -369,11 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", action="append", help="family name (repeatable; default qwen2_vl, video_llama_3)")
     parser.add_argument("--force", action="store_true", help="retrain even when the cache has this key")
+    parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logger.setLevel(logging.INFO)  # the command shows the training progress and the result
     for arch in args.arch or ["qwen2_vl", "video_llama_3"]:
-        path = ensure_trained(arch, force=args.force)
+        path = ensure_trained(arch, force=args.force, steps=args.steps)
         record = json.loads((path / "training.json").read_text())
         logger.info("%s\n  %s", path, _summary(record))
 
