@@ -104,10 +104,10 @@ def read_tensor(src: Path, files: dict[str, str], key: str) -> torch.Tensor:
 
 
 def read_source(src: Path, command: str) -> tuple[dict[str, Any], ArchSpec]:
-    """SRC's config.json (a checkpoint this package saved: checked) and its family."""
+    """SRC's config.json (inside SRC, a checkpoint this package saved: checked) and its family."""
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json: not a saved checkpoint.")
-    config = json.loads((src / "config.json").read_text())
+    config = json.loads(inside(src, "config.json", "the config", command).read_text())
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(

@@ -61,6 +61,17 @@ def test_a_missing_bias_or_float_part_fails_naming_the_tensor(packed_copy, key):
         load(packed_copy)
 
 
+@pytest.mark.parametrize("key", ["model.layers.0.self_attn.q_proj.bias", "visual.blocks.0.mlp.fc2.L1.weight",
+                                 "model.layers.1.mlp.up_proj.scales"], ids=["bias", "split-L1", "scales"])
+def test_the_check_after_loading_names_a_tensor_that_was_never_read(packed_copy, monkeypatch, key):
+    """The second net (all there is for a checkpoint whose headers cannot be read first): with the header
+    check switched off, the tensor transformers left uninitialised is still named after loading."""
+    monkeypatch.setattr("hf_vlm_gptq.quantizer.check_checkpoint_files", lambda *args, **kwargs: None)
+    edit_tensors(packed_copy, lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=rf"missing the tensor '.*{key.partition('.')[2].replace('.', '[.]')}'"):
+        load(packed_copy)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
 def test_scales_not_stored_as_float16_fail(packed_copy, dtype):
     key = "model.layers.1.mlp.up_proj.scales"
