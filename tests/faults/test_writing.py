@@ -130,8 +130,11 @@ def test_a_symlink_pointing_outside_src_is_refused(packed_copy, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_a_hugging_face_cache_snapshot_exports(packed_qwen2vl_dir, tmp_path):
-    repo = tmp_path / "models--tiny--qwen2vl"
+@pytest.mark.parametrize("repo_name", ["models--tiny--qwen2vl", "my-work"], ids=["hf-cache", "not-a-cache"])
+def test_a_hugging_face_cache_snapshot_exports(packed_qwen2vl_dir, tmp_path, capsys, repo_name):
+    """Links into a snapshot's own blobs are fine in the Hub cache's layout only, not in any folder that
+    happens to be called `snapshots`."""
+    repo = tmp_path / repo_name
     snapshot = repo / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir()
@@ -139,8 +142,12 @@ def test_a_hugging_face_cache_snapshot_exports(packed_qwen2vl_dir, tmp_path):
         blob = repo / "blobs" / hashlib.sha1(item.name.encode()).hexdigest()
         shutil.copy(item, blob)
         (snapshot / item.name).symlink_to(os.path.relpath(blob, snapshot))
-    assert export(snapshot, tmp_path / "out") == 0
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    if repo_name.startswith("models--"):
+        assert export(snapshot, tmp_path / "out") == 0
+        assert (tmp_path / "out" / "model.safetensors").is_file()
+    else:
+        assert export(snapshot, tmp_path / "out") == 2
+        assert "outside" in one_error_line(capsys) and not (tmp_path / "out").exists()
 
 
 # --- 6. --overwrite replaces only our previous output ---------------------------------------------------
