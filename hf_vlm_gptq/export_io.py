@@ -65,7 +65,9 @@ def inside(src: Path, name: str, what: str, command: str = "the export") -> Path
         raise ValueError(f"{what} names {name!r}, which is not a file inside {src}; {command} reads only SRC's "
                          "own files (the index or the folder was edited).")
     root = src.resolve()
-    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    repo = root.parent.parent  # a cache snapshot: <cache>/models--<org>--<name>/snapshots/<commit>
+    hf_snapshot = root.parent.name == "snapshots" and repo.name.partition("--")[0] in ("models", "datasets")
+    roots = [root] + ([repo / "blobs"] if hf_snapshot else [])
     target = (src / rel).resolve()
     if not any(target == r or r in target.parents for r in roots):
         raise ValueError(f"{what} {name!r} is a symbolic link to {target}, outside {src}; {command} reads only "
@@ -104,10 +106,10 @@ def read_tensor(src: Path, files: dict[str, str], key: str) -> torch.Tensor:
 
 
 def read_source(src: Path, command: str) -> tuple[dict[str, Any], ArchSpec]:
-    """SRC's config.json (a checkpoint this package saved: checked) and its family."""
+    """SRC's config.json (inside SRC, a checkpoint this package saved: checked) and its family."""
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json: not a saved checkpoint.")
-    config = json.loads((src / "config.json").read_text())
+    config = json.loads(inside(src, "config.json", "the config", command).read_text())
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise ValueError(

@@ -123,24 +123,43 @@ def _checkpoint_dtype(dtype: torch.dtype | None) -> tuple[str, ...]:
     return {torch.int32: ("I32",), torch.float16: ("F16",)}[dtype]
 
 
+_SAFETENSORS_DTYPES = {torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+                       torch.float64: "F64"}
+
+
+def _tensor_headers(files: list[str]) -> dict[str, tuple[list[int], str]]:
+    """key -> (shape, safetensors dtype name) of every tensor in the checkpoint files, without reading data
+    (safetensors: its header; a pickle `.bin`: memory-mapped, only the tensors' metadata looked at)."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[list[int], str]] = {}
+    for file in files:
+        if str(file).endswith(".safetensors"):
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    sl = handle.get_slice(key)
+                    found[key] = (list(sl.get_shape()), sl.get_dtype())
+            continue
+        try:
+            state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # a legacy (pre-zip) pickle cannot be memory-mapped: read it whole
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        for key, tensor in state.items():
+            if isinstance(tensor, torch.Tensor):
+                found[key] = (list(tensor.shape), _SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)))
+    return found
+
+
 def check_checkpoint_files(records: dict[str, ModuleRecord], checkpoint_files: list[str] | None,
                            checkpoint_names) -> None:
     """Before loading: the files hold every tensor each record implies (packed buffers, bias, split L1) with
     the right shape and dtype, and no packed tensors of a module the records do not list.
 
     `checkpoint_names(name)` gives the keys a tensor may be saved under (transformers' legacy layouts).
-    Only safetensors headers are read, so this costs milliseconds and fails before any weight is loaded.
+    Only headers are read (safetensors headers; a pickle file memory-mapped, no tensor data touched), so
+    this costs milliseconds and fails before any weight is loaded.
     """
-    from safetensors import safe_open
-
-    found: dict[str, tuple[list[int], str]] = {}
-    for file in checkpoint_files or []:
-        if not str(file).endswith(".safetensors"):
-            return  # pickle checkpoints: left to the post-load verification
-        with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
-                sl = handle.get_slice(key)
-                found[key] = (list(sl.get_shape()), sl.get_dtype())
+    found = _tensor_headers(checkpoint_files or [])
     claimed: set[str] = set()
     for path, record in records.items():
         for name, (shape, dtype) in record.tensors(path).items():

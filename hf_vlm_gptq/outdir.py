@@ -10,7 +10,8 @@ removes it. So OUT appears complete or not at all, and:
 * an existing OUT is replaced only with `overwrite` and only when it is a previous output of this package
   (it holds `MARKER`, or a `config.json` with `quant_method: "vlm_gptq"`); anything else is left alone;
 * temporary folders of the same OUT left by a killed run (their process is gone) are removed;
-* the folder gets the usual permissions (0777 minus the umask: 0755), not mkdtemp's 0700;
+* the folder gets the usual permissions (0777 minus the umask: 0755), not mkdtemp's 0700, and its files
+  0666 minus the umask (0644; safetensors writes its files 0600);
 * an OS error while writing (full disk, read-only disk, no permission) becomes one `OutputError` line
   naming OUT, and nothing is left behind.
 """
@@ -22,6 +23,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +91,15 @@ def _stale_temporaries(out: Path) -> list[Path]:
         if pid.isdigit() and item.is_dir() and not item.is_symlink() and not _alive(int(pid)):
             stale.append(item)
     return stale
+
+
+def _normal_file_modes(folder: Path) -> None:
+    """Give every file under `folder` the mode a plain write gets (0666 minus the umask, read from the
+    folder's own mode, made with 0777 minus the umask); safetensors and copies of SRC's files may differ."""
+    mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
+    for item in folder.rglob("*"):
+        if item.is_file() and not item.is_symlink() and stat.S_IMODE(item.stat().st_mode) != mode:
+            item.chmod(mode)
 
 
 class OutputDir:
@@ -159,6 +170,7 @@ class OutputDir:
         with self.writing():
             (self.tmp / MARKER).write_text(json.dumps(
                 {"written_by": "hf_vlm_gptq", "version": __version__, "command": self.command}) + "\n")
+            _normal_file_modes(self.tmp)
             old = None
             if self.out.exists():  # a previous output of ours (checked): moved aside, deleted once OUT is in place
                 old = self._new_sibling()

@@ -2,8 +2,9 @@
 points 1-4). Every case fails with an error naming the tensor, the module or the field; none ever runs a
 layer on random or uninitialised weights.
 
-1. Every tensor a module record implies is checked before (safetensors headers) and after loading: the
-   packed buffers, the bias, a split layer's `L1.weight`; `scales` must be float16, the rest int32.
+1. Every tensor a module record implies is checked before (safetensors headers; a `pytorch_model.bin`
+   memory-mapped) and after loading: the packed buffers, the bias, a split layer's `L1.weight`; `scales`
+   must be float16, the rest int32.
 2. Packed tensors of a module that `quantization_config.modules` does not list are an error naming it.
 3. Without `import hf_vlm_gptq` (or with `quant_method` edited) plain transformers refuses the checkpoint:
    it holds a guard tensor whose shape can never match the float layer's weight.
@@ -61,6 +62,17 @@ def test_a_missing_bias_or_float_part_fails_naming_the_tensor(packed_copy, key):
         load(packed_copy)
 
 
+@pytest.mark.parametrize("key", ["model.layers.0.self_attn.q_proj.bias", "visual.blocks.0.mlp.fc2.L1.weight",
+                                 "model.layers.1.mlp.up_proj.scales"], ids=["bias", "split-L1", "scales"])
+def test_the_check_after_loading_names_a_tensor_that_was_never_read(packed_copy, monkeypatch, key):
+    """The second net (all there is for a checkpoint whose headers cannot be read first): with the header
+    check switched off, the tensor transformers left uninitialised is still named after loading."""
+    monkeypatch.setattr("hf_vlm_gptq.quantizer.check_checkpoint_files", lambda *args, **kwargs: None)
+    edit_tensors(packed_copy, lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=rf"missing the tensor '.*{key.partition('.')[2].replace('.', '[.]')}'"):
+        load(packed_copy)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float32])
 def test_scales_not_stored_as_float16_fail(packed_copy, dtype):
     key = "model.layers.1.mlp.up_proj.scales"
@@ -80,6 +92,33 @@ def test_packed_tensors_of_a_module_missing_from_the_config_fail_naming_it(packe
     edit_config(packed_copy, drop)  # the weights still hold its qweight/qzeros/scales/g_idx
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj.*does not list"):
         load(packed_copy)
+
+
+@pytest.mark.parametrize("case", ["unlisted-module", "int32-scales", "missing-bias"])
+def test_a_pickle_checkpoint_gets_the_same_checks(packed_copy, case):
+    """A `pytorch_model.bin` (transformers still loads them) is checked like safetensors before loading."""
+    tensors = load_file(packed_copy / "model.safetensors")
+    (packed_copy / "model.safetensors").unlink()
+    if case == "unlisted-module":
+        path = "model.language_model.layers.1.mlp.down_proj"
+        edit_config(packed_copy, lambda qc: (qc["modules"].pop(path), qc["stats"].pop(path, None)))
+        says = r"layers\.1\.mlp\.down_proj.*does not list"
+    elif case == "int32-scales":
+        key = "model.layers.1.mlp.up_proj.scales"
+        tensors[key] = tensors[key].to(torch.int32)
+        says = r"up_proj\.scales.* stored as I32, expected float16"
+    else:
+        tensors.pop("model.layers.0.self_attn.q_proj.bias")
+        says = r"missing the tensor 'model\.language_model\.layers\.0\.self_attn\.q_proj\.bias'"
+    torch.save(tensors, packed_copy / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=says):
+        load(packed_copy)
+
+
+def test_a_good_pickle_checkpoint_loads_packed(packed_copy):
+    torch.save(load_file(packed_copy / "model.safetensors"), packed_copy / "pytorch_model.bin")
+    (packed_copy / "model.safetensors").unlink()
+    assert isinstance(load(packed_copy).get_submodule(LLM_Q), QuantLinear)
 
 
 # --- 3. no plugin, or quant_method edited ---------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""What `hf-vlm-gptq quantize` and `export-vllm` promise about the files they read and write (issue 10,
-points 5-9). Both write through `hf_vlm_gptq.outdir.OutputDir`.
+"""What `hf-vlm-gptq quantize`, `export-vllm` and `export --format compressed-tensors` promise about the files
+they read and write (issue 10, points 5-9). All write through `hf_vlm_gptq.outdir.OutputDir`; both exports
+read SRC through `hf_vlm_gptq.export_io`, so the export cases run for both formats.
 
-5. `export-vllm` reads only files inside SRC: index entries with an absolute path or `..`, and symlinks
-   pointing outside SRC, are refused (a Hugging Face cache snapshot's links into its own blobs are fine).
+5. An export reads only files inside SRC: index entries with an absolute path or `..`, and symlinks
+   pointing outside SRC (`config.json` included), are refused (a Hugging Face cache snapshot's links into
+   its own blobs are fine).
 6. `--overwrite` replaces only a previous output of this package (marker file or vlm_gptq config): never
    SRC / MODEL, a folder holding it, or a folder the tool did not write.
 7. OUT is checked before any quantization: a file, MODEL itself, a parent that takes no writes.
 8. Temporary folders are `.OUT.hf_vlm_gptq-tmp-<pid>-<hex>`; those of a killed run are removed by the next
-   run for the same OUT; OUT gets the usual permissions (0777 minus the umask), not 0700.
+   run for the same OUT; OUT gets the usual permissions (0777 minus the umask), not 0700, and so do its
+   files (0666 minus the umask; safetensors writes 0600).
 9. A full or read-only disk gives one `error:` line (exit 2), and neither OUT nor a temporary folder stays.
 """
 
@@ -33,8 +36,21 @@ FAST = ["--num-samples", "2", "--w-groupsize", "32", "--dtype", "float32", "--vi
 TMP_NAME = re.compile(r"^\.out\.hf_vlm_gptq-tmp-\d+-[0-9a-f]+$")
 
 
-def export(src, out, *extra):
-    return main(["export-vllm", str(src), str(out), "--dense-unsupported", *extra])
+FORMATS = pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+"""The export cases run for both exports (they share SRC reading and OutputDir)."""
+
+
+def export(src, out, *extra, fmt="gptq"):
+    if fmt == "gptq":
+        return main(["export-vllm", str(src), str(out), "--dense-unsupported", *extra])
+    return main(["export", "--format", fmt, str(src), str(out), *extra])
+
+
+def assert_normal_modes(out) -> None:
+    """OUT (under umask 022) is 0755 and every file in it 0644."""
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.rglob("*") if p.is_file()}
+    assert modes and set(modes.values()) == {"0o644"}, modes
 
 
 def one_error_line(capsys) -> str:
@@ -78,8 +94,9 @@ def fail_mkdir_in(monkeypatch, parent, code):
 
 
 # --- 5. export reads only SRC -----------------------------------------------------------------------
+@FORMATS
 @pytest.mark.parametrize("where", ["absolute", "dotdot"])
-def test_an_index_entry_outside_src_is_refused_and_never_rewritten(packed_copy, tmp_path, capsys, where):
+def test_an_index_entry_outside_src_is_refused_and_never_rewritten(packed_copy, tmp_path, capsys, where, fmt):
     victim = tmp_path / "victim.safetensors"
     shutil.copy(packed_copy / "model.safetensors", victim)
     from safetensors import safe_open
@@ -90,13 +107,14 @@ def test_an_index_entry_outside_src_is_refused_and_never_rewritten(packed_copy, 
     weight_map = {k: name if ".layers.1.mlp.up_proj." in k else "model.safetensors" for k in keys}
     (packed_copy / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     before = sha(victim)
-    assert export(packed_copy, tmp_path / "out") == 2
+    assert export(packed_copy, tmp_path / "out", fmt=fmt) == 2
     assert "victim.safetensors" in one_error_line(capsys)
     assert sha(victim) == before and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("what", ["processor-file", "weights"])
-def test_a_symlink_pointing_outside_src_is_refused(packed_copy, tmp_path, capsys, what):
+@FORMATS
+@pytest.mark.parametrize("what", ["processor-file", "weights", "config"])
+def test_a_symlink_pointing_outside_src_is_refused(packed_copy, tmp_path, capsys, what, fmt):
     outside = tmp_path / "outside"
     outside.mkdir()
     if what == "processor-file":
@@ -104,16 +122,19 @@ def test_a_symlink_pointing_outside_src_is_refused(packed_copy, tmp_path, capsys
         (packed_copy / "notes.txt").symlink_to(outside / "secret.txt")
         name = "notes.txt"
     else:
-        shutil.move(packed_copy / "model.safetensors", outside / "model.safetensors")
-        (packed_copy / "model.safetensors").symlink_to(outside / "model.safetensors")
-        name = "model.safetensors"
-    assert export(packed_copy, tmp_path / "out") == 2
+        name = "model.safetensors" if what == "weights" else "config.json"
+        shutil.move(packed_copy / name, outside / name)
+        (packed_copy / name).symlink_to(outside / name)
+    assert export(packed_copy, tmp_path / "out", fmt=fmt) == 2
     assert name in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_hugging_face_cache_snapshot_exports(packed_qwen2vl_dir, tmp_path):
-    repo = tmp_path / "models--tiny--qwen2vl"
+@pytest.mark.parametrize("repo_name", ["models--tiny--qwen2vl", "my-work"], ids=["hf-cache", "not-a-cache"])
+def test_a_hugging_face_cache_snapshot_exports(packed_qwen2vl_dir, tmp_path, capsys, repo_name):
+    """Links into a snapshot's own blobs are fine in the Hub cache's layout only, not in any folder that
+    happens to be called `snapshots`."""
+    repo = tmp_path / repo_name
     snapshot = repo / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir()
@@ -121,38 +142,50 @@ def test_a_hugging_face_cache_snapshot_exports(packed_qwen2vl_dir, tmp_path):
         blob = repo / "blobs" / hashlib.sha1(item.name.encode()).hexdigest()
         shutil.copy(item, blob)
         (snapshot / item.name).symlink_to(os.path.relpath(blob, snapshot))
-    assert export(snapshot, tmp_path / "out") == 0
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    if repo_name.startswith("models--"):
+        assert export(snapshot, tmp_path / "out") == 0
+        assert (tmp_path / "out" / "model.safetensors").is_file()
+    else:
+        assert export(snapshot, tmp_path / "out") == 2
+        assert "outside" in one_error_line(capsys) and not (tmp_path / "out").exists()
 
 
 # --- 6. --overwrite replaces only our previous output ---------------------------------------------------
-def test_export_overwrite_never_deletes_the_folder_holding_src(packed_qwen2vl_dir, tmp_path, capsys):
+@FORMATS
+@pytest.mark.parametrize("out_is", ["the folder holding SRC", "SRC"])
+def test_export_overwrite_never_deletes_src_or_the_folder_holding_it(packed_qwen2vl_dir, tmp_path, capsys, fmt,
+                                                                      out_is):
     work = tmp_path / "work"
-    src = shutil.copytree(packed_qwen2vl_dir, work / "ckpt")
-    assert export(src, work, "--overwrite") == 2
-    assert "contains the input" in one_error_line(capsys)
-    assert (src / "model.safetensors").is_file()
+    src = shutil.copytree(packed_qwen2vl_dir, work / "ckpt")  # SRC is an output of ours: only the check stops it
+    before = {p.name: sha(p) for p in src.iterdir()}
+    out = work if out_is == "the folder holding SRC" else src
+    assert export(src, out, "--overwrite", fmt=fmt) == 2
+    assert ("contains the input" if out == work else "is the input") in one_error_line(capsys)
+    assert {p.name: sha(p) for p in src.iterdir()} == before
+    assert sorted(p.name for p in work.iterdir()) == ["ckpt"]
 
 
-@pytest.mark.parametrize("command", ["export-vllm", "quantize"])
+@pytest.mark.parametrize("command", ["export-vllm", "export-compressed-tensors", "quantize"])
 def test_overwrite_never_deletes_a_folder_the_tool_did_not_write(packed_copy, model_copy, tmp_path, capsys,
                                                                  no_quantization, command):
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
-    if command == "export-vllm":
-        assert export(packed_copy, foreign, "--overwrite") == 2
+    if command.startswith("export"):
+        fmt = "gptq" if command == "export-vllm" else "compressed-tensors"
+        assert export(packed_copy, foreign, "--overwrite", fmt=fmt) == 2
     else:
         assert main(["quantize", str(model_copy), str(foreign), "--overwrite", *FAST]) == 2
     assert "was not written by hf_vlm_gptq" in one_error_line(capsys)
     assert (foreign / "cat.jpg").read_bytes() == b"\xff\xd8 a cat"
 
 
-def test_export_overwrite_replaces_a_previous_export(packed_copy, tmp_path):
+@FORMATS
+def test_export_overwrite_replaces_a_previous_export(packed_copy, tmp_path, fmt):
     out = tmp_path / "out"
-    assert export(packed_copy, out) == 0
+    assert export(packed_copy, out, fmt=fmt) == 0
     (out / "stale.txt").write_text("from the first export")
-    assert export(packed_copy, out, "--overwrite") == 0
+    assert export(packed_copy, out, "--overwrite", fmt=fmt) == 0
     assert (out / MARKER).is_file() and not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
@@ -220,7 +253,27 @@ def test_a_killed_export_leaves_a_named_folder_that_the_next_run_removes(packed_
     finally:
         os.umask(old_umask)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "out", *keep])
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert_normal_modes(out)
+
+
+@pytest.mark.parametrize("writer", ["compressed-tensors", "demo"])
+def test_every_writer_removes_stale_temporaries_and_writes_normal_modes(packed_copy, tmp_path, writer):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.hf_vlm_gptq-tmp-999999999-abcd"  # a killed run's (no such process)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    old_umask = os.umask(0o022)
+    try:
+        if writer == "demo":
+            from hf_vlm_gptq.demo import run_demo
+
+            run_demo(out_dir=out, num_samples=2)
+        else:
+            assert export(packed_copy, out, fmt=writer) == 0
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+    assert_normal_modes(out)
 
 
 # --- 9. full disk, read-only disk -------------------------------------------------------------------
@@ -234,14 +287,15 @@ def _fill_disk(monkeypatch, target):
     monkeypatch.setattr(target, save_file)
 
 
+@FORMATS
 @pytest.mark.parametrize("fault", ["full-disk", "read-only-disk"])
 def test_export_on_a_full_or_read_only_disk_gives_one_error_line(packed_copy, tmp_path, capsys, monkeypatch,
-                                                                 fault):
+                                                                 fault, fmt):
     if fault == "full-disk":
-        _fill_disk(monkeypatch, "hf_vlm_gptq.export_vllm.save_file")
+        _fill_disk(monkeypatch, f"hf_vlm_gptq.{'export_vllm' if fmt == 'gptq' else 'export_ct'}.save_file")
     else:
         fail_mkdir_in(monkeypatch, tmp_path, errno.EROFS)
-    assert export(packed_copy, tmp_path / "out") == 2
+    assert export(packed_copy, tmp_path / "out", fmt=fmt) == 2
     line = one_error_line(capsys)
     assert ("No space left on device" if fault == "full-disk" else "Read-only file system") in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -257,6 +311,7 @@ def test_quantize_on_a_full_disk_gives_one_error_line_and_no_out(model_copy, tmp
 def test_quantize_replaces_a_previous_checkpoint_of_ours_with_normal_permissions(model_copy, packed_copy,
                                                                                  tmp_path, capsys):
     # packed_copy was written by save_pretrained (vlm_gptq config, no marker): a previous output of ours
+    (tmp_path / ".ckpt.hf_vlm_gptq-tmp-999999999-abcd").mkdir()  # a killed quantize's (no such process)
     old_umask = os.umask(0o022)
     try:
         assert main(["quantize", str(model_copy), str(packed_copy), "--overwrite", *FAST]) == 0
@@ -264,5 +319,5 @@ def test_quantize_replaces_a_previous_checkpoint_of_ours_with_normal_permissions
         os.umask(old_umask)
     capsys.readouterr()
     assert (packed_copy / MARKER).is_file() and (packed_copy / "quantization_report.json").is_file()
-    assert stat.S_IMODE(packed_copy.stat().st_mode) == 0o755
+    assert_normal_modes(packed_copy)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "model"]
