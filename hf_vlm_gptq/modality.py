@@ -16,7 +16,9 @@ its part's first block's weights when the rows match).
 
 Per-modality proxy losses: next to the Hessian the solve uses, one plain Hessian per modality is kept when
 a group's rows hold more than one; ``loss_<modality> = tr(dW H_m dW^T) * n_m / n`` (``H_m`` over that
-modality's ``n_m`` rows): with no weighting they add up to the layer's loss.
+modality's ``n_m`` rows): with no weighting they add up to the layer's loss. With no weighting the solve's
+Hessian is ``sum_m n_m H_m / n``, so the modality with the most rows is not accumulated but derived from it
+(up to float rounding; not when some rows were unlabelled).
 """
 
 from __future__ import annotations
@@ -133,6 +135,15 @@ class GroupInputs:
         present = tokens.present if tokens is not None else []
         self.by_modality = ({m: HessianAccumulator(columns, device=device) for m in present}
                             if len(present) > 1 else {})
+        # Unweighted, the group's Hessian is the row-weighted mean of the per-modality ones, so the modality
+        # with the most rows need not be accumulated: its Hessian is derived from the others (report only).
+        self.derived: int | None = None
+        if self.by_modality and tokens.table is None and tokens.call_weights is None:
+            self.derived = max(present, key=lambda m: tokens.counts[m])
+            del self.by_modality[self.derived]
+        self.derived_rows = 0
+        self.unlabelled_rows = 0
+        self.modality_hessians: dict[int, tuple[torch.Tensor, int]] = {}  # after close(): (H_m, n_m)
         self.samples = 0  # calls seen
         self.tokens = 0  # rows seen
         self._pending: torch.Tensor | None = None
@@ -162,12 +173,16 @@ class GroupInputs:
             self.accumulator.add_batch(rows, weights=weights)
         if self.by_modality:
             mods = self.info.rows(call, n)
-            if mods is not None:
+            if mods is None:
+                self.unlabelled_rows += n
+            else:
                 mods = mods.to(rows.device)
                 for m, acc in self.by_modality.items():
                     picked = rows[mods == m]
                     if picked.shape[0]:
                         acc.add_batch(picked)
+                if self.derived is not None:
+                    self.derived_rows += int((mods == self.derived).sum())
         self.tokens += n
         self.samples += 1
 
@@ -178,16 +193,24 @@ class GroupInputs:
         hessian = self.accumulator.hessian
         cross = self.accumulator.cross if isinstance(self.accumulator, AsymmetricAccumulator) else None
         self.accumulator = None
+        self.modality_hessians = {m: (acc.hessian, acc.nsamples) for m, acc in self.by_modality.items()
+                                  if acc.nsamples}
+        self.by_modality = {}
+        if self.derived is not None and self.derived_rows and not self.unlabelled_rows:
+            # every row labelled: the rows of H are exactly the modalities' rows
+            rest = hessian * self.tokens
+            for h, n in self.modality_hessians.values():
+                rest -= h * n
+            self.modality_hessians[self.derived] = (rest / self.derived_rows, self.derived_rows)
         return hessian, cross
 
     def modality_losses(self, weight: torch.Tensor, result: QuantResult) -> dict[str, float]:
         """``loss_image`` / ``loss_video`` / ``loss_text`` of one solved layer (``weight`` as solved)."""
-        if not self.by_modality or not self.tokens:
+        if not self.modality_hessians or not self.tokens:
             return {}
         quantized = result.dequantize()
         out = {}
-        for m, acc in self.by_modality.items():
-            if acc.nsamples:
-                h = acc.hessian.to(weight.device)
-                out[f"loss_{MODALITIES[m]}"] = proxy_loss(weight, quantized, h) * acc.nsamples / self.tokens
+        for m in sorted(self.modality_hessians):
+            h, n = self.modality_hessians[m]
+            out[f"loss_{MODALITIES[m]}"] = proxy_loss(weight, quantized, h.to(weight.device)) * n / self.tokens
         return out

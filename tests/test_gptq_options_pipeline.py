@@ -67,6 +67,20 @@ def test_modality_weights_of_one_are_plain(quantized):
         assert ones[path].loss == rec.loss  # exactly: all-ones token weights give the plain Hessian
 
 
+def test_the_derived_modality_loss_equals_the_directly_accumulated_one(quantized):
+    """Unweighted, the modality with the most rows is derived from the layer's Hessian; all-ones weights
+    accumulate every modality directly, on the same solves."""
+    plain, _ = quantized["plain"]
+    ones, _ = quantized["modality"]
+    compared = 0
+    for path, rec in plain.items():
+        for key, value in rec.extra.items():
+            if key.startswith("loss_"):
+                assert value == pytest.approx(ones[path].extra[key], rel=1e-4, abs=1e-9), (path, key)
+                compared += 1
+    assert compared >= 2 * len(plain)
+
+
 def test_balanced_weighting_changes_the_llm_hessian(quantized):
     plain, _ = quantized["plain"]
     balanced, _ = quantized["balanced"]

@@ -34,6 +34,9 @@ from .result import all_finite
 
 XtX = Callable[[torch.Tensor], torch.Tensor]
 _HALF = (torch.bfloat16, torch.float16)
+# rows x columns an accumulator collects before they go into the matrix in one product (16 MB in fp32): one
+# rescale and one large matmul instead of one of each per small batch
+_FLUSH_ELEMS = 1 << 22
 
 
 def _mm_out_fp32(rows: torch.Tensor) -> torch.Tensor:
@@ -154,8 +157,15 @@ def row_scales(weights: torch.Tensor | float, n: int, like: torch.Tensor) -> tor
     return w.unsqueeze(1) if w.dim() else w
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class HessianAccumulator:
-    """Accumulates ``2/n * X^T X`` over batches of layer inputs (fp32 unless told otherwise)."""
+    """Accumulates ``2/n * X^T X`` over batches of layer inputs (fp32 unless told otherwise).
+
+    Batches are collected (up to ``_FLUSH_ELEMS`` values) and added to the matrix together, when the
+    collection is full and when :attr:`hessian` is read."""
 
     def __init__(
         self, columns: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
@@ -164,11 +174,19 @@ class HessianAccumulator:
             raise ValueError(f"columns must be a positive int, got columns={columns!r}")
         self.columns = columns
         self._h = torch.zeros(columns, columns, dtype=dtype, device=device)
-        self.nsamples = 0
+        self._in_matrix = 0  # rows already in self._h
+        self._pending: list[torch.Tensor] = []  # rows (scaled by sqrt(weight)) not yet in self._h
+        self._pending_rows = 0
+
+    @property
+    def nsamples(self) -> int:
+        """Rows added so far."""
+        return self._in_matrix + self._pending_rows
 
     @property
     def hessian(self) -> torch.Tensor:
         """The accumulated matrix ``[columns, columns]`` (zeros before any input)."""
+        self._flush()
         return self._h
 
     def add_batch(self, x: torch.Tensor, weights: torch.Tensor | float | None = None) -> None:
@@ -191,22 +209,33 @@ class HessianAccumulator:
         if n == 0:
             return
         rows = rows.to(device=self._h.device)
-        xtx = half_xtx(rows, self._h.dtype) if weights is None else None
-        if xtx is None:
+        if weights is not None or half_xtx(rows, self._h.dtype) is None:
             rows = rows.to(self._h.dtype)
         if not all_finite(rows):
             raise ValueError("x contains non-finite values (inf or nan)")
         if weights is not None:
             rows = rows * row_scales(weights, n, rows)
+        if self._pending and self._pending[0].dtype != rows.dtype:
+            self._flush()
+        self._pending.append(rows)
+        self._pending_rows += n
+        if self._pending_rows * self.columns >= _FLUSH_ELEMS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Add the collected rows: ``H <- H * n_old / n + (2 / n) * X^T X``."""
+        if self._pending:
+            self._add_to_matrix(_joined(self._pending))
+            self._pending, self._pending_rows = [], 0
+
+    def _add_to_matrix(self, rows: torch.Tensor) -> None:
+        xtx = half_xtx(rows, self._h.dtype)
         if xtx is not None:
-            update_running_hessian(self._h, rows, self.nsamples, xtx)
-            self.nsamples += n
-            return
-        total = self.nsamples + n
-        self._h.mul_(self.nsamples / total)
-        rows = rows * math.sqrt(2.0 / total)
-        self._h.addmm_(rows.t(), rows)
-        self.nsamples = total
+            update_running_hessian(self._h, rows, self._in_matrix, xtx)
+        else:
+            total = self._in_matrix + rows.shape[0]
+            self._h.mul_(self._in_matrix / total).addmm_(rows.t(), rows, alpha=2.0 / total)
+        self._in_matrix += rows.shape[0]
 
 
 class AsymmetricAccumulator(HessianAccumulator):
@@ -218,10 +247,12 @@ class AsymmetricAccumulator(HessianAccumulator):
     ):
         super().__init__(columns, device, dtype)
         self._cross = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self._pending_float: list[torch.Tensor] = []  # the float model's rows of self._pending
 
     @property
     def cross(self) -> torch.Tensor:
         """The accumulated ``[columns, columns]`` matrix ``2/n * sum w (x - x~) x~^T``."""
+        self._flush()
         return self._cross
 
     def add_pair(self, x_quant: torch.Tensor, x_float: torch.Tensor,
@@ -241,9 +272,19 @@ class AsymmetricAccumulator(HessianAccumulator):
         if weights is not None:
             scale = row_scales(weights, n, xq)
             xq, xf = xq * scale, xf * scale
-        total = self.nsamples + n
-        factor = math.sqrt(2.0 / total)
-        xq, xf = xq * factor, xf * factor
-        self._h.mul_(self.nsamples / total).addmm_(xq.t(), xq)
-        self._cross.mul_(self.nsamples / total).addmm_((xf - xq).t(), xq)
-        self.nsamples = total
+        self._pending.append(xq)
+        self._pending_float.append(xf)
+        self._pending_rows += n
+        if self._pending_rows * self.columns >= _FLUSH_ELEMS:
+            self._flush()
+
+    def _add_rows(self, rows: torch.Tensor, weights: torch.Tensor | float | None = None) -> None:
+        self.add_pair(rows, rows, weights)  # add_batch / add_conv_batch: equal inputs
+
+    def _flush(self) -> None:
+        if self._pending:
+            xq, xf = _joined(self._pending), _joined(self._pending_float)
+            self._pending, self._pending_float, self._pending_rows = [], [], 0
+            total = self._in_matrix + xq.shape[0]
+            self._cross.mul_(self._in_matrix / total).addmm_((xf - xq).t(), xq, alpha=2.0 / total)
+            self._add_to_matrix(xq)
