@@ -1,5 +1,6 @@
-"""`hf-vlm-gptq quantize MODEL OUT` and `hf-vlm-gptq demo` on both tiny architectures (its help lists the registry's families): a complete OUT
-(checkpoint, processor, report) that reloads, and no OUT at all when a run fails part way."""
+"""`hf-vlm-gptq quantize MODEL OUT` and `hf-vlm-gptq demo` on both tiny architectures: a complete OUT
+(checkpoint, processor, report) that reloads, and no OUT at all when a run fails part way; the help lists
+the registry's families."""
 
 from __future__ import annotations
 
