@@ -20,7 +20,8 @@ serves `hf-vlm-gptq export --format compressed-tensors` instead of `export-vllm`
 transformers' own reading of that export gives our tokens. Writes vllm_export_cpu[_ct][_<arch>].{md,json}
 into the results folder of bench.harness (`--out FILE.md` elsewhere, e.g. bench/results/ to update the tracked
 results); exits 1
-when vLLM's tokens match neither transformers reference or a layer is not as the export meant.
+when vLLM's tokens match neither transformers reference (and, fed transformers' fp32 tokens, vLLM does not score
+every one of them its best: an exact tie counts) or a layer is not as the export meant.
 
 Partly quantized models: `--quant quant_visual_clip=false` (vision off), `--quant quant_llm=false`,
 `--quant 'modules_to_not_convert=["model.language_model.layers.1"]'` (a skipped block), or

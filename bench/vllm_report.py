@@ -83,6 +83,16 @@ def layer_problems(job: dict, got: dict) -> list[str]:
     return problems
 
 
+def forced_agreement(forced: list[dict] | str | None) -> tuple[str, bool]:
+    """The teacher-forced column: at how many positions transformers' fp32 token scores vLLM's best logprob
+    (exact ties with another token counted apart), and whether it does at every position."""
+    if not isinstance(forced, list):
+        return f"not scored ({forced})" if forced else "not scored", False
+    best = [row for row in forced if row["logprob"] >= row["best"]]
+    tied = sum(1 for row in best if row["best_other"] == row["logprob"])
+    return f"{len(best)}/{len(forced)}" + (f" ({tied} exact tie{'s' if tied > 1 else ''})" if tied else ""), len(best) == len(forced)
+
+
 def report(job: dict, got: dict) -> tuple[str, bool]:
     """Markdown summary and whether vLLM matched a reference on every prompt with the layers as meant."""
     import transformers
@@ -130,20 +140,25 @@ def report(job: dict, got: dict) -> tuple[str, bool]:
              "Tokens: transformers on our quantized model (fp32, bf16; reloaded from the saved checkpoint), vLLM on "
              "the export, and the float model before quantization (fp32) to show the tokens depend on the "
              "quantized weights"
-             + ("; transformers on the compressed-tensors export itself (fp32, its own quantizer)." if fmt != "gptq"
-                else "."), "",
+             + ("; transformers on the compressed-tensors export itself (fp32, its own quantizer)" if fmt != "gptq"
+                else "")
+             + ". Teacher-forced: vLLM fed the prompt plus transformers' fp32 tokens; at how many positions that "
+               "token has vLLM's best logprob (an exact tie with another token counts: greedy decoding may then "
+               "take either). A prompt passes when vLLM's free-running tokens match, or teacher-forced at every "
+               "position.", "",
              "| prompt | prompt ids equal | transformers fp32 | transformers bf16 | vLLM bf16 | vLLM matches | "
-             "float model fp32 |" + (" transformers on the export fp32 |" if fmt != "gptq" else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if fmt != "gptq" else "")]
+             "teacher-forced | float model fp32 |" + (" transformers on the export fp32 |" if fmt != "gptq" else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if fmt != "gptq" else "")]
     ok = not problems
     for item in job["prompts"]:
         name = item["name"]
         ref32, ref16, mine = (job["reference"]["float32"][name], job["reference"]["bfloat16"][name],
                               got["outputs"][name])
         same = [label for label, ref in (("fp32", ref32), ("bf16", ref16)) if ref["tokens"] == mine["tokens"]]
-        ok &= bool(same)
+        forced, forced_ok = forced_agreement(mine.get("forced"))
+        ok &= bool(same) or forced_ok
         row = (f"| {name} ({len(mine['prompt_ids'])} tokens) | {ref32['prompt_ids'] == mine['prompt_ids']} | "
-               f"{ref32['tokens']} | {ref16['tokens']} | {mine['tokens']} | {', '.join(same) or 'NONE'} | "
+               f"{ref32['tokens']} | {ref16['tokens']} | {mine['tokens']} | {', '.join(same) or 'NONE'} | {forced} | "
                f"{job['reference']['unquantized'][name]['tokens']} |")
         if fmt != "gptq":
             exp = job["reference"]["export_float32"][name]["tokens"]

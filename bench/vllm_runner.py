@@ -1,5 +1,5 @@
 """The vLLM half of bench.vllm_export_check: serve an export with `vllm.LLM`, record the linear layers vLLM
-built and its greedy tokens.
+built, its greedy tokens, and its scores of transformers' greedy tokens (teacher-forced).
 
     VLLM_PYTHON bench/vllm_runner.py JOB.json
 
@@ -65,7 +65,9 @@ def run_vllm(job_path: str) -> None:
         if item["image"]:
             request["multi_modal_data"] = {"image": Image.open(item["image"]).convert("RGB")}
         result = llm.generate(request, params, use_tqdm=False)[0]
-        outputs[item["name"]] = {"prompt_ids": list(result.prompt_token_ids), "tokens": list(result.outputs[0].token_ids)}
+        outputs[item["name"]] = {"prompt_ids": list(result.prompt_token_ids), "tokens": list(result.outputs[0].token_ids),
+                                 "forced": _forced(llm, request, list(result.prompt_token_ids),
+                                                   job["reference"]["float32"][item["name"]]["tokens"])}
     Path(job["result"]).write_text(json.dumps({
         "vllm": vllm.__version__, "torch": torch.__version__, "load_s": round(load_s, 2),
         "avx512": bool(torch.cpu._is_avx512_supported()),
@@ -73,6 +75,29 @@ def run_vllm(job_path: str) -> None:
         "model_class": built["model_class"], "modules": built["modules"],
         "layer_methods": {name: row["method"] for name, row in built["linear"].items()},
         "layers": built["linear"], "outputs": outputs}, indent=1))
+
+
+def _forced(llm, request: dict, prompt_ids: list[int], tokens: list[int]) -> list[dict] | str:
+    """vLLM's scores of `tokens` fed after the prompt (teacher-forced): per position the token's logprob, the
+    best logprob and the best other token's, so a greedy divergence can be told from an exact tie; or why
+    they could not be scored. The prompt goes in as its text's token ids (vLLM expands the media placeholders
+    again) and must come out as `prompt_ids`."""
+    from vllm import SamplingParams
+
+    forced = {key: value for key, value in request.items() if key != "prompt"}
+    forced["prompt_token_ids"] = llm.get_tokenizer().encode(request["prompt"]) + tokens
+    try:
+        out = llm.generate(forced, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2), use_tqdm=False)[0]
+    except Exception as err:  # recorded in the report; the free-running comparison stands
+        return f"{type(err).__name__}: {err}"
+    if list(out.prompt_token_ids) != prompt_ids + tokens:
+        return f"vLLM processed the forced prompt into {len(out.prompt_token_ids)} tokens, not {len(prompt_ids + tokens)}"
+    rows = []
+    for token, scores in zip(tokens, out.prompt_logprobs[len(prompt_ids):]):
+        others = [score.logprob for other, score in scores.items() if other != token]
+        rows.append({"logprob": scores[token].logprob, "best": max(score.logprob for score in scores.values()),
+                     "best_other": max(others, default=float("-inf"))})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 
+from . import arch
 from .config import VLMGPTQConfig
 from .config_fields import FIELDS
 from .demo import DEMO_ARCHS
@@ -171,6 +172,12 @@ def _add_export_arguments(e: argparse.ArgumentParser, with_format: bool) -> None
     e.set_defaults(func=cmd_export)
 
 
+def _families() -> str:
+    """The registered families' display names, for help texts ("A, B or C")."""
+    names = [spec.display_name for spec in arch.ARCHITECTURES]
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
     parser = argparse.ArgumentParser(prog="hf-vlm-gptq", description=__doc__.split("\n\n")[0], formatter_class=fmt)
@@ -179,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize MODEL (folder or hub id) into OUT", formatter_class=fmt)
-    q.add_argument("model", help="model folder or hub id (Qwen2-VL, Qwen2.5-VL, Qwen3-VL or VideoLLaMA3)")
+    q.add_argument("model", help=f"model folder or hub id ({_families()})")
     q.add_argument("out", help="output folder for the quantized checkpoint (written atomically)")
     q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype the model is loaded and calibrated in")

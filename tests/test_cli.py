@@ -1,8 +1,10 @@
 """`hf-vlm-gptq quantize MODEL OUT` and `hf-vlm-gptq demo` on both tiny architectures: a complete OUT
-(checkpoint, processor, report) that reloads, and no OUT at all when a run fails part way."""
+(checkpoint, processor, report) that reloads, and no OUT at all when a run fails part way; the help lists
+the registry's families."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -80,3 +82,18 @@ def test_demo_runs_for_video_llama_3(tmp_path, capsys):
     assert "reload_logits_max_abs_diff: 0.0" in printed
     assert "generated_image:" in printed and "generated_video:" in printed
     assert (tmp_path / "demo" / "config.json").is_file()
+
+
+def test_quantize_help_names_the_registered_families(monkeypatch):
+    """The MODEL help lists the registry's families (an added family shows up without editing cli.py)."""
+    import dataclasses
+
+    from hf_vlm_gptq import arch
+    from hf_vlm_gptq.cli import build_parser
+
+    extra = dataclasses.replace(arch.ARCHITECTURES[0], name="fake_vl", display_name="Fake-VL", model_types=("fake",))
+    monkeypatch.setattr(arch, "ARCHITECTURES", (*arch.ARCHITECTURES, extra))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    model_help = next(a.help for a in sub.choices["quantize"]._actions if a.dest == "model")
+    for spec in arch.ARCHITECTURES:
+        assert spec.display_name in model_help, (spec.display_name, model_help)

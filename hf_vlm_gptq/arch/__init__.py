@@ -1,7 +1,8 @@
 """Architecture registry: every module of this package that defines `ARCH` (an ArchSpec) is one family.
 
-Adding a family is adding one file here (plus its tiny builder in `hf_vlm_gptq.testing`); nothing else in
-the package names a family: the pipeline, loader, export, demo, CLI and tests read the registry.
+Adding a family is adding one file here (plus its tiny builder in `hf_vlm_gptq.testing`) and editing nothing
+else: the pipeline, loader, export, compat, demo, CLI and tests read the registry (compat's research-code
+entry points exist only for the two families that code had).
 """
 
 from __future__ import annotations
