@@ -123,7 +123,7 @@ class GroupInputs:
 
     def __init__(self, module: nn.Module, is_conv: bool, drop_first_channel: bool,
                  device: torch.device | None = None, tokens: TokenInfo | None = None,
-                 float_module: nn.Module | None = None) -> None:
+                 float_module: nn.Module | None = None, before_call: bool = False) -> None:
         self.is_conv = is_conv
         self.drop_first_channel = drop_first_channel
         self.module = module
@@ -147,7 +147,8 @@ class GroupInputs:
         self.samples = 0  # calls seen
         self.tokens = 0  # rows seen
         self._pending: torch.Tensor | None = None
-        self.handles = [module.register_forward_hook(self._hook)]
+        # before_call: fed by the caller through add_call (stepped.py: the inputs are wanted before the module runs)
+        self.handles = [] if before_call else [module.register_forward_hook(self._hook)]
         if float_module is not None:
             self.handles.append(float_module.register_forward_hook(self._float_hook))
 
@@ -160,6 +161,10 @@ class GroupInputs:
 
     def _float_hook(self, module, args, _out):
         self._pending = self._rows(args[0].detach(), module)
+
+    def add_call(self, args: tuple) -> None:
+        """Feed one call's arguments of the watched module (``before_call``)."""
+        self._hook(self.module, args, None)
 
     def _hook(self, module, args, _out):
         rows = self._rows(args[0].detach(), module)

@@ -36,6 +36,15 @@ class SplitLinear(nn.Module):
         return self.L1(x[..., :1]) + self.L2(x[..., 1:])
 
 
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The ``[out, in]`` weight a packed Linear (or a split one) computes with."""
+    if isinstance(module, SplitLinear):
+        return torch.cat([module.L1.weight.detach(), module.L2.dequantize_weight()], dim=1)
+    if isinstance(module, QuantLinear):
+        return module.dequantize_weight()
+    raise TypeError(f"no dense weight for a {type(module).__name__}")
+
+
 def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     """Replace the submodule at dotted `path` (relative to `root`) with `new`."""
     parent_path, _, name = path.rpartition(".")

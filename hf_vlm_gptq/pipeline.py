@@ -50,6 +50,7 @@ from .offload import ExecutionOffload, same_device
 from .ops import QuantResult, gptq_quantize_shared, rtn_quantize
 from .progress import ProgressBars
 from .report import QuantRecord, RunRecords
+from .stepped import fits_in_memory, forward_in_steps, hand_over
 from .threads import adaptive_threads
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class ComponentQuantizer:
         self.opts = config.part_options(comp.part)
         self.device = device
         self.offload = offload
+        self.advanced = False  # the block just solved has replaced its calls by the next block's
         self.before_block: Callable[[], object] = lambda: None
         """Called before each block is solved (the CPU thread policy re-measures there)."""
 
@@ -227,8 +229,9 @@ class ComponentQuantizer:
             start = time.perf_counter()
             emit(BlockStart(self.comp.name, path, index, len(blocks), block, calls))
             with dense_cache(block) as keep_dense:
+                self.advanced = False
                 yield path, block, calls, keep_dense
-                if index + 1 < len(blocks) and index + 1 not in fresh:
+                if index + 1 < len(blocks) and index + 1 not in fresh and not self.advanced:
                     keep_dense()
                     advance(block, calls)
             block.to(home)
@@ -272,18 +275,13 @@ class ComponentQuantizer:
         """Solve every group of `block`. With GPTAQ (`float_hidden`: the float model's hidden states for each
         call) a float copy of the block runs next to it; returns the float copy's outputs (the next block's
         float inputs), else None."""
+        if (float_hidden is None and calls and self.config.true_sequential
+                and fits_in_memory(calls, self.device)):  # one group per stage: one pass serves them all
+            self._quantize_block_in_one_pass(path, block, calls, keep_dense)
+            return None
         float_block = copy.deepcopy(block) if float_hidden is not None else None
         for stage in self._stages(block):
-            watched = []
-            for group in stage:
-                names = [n for n in group if not self._skipped(f"{path}.{n}")]
-                if not names:
-                    continue
-                split = self.opts.split and self.comp.split_target in names
-                first = block.get_submodule(names[0])
-                twin = float_block.get_submodule(names[0]) if float_block is not None else None
-                watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split,
-                                                           tokens=self._block_tokens(path), float_module=twin)))
+            watched = self._watch(path, block, stage, float_block)
             start = time.perf_counter()
             keep_dense()
             layers = [inputs.module for _, _, inputs in watched]
@@ -295,24 +293,72 @@ class ComponentQuantizer:
                     replay_until(float_block, [with_hidden(call, hidden)], twins)
                     replay_until(block, [call], layers)
             for names, split, inputs in watched:
-                hessian, cross = inputs.close()
-                linears = [block.get_submodule(n) for n in names]
-                weights = [lin.weight.detach()[:, 1:] if split else lin.weight.detach() for lin in linears]
-                results = _solve(weights, hessian, inputs.tokens, self.opts, self.config, cross=cross)
-                del hessian, cross
-                seconds = (time.perf_counter() - start) / len(names)
-                for name, lin, w, result in zip(names, linears, weights, results):
-                    losses = inputs.modality_losses(w, result)
-                    swapped, entry = self._swap(block, path, name, lin, result, split=split)
-                    key = f"{swapped}.L2" if split else swapped
-                    record = self._record(key, "split_linear" if split else "linear", result, lin.out_features,
-                                          result.codes.shape[1], inputs.samples, inputs.tokens, seconds, losses)
-                    emit(ModuleSolved(record, swapped, entry))
+                self._solve_group(path, block, names, split, inputs, start)
         if float_block is None:
             return None
         with torch.no_grad():
             return [first_output(float_block(*with_hidden(call, hidden)[0], **with_hidden(call, hidden)[1]))
                     for call, hidden in zip(calls, float_hidden)]
+
+    def _quantize_block_in_one_pass(self, path: str, block: nn.Module, calls: list[Call],
+                                    keep_dense: Callable[[], None]) -> None:
+        """The same solves from one forward pass per call (``stepped.py``); the calls become the next
+        block's."""
+        stages = [self._watch(path, block, stage, None, before_call=True) for stage in self._stages(block)]
+        stages = [watched for watched in stages if watched]
+        start = [time.perf_counter()]
+
+        def solve(k: int) -> None:
+            for names, split, inputs in stages[k]:
+                entered = [block.get_submodule(n) for n in names]
+                self._solve_group(path, block, names, split, inputs, start[0])
+                for old, name in zip(entered, names):
+                    hand_over(old, block.get_submodule(name))
+            keep_dense()
+            start[0] = time.perf_counter()
+
+        def feed(k: int, args: tuple) -> None:
+            for _, _, inputs in stages[k]:
+                inputs.add_call(args)
+
+        keep_dense()
+        groups = [[block.get_submodule(n) for names, _, _ in watched for n in names] for watched in stages]
+        forward_in_steps(block, calls, groups, feed, solve)
+        self.advanced = True
+
+    def _watch(self, path: str, block: nn.Module, stage: list[tuple[str, ...]], float_block: nn.Module | None,
+               before_call: bool = False) -> list[tuple[list[str], bool, _GroupInputs]]:
+        """The Hessian feeds of one stage's groups (skipped modules left out)."""
+        watched = []
+        for group in stage:
+            names = [n for n in group if not self._skipped(f"{path}.{n}")]
+            if not names:
+                continue
+            split = self.opts.split and self.comp.split_target in names
+            first = block.get_submodule(names[0])
+            twin = float_block.get_submodule(names[0]) if float_block is not None else None
+            watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split,
+                                                       tokens=self._block_tokens(path), float_module=twin,
+                                                       before_call=before_call)))
+        return watched
+
+    def _solve_group(self, path: str, block: nn.Module, names: list[str], split: bool, inputs: _GroupInputs,
+                     start: float) -> nn.Module:
+        """Solve one group from its collected inputs and swap its packed modules in; returns the first one."""
+        hessian, cross = inputs.close()
+        linears = [block.get_submodule(n) for n in names]
+        weights = [lin.weight.detach()[:, 1:] if split else lin.weight.detach() for lin in linears]
+        results = _solve(weights, hessian, inputs.tokens, self.opts, self.config, cross=cross)
+        del hessian, cross
+        seconds = (time.perf_counter() - start) / len(names)
+        for name, lin, w, result in zip(names, linears, weights, results):
+            losses = inputs.modality_losses(w, result)
+            swapped, entry = self._swap(block, path, name, lin, result, split=split)
+            key = f"{swapped}.L2" if split else swapped
+            record = self._record(key, "split_linear" if split else "linear", result, lin.out_features,
+                                  result.codes.shape[1], inputs.samples, inputs.tokens, seconds, losses)
+            emit(ModuleSolved(record, swapped, entry))
+        return block.get_submodule(names[0])
 
 
 def _has(block: nn.Module, name: str) -> bool:

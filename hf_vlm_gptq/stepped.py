@@ -1,0 +1,147 @@
+"""One forward pass per call for every sequential group of a block (instead of one replay per group).
+
+A block quantized group by group (``true_sequential``: q/k/v, then o_proj, then gate/up, then down_proj)
+needs each group's inputs as the block computes them with the groups before it already quantized. Replaying
+the block once per group recomputes the same prefix again and again. Here each call's forward pass runs
+once, in a thread of its own, and stops (a forward pre-hook) before the first module of each group that has
+not been solved yet: when every call has stopped there (or finished), the group's inputs are complete, the
+group is solved and swapped, and the passes go on. Only one pass runs at a time, in call order, so the
+Hessians get their rows in the same order as from the replays.
+
+The module a pass stopped in was entered before it was swapped: it goes on with the dequantized weight of its
+packed replacement, so that call computes what the replays would (up to the kernel's rounding). Each call's activations stay alive until
+its pass ends, which is why the pipeline uses this only when they fit (``fits_in_memory``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .capture import Call, first_output, hidden_of, with_hidden
+from .modules_swap import dense_weight
+
+__all__ = ["fits_in_memory", "forward_in_steps", "hand_over"]
+
+# Paused passes hold their activations at once: allow it when the block inputs times this factor (the
+# intermediate activations of a block, a few times its input) stay below the share of free memory below.
+_ACTIVATION_FACTOR = 8
+_MEMORY_SHARE = 0.25
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def fits_in_memory(calls: list[Call], device: torch.device) -> bool:
+    """Whether every call's pass can be held at once (estimated from the block inputs)."""
+    held = sum(hidden_of(call).numel() * hidden_of(call).element_size() for call in calls)
+    free = _free_bytes(device)
+    return free is not None and held * _ACTIVATION_FACTOR <= free * _MEMORY_SHARE
+
+
+class _Pass:
+    """One call's forward pass in its own thread, stopping where the pre-hooks say."""
+
+    def __init__(self, block: nn.Module, call: Call, registry: dict[int, _Pass]) -> None:
+        self.block, self.call, self.registry = block, call, registry
+        self.go = threading.Event()
+        self.stopped = threading.Event()
+        self.stage: int | None = None  # the group it waits before; None while running or when done
+        self.done = False
+        self.output: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.registry[threading.get_ident()] = self
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                self.output = self.block(*self.call[0], **self.call[1])
+        except BaseException as err:  # handed to the caller's thread
+            self.error = err
+        self.done = True
+        self.stopped.set()
+
+    def step(self) -> None:
+        """Let the pass run until it stops again or ends (starting it the first time)."""
+        self.stage = None
+        self.stopped.clear()
+        if self.thread.ident is None:
+            self.thread.start()
+        else:
+            self.go.set()
+        self.stopped.wait()
+        if self.error is not None:
+            raise self.error
+
+    def wait_before(self, stage: int) -> None:
+        """Called in the pass's thread: stop before group ``stage`` until stepped again."""
+        self.stage = stage
+        self.go.clear()
+        self.stopped.set()
+        self.go.wait()
+
+
+def forward_in_steps(block: nn.Module, calls: list[Call], groups: Sequence[Sequence[nn.Module]],
+                     feed: Callable[[int, tuple], None], solve: Callable[[int], None]) -> None:
+    """Run ``block`` once on every call. The first module of group ``k`` that a pass reaches (the modules
+    of a group share their input) hands its arguments to ``feed(k, args)``; the pass then waits until every
+    call has reached group ``k`` or ended and ``solve(k)`` has run. Replaces each call, in place, by the
+    next block's (this block's output), like ``capture.advance``."""
+    registry: dict[int, _Pass] = {}
+    passes = [_Pass(block, call, registry) for call in calls]
+    solved = [0]
+    reached: dict[tuple[int, int], bool] = {}  # (pass, group) -> fed
+
+    def hook_for(stage: int):
+        def pre_hook(_module, args):
+            one = registry.get(threading.get_ident())
+            if one is None or stage < solved[0] or (id(one), stage) in reached:
+                return
+            reached[(id(one), stage)] = True
+            feed(stage, args)
+            one.wait_before(stage)
+        return pre_hook
+
+    handles = [module.register_forward_pre_hook(hook_for(k)) for k, group in enumerate(groups) for module in group]
+    try:
+        for stage in range(len(groups) + 1):
+            for one in passes:
+                if not one.done and (one.stage is None or one.stage < stage):
+                    one.step()
+            if stage < len(groups):
+                solve(stage)
+                solved[0] = stage + 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        solved[0] = len(groups)  # after an error: let waiting passes run to their end
+        for one in passes:
+            if one.thread.ident is not None and not one.done:
+                one.go.set()
+                one.thread.join()
+    for i, one in enumerate(passes):
+        calls[i] = with_hidden(calls[i], first_output(one.output))
+
+
+def hand_over(entered: nn.Module, replacement: nn.Module) -> None:
+    """A pass that stopped inside ``entered`` (its forward pre-hook: torch has already picked the forward it
+    will run) goes on with the weight of its packed ``replacement``, dequantized."""
+    if isinstance(entered, nn.Linear):
+        entered.weight.data = dense_weight(replacement).to(entered.weight.dtype)
