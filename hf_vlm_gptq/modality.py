@@ -149,7 +149,7 @@ class GroupInputs:
         self._pending: torch.Tensor | None = None
         # before_call: fed by the caller through add_call (stepped.py: the inputs are wanted before the module runs)
         self.handles = [] if before_call else [module.register_forward_hook(self._hook)]
-        if float_module is not None:
+        if float_module is not None and not before_call:
             self.handles.append(float_module.register_forward_hook(self._float_hook))
 
     def _rows(self, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -165,6 +165,10 @@ class GroupInputs:
     def add_call(self, args: tuple) -> None:
         """Feed one call's arguments of the watched module (``before_call``)."""
         self._hook(self.module, args, None)
+
+    def add_float_call(self, args: tuple) -> None:
+        """GPTAQ, ``before_call``: the float copy's arguments for the same call, just before :meth:`add_call`."""
+        self._float_hook(self.module, args, None)
 
     def _hook(self, module, args, _out):
         rows = self._rows(args[0].detach(), module)

@@ -50,7 +50,7 @@ from .offload import ExecutionOffload, same_device
 from .ops import QuantResult, gptq_quantize_shared, rtn_quantize
 from .progress import ProgressBars
 from .report import QuantRecord, RunRecords
-from .stepped import fits_in_memory, forward_in_steps, hand_over
+from .stepped import Lane, fits_in_memory, forward_in_steps, hand_over
 from .threads import adaptive_threads
 
 logger = logging.getLogger(__name__)
@@ -275,10 +275,9 @@ class ComponentQuantizer:
         """Solve every group of `block`. With GPTAQ (`float_hidden`: the float model's hidden states for each
         call) a float copy of the block runs next to it; returns the float copy's outputs (the next block's
         float inputs), else None."""
-        if (float_hidden is None and calls and self.config.true_sequential
-                and fits_in_memory(calls, self.device)):  # one group per stage: one pass serves them all
-            self._quantize_block_in_one_pass(path, block, calls, keep_dense)
-            return None
+        if (calls and self.config.true_sequential  # one group per stage: one pass serves them all
+                and fits_in_memory(calls, self.device, 1 if float_hidden is None else 2)):
+            return self._quantize_block_in_one_pass(path, block, calls, keep_dense, float_hidden)
         float_block = copy.deepcopy(block) if float_hidden is not None else None
         for stage in self._stages(block):
             watched = self._watch(path, block, stage, float_block)
@@ -301,10 +300,13 @@ class ComponentQuantizer:
                     for call, hidden in zip(calls, float_hidden)]
 
     def _quantize_block_in_one_pass(self, path: str, block: nn.Module, calls: list[Call],
-                                    keep_dense: Callable[[], None]) -> None:
-        """The same solves from one forward pass per call (``stepped.py``); the calls become the next
-        block's."""
-        stages = [self._watch(path, block, stage, None, before_call=True) for stage in self._stages(block)]
+                                    keep_dense: Callable[[], None],
+                                    float_hidden: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        """The same solves from one forward pass per call (``stepped.py``), with GPTAQ's float copy of the
+        block run the same way beside it; the calls become the next block's. Returns the float copy's outputs
+        (GPTAQ), else None."""
+        float_block = copy.deepcopy(block) if float_hidden is not None else None
+        stages = [self._watch(path, block, stage, float_block, before_call=True) for stage in self._stages(block)]
         stages = [watched for watched in stages if watched]
         start = [time.perf_counter()]
 
@@ -321,10 +323,22 @@ class ComponentQuantizer:
             for _, _, inputs in stages[k]:
                 inputs.add_call(args)
 
+        def feed_float(k: int, args: tuple) -> None:
+            for _, _, inputs in stages[k]:
+                inputs.add_float_call(args)
+
+        def modules(root: nn.Module) -> list[list[nn.Module]]:
+            return [[root.get_submodule(n) for names, _, _ in watched for n in names] for watched in stages]
+
+        lanes = [Lane(block, calls, modules(block), feed)]
+        float_calls: list[Call] = []
+        if float_block is not None:
+            float_calls = [with_hidden(call, hidden) for call, hidden in zip(calls, float_hidden)]
+            lanes.insert(0, Lane(float_block, float_calls, modules(float_block), feed_float))
         keep_dense()
-        groups = [[block.get_submodule(n) for names, _, _ in watched for n in names] for watched in stages]
-        forward_in_steps(block, calls, groups, feed, solve)
+        forward_in_steps(lanes, solve)
         self.advanced = True
+        return None if float_block is None else [hidden_of(call) for call in float_calls]
 
     def _watch(self, path: str, block: nn.Module, stage: list[tuple[str, ...]], float_block: nn.Module | None,
                before_call: bool = False) -> list[tuple[list[str], bool, _GroupInputs]]:

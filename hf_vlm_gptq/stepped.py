@@ -6,7 +6,8 @@ the block once per group recomputes the same prefix again and again. Here each c
 once, in a thread of its own, and stops (a forward pre-hook) before the first module of each group that has
 not been solved yet: when every call has stopped there (or finished), the group's inputs are complete, the
 group is solved and swapped, and the passes go on. Only one pass runs at a time, in call order, so the
-Hessians get their rows in the same order as from the replays.
+Hessians get their rows in the same order as from the replays. With GPTAQ the float copy of the block runs
+its own passes the same way, each just before the quantized block's pass of the same call.
 
 The module a pass stopped in was entered before it was swapped: it goes on with the dequantized weight of its
 packed replacement, so that call computes what the replays would (up to the kernel's rounding). Each call's activations stay alive until
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ import torch.nn as nn
 from .capture import Call, first_output, hidden_of, with_hidden
 from .modules_swap import dense_weight
 
-__all__ = ["fits_in_memory", "forward_in_steps", "hand_over"]
+__all__ = ["Lane", "fits_in_memory", "forward_in_steps", "hand_over"]
 
 # Paused passes hold their activations at once: allow it when the block inputs times this factor (the
 # intermediate activations of a block, a few times its input) stay below the share of free memory below.
@@ -48,9 +50,10 @@ def _free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def fits_in_memory(calls: list[Call], device: torch.device) -> bool:
-    """Whether every call's pass can be held at once (estimated from the block inputs)."""
-    held = sum(hidden_of(call).numel() * hidden_of(call).element_size() for call in calls)
+def fits_in_memory(calls: list[Call], device: torch.device, lanes: int = 1) -> bool:
+    """Whether every call's pass (of each of ``lanes`` blocks) can be held at once (estimated from the block
+    inputs)."""
+    held = lanes * sum(hidden_of(call).numel() * hidden_of(call).element_size() for call in calls)
     free = _free_bytes(device)
     return free is not None and held * _ACTIVATION_FACTOR <= free * _MEMORY_SHARE
 
@@ -98,46 +101,62 @@ class _Pass:
         self.go.wait()
 
 
-def forward_in_steps(block: nn.Module, calls: list[Call], groups: Sequence[Sequence[nn.Module]],
-                     feed: Callable[[int, tuple], None], solve: Callable[[int], None]) -> None:
-    """Run ``block`` once on every call. The first module of group ``k`` that a pass reaches (the modules
-    of a group share their input) hands its arguments to ``feed(k, args)``; the pass then waits until every
-    call has reached group ``k`` or ended and ``solve(k)`` has run. Replaces each call, in place, by the
-    next block's (this block's output), like ``capture.advance``."""
-    registry: dict[int, _Pass] = {}
-    passes = [_Pass(block, call, registry) for call in calls]
-    solved = [0]
-    reached: dict[tuple[int, int], bool] = {}  # (pass, group) -> fed
+@dataclass
+class Lane:
+    """One block run on a list of calls: ``groups[k]`` its modules of group ``k`` (they share their input),
+    ``feed(k, args)`` takes the arguments of the first of them a pass reaches. Its calls are replaced, in
+    place, by the next block's (this block's outputs), like ``capture.advance``."""
 
-    def hook_for(stage: int):
+    block: nn.Module
+    calls: list[Call]
+    groups: Sequence[Sequence[nn.Module]]
+    feed: Callable[[int, tuple], None]
+
+
+def forward_in_steps(lanes: Sequence[Lane], solve: Callable[[int], None]) -> None:
+    """Run each lane's block once on each of its calls. A pass that reaches group ``k`` feeds it and waits
+    until every pass has reached group ``k`` or ended and ``solve(k)`` has run. Passes take turns call by
+    call, the lanes in the given order for each call (GPTAQ: the float copy's pass just before the
+    quantized block's, as the pairs of rows want)."""
+    registry: dict[int, _Pass] = {}
+    solved = [0]
+    reached: set[tuple[int, int]] = set()  # (pass, group) fed
+    stages = max((len(lane.groups) for lane in lanes), default=0)
+
+    def hook_for(stage: int, feed: Callable[[int, tuple], None]):
         def pre_hook(_module, args):
             one = registry.get(threading.get_ident())
             if one is None or stage < solved[0] or (id(one), stage) in reached:
                 return
-            reached[(id(one), stage)] = True
+            reached.add((id(one), stage))
             feed(stage, args)
             one.wait_before(stage)
         return pre_hook
 
-    handles = [module.register_forward_pre_hook(hook_for(k)) for k, group in enumerate(groups) for module in group]
+    passes = [[_Pass(lane.block, call, registry) for call in lane.calls] for lane in lanes]
+    handles = [module.register_forward_pre_hook(hook_for(k, lane.feed))
+               for lane in lanes for k, group in enumerate(lane.groups) for module in group]
+    order = [lane_passes[i] for i in range(max(map(len, passes), default=0))
+             for lane_passes in passes if i < len(lane_passes)]
     try:
-        for stage in range(len(groups) + 1):
-            for one in passes:
+        for stage in range(stages + 1):
+            for one in order:
                 if not one.done and (one.stage is None or one.stage < stage):
                     one.step()
-            if stage < len(groups):
+            if stage < stages:
                 solve(stage)
                 solved[0] = stage + 1
     finally:
         for handle in handles:
             handle.remove()
-        solved[0] = len(groups)  # after an error: let waiting passes run to their end
-        for one in passes:
+        solved[0] = stages  # after an error: let waiting passes run to their end
+        for one in order:
             if one.thread.ident is not None and not one.done:
                 one.go.set()
                 one.thread.join()
-    for i, one in enumerate(passes):
-        calls[i] = with_hidden(calls[i], first_output(one.output))
+    for lane, lane_passes in zip(lanes, passes):
+        for i, one in enumerate(lane_passes):
+            lane.calls[i] = with_hidden(lane.calls[i], first_output(one.output))
 
 
 def hand_over(entered: nn.Module, replacement: nn.Module) -> None:

@@ -1,5 +1,6 @@
 """Blocks quantized group by group from one forward pass per call (``stepped.py``): the same checkpoint as
-replaying the block once per group, with one block forward per call instead of one per group plus one."""
+replaying the block once per group (with GPTAQ too), with one block forward per call instead of one per group
+plus one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 CALIB = 8
 
 
-def _quantize(model_dir, samples, *, replays: bool, monkeypatch, **options):
+def _quantize(model_dir, samples, *, replays: bool, monkeypatch, gptaq: bool = False, **options):
     from transformers import AutoModelForImageTextToText
 
     import hf_vlm_gptq.pipeline as pipeline
@@ -17,13 +18,13 @@ def _quantize(model_dir, samples, *, replays: bool, monkeypatch, **options):
     from hf_vlm_gptq.api import quantize
 
     if replays:  # the path taken when the passes would not fit in memory
-        monkeypatch.setattr(pipeline, "fits_in_memory", lambda calls, device: False)
+        monkeypatch.setattr(pipeline, "fits_in_memory", lambda *args: False)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     layer = model.model.language_model.layers[0]  # not the last: its outputs feed the next
     forwards = []
     handle = layer.register_forward_pre_hook(lambda *_: forwards.append(1))
     cfg = VLMGPTQConfig(dataset=samples, num_samples=CALIB, w_groupsize=32, calibration_device="cpu",
-                        gptaq=False, **options)
+                        gptaq=gptaq, **options)
     with monkeypatch.context() as patch:
         patch.setenv("HF_VLM_GPTQ_ADAPTIVE_THREADS", "0")
         records = quantize(model, cfg, progress=False)
@@ -32,11 +33,12 @@ def _quantize(model_dir, samples, *, replays: bool, monkeypatch, **options):
     return records, model.state_dict(), len(forwards)
 
 
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize(("split", "gptaq"), [(False, False), (True, False), (False, True)])
 def test_one_pass_per_call_gives_the_replays_checkpoint(tiny_qwen2vl_dir, builtin_samples_small, monkeypatch,
-                                                       split):
+                                                       split, gptaq):
+    """GPTAQ: the float copy of each block runs its own passes, each just before the quantized block's."""
     samples = builtin_samples_small[:CALIB]
-    options = {"visual_split": split}
+    options = {"visual_split": split, "gptaq": gptaq}
     replayed, replayed_state, replay_forwards = _quantize(tiny_qwen2vl_dir, samples, replays=True,
                                                           monkeypatch=monkeypatch, **options)
     stepped, stepped_state, stepped_forwards = _quantize(tiny_qwen2vl_dir, samples, replays=False,
@@ -53,6 +55,8 @@ def test_one_pass_per_call_gives_the_replays_checkpoint(tiny_qwen2vl_dir, builti
             torch.testing.assert_close(stepped_state[key], value, rtol=0, atol=0, msg=key)
         elif key.endswith("qweight"):
             assert (stepped_state[key] == value).float().mean() > 0.99, key
+    if gptaq:
+        return  # the float copy shares the counting hook (deepcopy)
     # the first LLM block, per call: the capture pass of the model reaches it once; then one pass, against
     # one (partial) replay per sequential group (4) plus the pass that makes the next block's inputs
     assert stepped_forwards == CALIB + CALIB
