@@ -20,9 +20,16 @@ scale that minimises ``sum |dequant(quant(x)) - x| ** 2.4``.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from . import cpu_clip
+from .selfcheck import self_check
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CLIP_NORM = 2.4
@@ -113,39 +120,73 @@ def find_params(
     return _clip_search(x, xmin, xmax, bits, sym, full_range)
 
 
-def _clip_search(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool,
-                 full_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MSE clip search of :func:`find_params` (module docstring), several shrink factors per pass.
+def clip_candidates(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool,
+                    full_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zeros ``[CLIP_STEPS, rows]`` of the shrunk ranges ``p * [xmin, xmax]``, p = 1.00, 0.99, ..."""
+    shrink = torch.tensor([1 - i / CLIP_GRID for i in range(CLIP_STEPS)], dtype=xmin.dtype, device=xmin.device)
+    return _range_params(shrink[:, None] * xmin, shrink[:, None] * xmax, bits, sym, full_range)
 
-    For a candidate ``(s, z)`` the error of an element is ``s * |q - x / s|`` with ``q`` the clamped,
-    rounded ``x / s`` minus ``z``, so a row's error is ``s ** 2.4 * sum |q - x / s| ** 2.4``: no dequantized
-    copy, and ``|.| ** 2.4`` as ``exp(2.4 log |.|)`` (torch's vectorised exp and log; ``pow`` with a
-    fractional exponent is several times slower). Each row keeps the first factor of least error, as a
-    one-at-a-time loop over ``p = 1.00, 0.99, ...`` with a strict ``<`` does."""
-    maxq = 2**bits - 1
-    shrink = torch.tensor([1 - i / CLIP_GRID for i in range(CLIP_STEPS)], dtype=x.dtype, device=x.device)
-    scales, zeros = _range_params(shrink[:, None] * xmin, shrink[:, None] * xmax, bits, sym, full_range)
+
+def clip_errors(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: int) -> torch.Tensor:
+    """``[steps, rows]``: each candidate's ``sum |dequant(quant(x)) - x| ** 2.4`` over a row, computed as
+    ``s ** 2.4 * sum |q - x / s| ** 2.4`` (``q`` the clamped, rounded ``x / s`` minus the zero point: no
+    dequantized copy) with ``|.| ** 2.4`` as ``exp(2.4 log |.|)`` (``pow`` with a fractional exponent is
+    several times slower), several candidates per pass."""
     low, high = -zeros.unsqueeze(-1), (maxq - zeros).unsqueeze(-1)  # code bounds after subtracting zero
-    factor = scales.pow(CLIP_NORM)
+    errors = torch.empty_like(scales)
     rows = x.shape[0]
-    best = torch.full((rows,), float("inf"), dtype=x.dtype, device=x.device)
-    best_step = torch.zeros(rows, dtype=torch.long, device=x.device)
     rows_per_chunk = max(1, _CLIP_CHUNK_ELEMS // max(1, x.shape[1]))
     for r0 in range(0, rows, rows_per_chunk):
         chunk = slice(r0, min(r0 + rows_per_chunk, rows))
         xc = x[chunk]
-        steps = max(1, _CLIP_PASS_ELEMS // max(1, xc.numel()))  # shrink factors per pass
-        for k0 in range(0, CLIP_STEPS, steps):
+        steps = max(1, _CLIP_PASS_ELEMS // max(1, xc.numel()))  # candidates per pass
+        for k0 in range(0, scales.shape[0], steps):
             k = slice(k0, k0 + steps)
             ratio = torch.div(xc, scales[k, chunk, None])
             err = torch.clamp(torch.round(ratio), low[k, chunk], high[k, chunk]).sub_(ratio).abs_()
-            err = err.log_().mul_(CLIP_NORM).exp_().sum(-1).mul_(factor[k, chunk])
-            least, at = err.min(0)  # the first of equal errors
-            better = least < best[chunk]
-            best[chunk] = torch.where(better, least, best[chunk])
-            best_step[chunk] = torch.where(better, at + k0, best_step[chunk])
-    picked = torch.arange(rows, device=x.device)
-    return scales[best_step, picked], zeros[best_step, picked]
+            errors[k, chunk] = err.log_().mul_(CLIP_NORM).exp_().sum(-1).mul_(scales[k, chunk].pow(CLIP_NORM))
+    return errors
+
+
+def _clip_search(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool,
+                 full_range: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MSE clip search of :func:`find_params` (module docstring): each row keeps the first candidate of
+    least error, as a one-at-a-time loop over ``p = 1.00, 0.99, ...`` with a strict ``<`` does. Float32 rows
+    on a CPU with AVX2 go through ``cpu_clip.py`` when its kernel passed its self-check."""
+    maxq = 2**bits - 1
+    scales, zeros = clip_candidates(xmin, xmax, bits, sym, full_range)
+    fn = cpu_clip.checked_kernel(_clip_kernel_check) if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    if fn is not None and x.shape[0]:
+        best = cpu_clip.call(fn, x, scales, zeros, maxq, CLIP_NORM)
+    else:
+        best = clip_errors(x, scales, zeros, maxq).argmin(0)  # the first of equal errors
+    picked = torch.arange(x.shape[0], device=x.device)
+    return scales[best, picked], zeros[best, picked]
+
+
+def _clip_probes(fn) -> Iterator[Callable[[], str | None]]:
+    gen = torch.Generator().manual_seed(7)
+    for bits, sym, rows, cols in ((4, True, 37, 128), (3, False, 20, 61), (2, True, 9, 7), (8, False, 5, 300)):
+        def probe(bits=bits, sym=sym, rows=rows, cols=cols) -> str | None:
+            x = torch.randn(rows, cols, generator=gen) * torch.rand(rows, 1, generator=gen).add_(0.01)
+            x[0, 0] = 30.0  # an outlier, so clipping wins somewhere
+            x[1, : cols // 2] = 0.0  # exact zeros: |q - x / s| = 0
+            xmin = torch.minimum(x.amin(dim=1), torch.zeros(()))
+            xmax = torch.maximum(x.amax(dim=1), torch.zeros(()))
+            scales, zeros = clip_candidates(xmin, xmax, bits, sym, False)
+            errors = clip_errors(x, scales, zeros, 2**bits - 1)
+            picked = cpu_clip.call(fn, x, scales, zeros, 2**bits - 1, CLIP_NORM)
+            got = errors.gather(0, picked.unsqueeze(0)).squeeze(0)
+            least = errors.min(0).values
+            if not bool((got <= least * (1 + 1e-5) + 1e-30).all()):
+                return f"picked a candidate {float((got / least).max()):.6g}x the least error ({bits} bits, sym={sym})"
+            return None
+        yield probe
+
+
+def _clip_kernel_check(fn) -> str | None:
+    """The clip-search kernel against :func:`clip_errors` on probe rows (once per process)."""
+    return self_check("CPU clip-search kernel", _clip_probes(fn), "not used in this process", logger)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

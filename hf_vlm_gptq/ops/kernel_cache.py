@@ -57,6 +57,7 @@ class KernelSource:
     argtypes: tuple
     required_cpu_flags: tuple[str, ...]
     what: str
+    libs: tuple[str, ...] = ()  # linker inputs, after the source (``-lm``)
 
 
 def cache_dir() -> Path:
@@ -97,7 +98,7 @@ def sha256(data: bytes) -> str:
 def build_inputs(cc: str, src: KernelSource) -> dict:
     """What a build of ``src`` depends on; its hash (the cache key) names the
     entry and is recorded beside it."""
-    inputs = {"sourcesha256": sha256(src.source.read_bytes()), "cflags": list(src.cflags),
+    inputs = {"source_sha256": sha256(src.source.read_bytes()), "cflags": list(src.cflags) + list(src.libs),
               "compiler": compiler_id(cc), "compiler_path": os.path.realpath(cc)}
     return {"key": sha256(json.dumps(inputs, sort_keys=True).encode()), **inputs}
 
@@ -192,7 +193,7 @@ def _compile(cc: str, library: Path, record: Path, inputs: dict, src: KernelSour
     fd, tmp_record = tempfile.mkstemp(prefix=record.name + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        cmd = [cc, *src.cflags, "-o", tmp, str(src.source)]
+        cmd = [cc, *src.cflags, "-o", tmp, str(src.source), *src.libs]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-800:]}")

@@ -1,0 +1,74 @@
+"""The MSE clip search of ``grid.py`` as a C kernel for float32 rows on CPUs with AVX2 + FMA
+(``csrc/clip_search_avx2.c``, compiled on first use; built, cached and loaded by ``kernel_cache.py``).
+
+The torch version evaluates each candidate scale over the whole group with about ten passes over memory,
+``|.| ** 2.4`` as exp and log; the kernel does one pass per row and candidate in registers, with glibc's
+vector ``powf``, rows split over threads. It picks the candidate of least error like the torch version; the
+two sum in different orders, so where two candidates' errors agree to about 1e-6 they may pick differently
+(either is a minimiser to that precision).
+
+Checked once per process before use, by the check ``grid.py`` passes (on probe rows, the error of the
+candidate the kernel picks must be within 1e-5 of the least error the torch version finds). Unavailable (and
+the torch version used) without Linux on x86-64 with AVX2 + FMA, a compiler, or with
+``HF_VLM_GPTQ_CPU_KERNEL=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import kernel_cache
+
+logger = logging.getLogger(__name__)
+
+_P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+KERNEL = kernel_cache.KernelSource(
+    source=Path(__file__).with_name("csrc") / "clip_search_avx2.c",
+    # fast math for the vector powf (glibc declares it only then), but exact division
+    cflags=("-O3", "-mavx2", "-mfma", "-ffast-math", "-fno-reciprocal-math",
+            "-fopenmp", "-shared", "-fPIC"),
+    symbol="hvg_clip_search",
+    argtypes=(_P, _I64, _I64, _P, _P, _I64, _INT, _F, _P, _INT),
+    required_cpu_flags=("avx2", "fma"),
+    what="CPU clip-search kernel",
+    libs=("-lm",),
+)
+SERIAL_ELEMS = 1 << 16  # rows x cols below which one thread does it (fork / join costs more)
+
+# "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
+_state: dict = {}
+
+
+def _load() -> None:
+    kernel_cache.load_kernel(KERNEL, _state)
+
+
+def checked_kernel(check: Callable[[Callable], str | None]):
+    """The kernel once built, loaded and passed ``check(fn)`` (None, else why: it is then not used in this
+    process), looked for once per process; None when unavailable (``_state["reason"]`` says why)."""
+    return kernel_cache.checked_kernel(_state, _load, check)
+
+
+def unavailable_reason(check: Callable[[Callable], str | None]) -> str | None:
+    """Why the kernel cannot run in this process (None when it can)."""
+    return None if checked_kernel(check) is not None else _state["reason"]
+
+
+def call(fn, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: int, norm: float) -> torch.Tensor:
+    """For each row of float32 ``x[rows, cols]`` on the CPU the candidate ``k`` (of float32 ``scales`` /
+    ``zeros`` ``[steps, rows]``) of least error, through the kernel ``fn``."""
+    rows, cols = x.shape
+    steps = scales.shape[0]
+    x, scales, zeros = x.contiguous(), scales.contiguous(), zeros.contiguous()
+    best = torch.empty(rows, dtype=torch.int64)
+    threads = 1 if rows * cols < SERIAL_ELEMS else torch.get_num_threads()
+    rc = fn(x.data_ptr(), rows, cols, scales.data_ptr(), zeros.data_ptr(), steps, maxq, norm, best.data_ptr(),
+            threads)
+    if rc != 0:
+        raise RuntimeError(f"CPU clip-search kernel failed (code {rc}) for rows {rows}, cols {cols}")
+    return best

@@ -1,0 +1,85 @@
+"""The clip-search kernel (ops/cpu_clip.py + csrc/clip_search_avx2.c): the same grid as the torch search,
+used only after its self-check, never when it disagrees, and the torch search where it is unavailable."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from hf_vlm_gptq.ops import cpu_clip, find_params
+from hf_vlm_gptq.ops import grid as G
+from hf_vlm_gptq.ops import kernel_cache as KC
+
+REASON = cpu_clip.unavailable_reason(G._clip_kernel_check)
+needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"clip-search kernel unavailable: {REASON}")
+
+
+def _torch_search(w: torch.Tensor, bits: int, sym: bool, full_range: bool = False):
+    xmin = torch.minimum(w.amin(dim=1), torch.zeros(()))
+    xmax = torch.maximum(w.amax(dim=1), torch.zeros(()))
+    scales, zeros = G.clip_candidates(xmin, xmax, bits, sym, full_range)
+    errors = G.clip_errors(w, scales, zeros, 2**bits - 1)
+    best = errors.argmin(0)
+    rows = torch.arange(w.shape[0])
+    return scales[best, rows], zeros[best, rows], errors
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(cpu_clip, "_state", {})
+
+
+@needs_kernel
+@pytest.mark.parametrize(("bits", "sym", "full_range"), [(4, True, False), (3, False, False), (2, True, True),
+                                                        (8, True, False)])
+@pytest.mark.parametrize("shape", [(300, 128), (7, 5), (64, 2048)])
+def test_the_kernel_picks_a_least_error_grid(bits, sym, full_range, shape):
+    gen = torch.Generator().manual_seed(bits + shape[1])
+    w = torch.randn(*shape, generator=gen) * torch.rand(shape[0], 1, generator=gen).add_(0.01)
+    w[0, 0] = 40.0
+    scale, zero = find_params(w, bits, sym, clip=True, full_range=full_range)  # through the kernel
+    ref_scale, ref_zero, errors = _torch_search(w, bits, sym, full_range)
+    same = scale == ref_scale
+    assert float(same.float().mean()) > 0.98  # other choices only between candidates of equal error
+    xmin = torch.minimum(w.amin(dim=1), torch.zeros(()))
+    xmax = torch.maximum(w.amax(dim=1), torch.zeros(()))
+    scales, _ = G.clip_candidates(xmin, xmax, bits, sym, full_range)
+    picked = (scales == scale.unsqueeze(0)).float().argmax(0)
+    got = errors.gather(0, picked.unsqueeze(0)).squeeze(0)
+    assert bool((got <= errors.min(0).values * (1 + 1e-5)).all())
+    assert torch.equal(zero[same], ref_zero[same])
+
+
+@needs_kernel
+def test_a_kernel_that_picks_wrong_is_never_used(fresh_state, monkeypatch, caplog):
+    calls = []
+
+    def wrong(x, rows, cols, scales, zeros, steps, maxq, norm, best, threads):
+        calls.append(rows)
+        ctypes.memset(best, 0, rows * 8)  # always the unclipped candidate: plausible, often not the least
+        return 0
+
+    monkeypatch.setattr(cpu_clip, "_state", {"lib": wrong})
+    w = torch.randn(50, 64)
+    w[:, 0] = 30.0
+    with caplog.at_level("WARNING"):
+        scale, _ = find_params(w, 4, True, clip=True)
+    ref_scale, _, _ = _torch_search(w, 4, True)
+    assert torch.equal(scale, ref_scale)  # the torch search served
+    assert "self-check" in caplog.text and calls
+    checked = len(calls)
+    find_params(w, 4, True, clip=True)
+    assert len(calls) == checked  # not called again
+    assert "self-check" in cpu_clip.unavailable_reason(G._clip_kernel_check)
+
+
+def test_without_the_kernel_the_torch_search_serves(fresh_state, monkeypatch):
+    monkeypatch.setenv(KC.ENV_SWITCH, "0")
+    w = torch.randn(40, 96)
+    w[3, 3] = 20.0
+    scale, zero = find_params(w, 4, False, clip=True)
+    ref_scale, ref_zero, _ = _torch_search(w, 4, False)
+    assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)
+    assert "disabled" in cpu_clip.unavailable_reason(G._clip_kernel_check)
