@@ -40,16 +40,24 @@ def workload() -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# innermost frames of threads that only wait: a paused forward pass (stepped.py), and the thread that stepped
+# a pass while that pass runs (its work is sampled in the pass's own thread)
+WAITING = ("_Pass.wait_before", "_Pass.step")
+
+
 def innermost_project_frames(raw: Path) -> tuple[collections.Counter, int]:
-    """Samples per innermost `hf_vlm_gptq` function of each stack (py-spy's raw format)."""
+    """Samples per innermost `hf_vlm_gptq` function of each stack (py-spy's raw format), waiting threads
+    left out."""
     counts: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
-        total += int(n)
         project = [f for f in stack.split(";") if "hf_vlm_gptq/" in f]
+        if project and project[-1].split(" (")[0] in WAITING and "stepped.py" in project[-1]:
+            continue
+        total += int(n)
         key = (f"{project[-1].split(' (')[0]} ({project[-1].split('hf_vlm_gptq/')[-1].split(':')[0]})"
                if project else "(no project frame: imports, threads, interpreter)")
         counts[key] += int(n)
