@@ -63,6 +63,25 @@ def test_two_step_training_writes_an_atomic_cache_entry(tmp_path, monkeypatch):
     assert loaded is not None and loaded[2] == path
 
 
+def test_a_shorter_trained_fixture_is_its_own_cache_entry(tmp_path, monkeypatch):
+    """``steps=`` (the harder fixture of bench/accuracy.py --train-steps) trains that many steps into an entry
+    of its own, beside the recipe's."""
+    monkeypatch.setenv("HF_VLM_GPTQ_CACHE", str(tmp_path))
+    monkeypatch.setitem(train_tiny.RECIPE, "steps", 3)
+    monkeypatch.setitem(train_tiny.RECIPE, "eval_items", 10)
+    monkeypatch.setitem(train_tiny.RECIPE, "warmup", 1)
+    monkeypatch.setattr(train_tiny, "SIZES", {"hidden_size": 64, "num_llm_layers": 1, "vision_depth": 1,
+                                              "vision_width": 32})
+    assert train_tiny.cache_key("qwen2_vl", 3) == train_tiny.cache_key("qwen2_vl")  # the recipe's own count
+    assert train_tiny.cache_key("qwen2_vl", 2) != train_tiny.cache_key("qwen2_vl")
+    short = train_tiny.ensure_trained("qwen2_vl", progress=False, steps=2)
+    assert train_tiny.trained_model_path("qwen2_vl") is None  # the recipe's entry is not made
+    assert short == train_tiny.trained_model_path("qwen2_vl", 2)
+    record = json.loads((short / "training.json").read_text())
+    assert record["recipe"]["steps"] == 2 and record["key"] == train_tiny.cache_key("qwen2_vl", 2)
+    assert train_tiny.load_trained("qwen2_vl", steps=2)[2] == short
+
+
 def _trained(arch: str):
     loaded = train_tiny.load_trained(arch)
     if loaded is None:
