@@ -4,10 +4,11 @@ Per enabled component, in the spec's order (vision -> bridge -> LLM):
   1. the conv stem, if any: its inputs are caught from a real forward pass, one Hessian, solve, swap;
   2. the inputs (args and kwargs) of the first block are caught from a real forward pass of the model as
      it is now, so a later component sees the outputs of the already quantized earlier ones;
-  3. per block: per sequential group, replay the block on every caught input (only as far as the group's
-     input) with a hook that feeds the group's Hessian, solve, swap in packed modules (which keep their
-     dequantized weight while the block is being worked on); then replay once more to get the next
-     block's inputs.
+  3. per block (``block_solve.py``): per sequential group, the group's Hessian is fed from the block run on
+     every caught input — one forward pass per input that stops before each group until it is solved
+     (``stepped.py``), or, where that does not apply, one replay per group (only as far as the group's input)
+     and one more for the next block's inputs — then solved, and packed modules swapped in (they keep their
+     dequantized weight while the block is being worked on).
 Only one block (and one group's Hessian) is on the calibration device at a time. When the weights live
 elsewhere (a model larger than the GPU, kept on CPU), the calibration passes of steps 1-2 run module by module
 on the calibration device (offload.py); the caught inputs stay there, one copy at a time.
@@ -16,7 +17,6 @@ on the calibration device (offload.py); the caught inputs stay there, one copy a
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +24,9 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from . import block_solve
 from .arch import ArchSpec, ComponentSpec, find_module, spec_for_model_type
+from .block_solve import BlockSolving
 from .capture import (
     Call,
     CallsPerBatch,
@@ -32,25 +34,21 @@ from .capture import (
     capture_calls,
     capture_chain_calls,
     dense_cache,
-    first_output,
     hidden_of,
     replay,
-    replay_until,
     run_batches,
     with_hidden,
 )
 from .checks import check_part_flags, log_ignored_flags, run_model_checks
 from .config import VLMGPTQConfig
-from .config_fields import PartOptions
 from .events import BlockEnd, BlockStart, CaptureDone, ComponentStart, Listener, ModuleSolved, emit, listen
 from .importance import gradient_token_weights
 from .modality import GroupInputs, TokenInfo
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
 from .offload import ExecutionOffload, same_device
-from .ops import QuantResult, gptq_quantize_shared, rtn_quantize
+from .ops import QuantResult
 from .progress import ProgressBars
 from .report import QuantRecord, RunRecords
-from .stepped import Lane, fits_in_memory, forward_in_steps, hand_over
 from .threads import adaptive_threads
 
 logger = logging.getLogger(__name__)
@@ -79,28 +77,7 @@ def use_offload(config: VLMGPTQConfig, model: nn.Module, device: torch.device) -
     return not same_device(_model_device(model), device)
 
 
-# Feeds one group's Hessian (token weights, per-modality Hessians, GPTAQ's float inputs): modality.py
-_GroupInputs = GroupInputs
-
-
-def _solve(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts: PartOptions,
-           config: VLMGPTQConfig, cross: torch.Tensor | None = None) -> list[QuantResult]:
-    group_size = config.w_groupsize
-    if group_size > weights[0].shape[1]:
-        # One group covers the whole row either way; -1 says so (and ops' dequantize rejects a group wider
-        # than the layer).
-        group_size = -1
-    common = dict(bits=opts.bits, group_size=group_size, sym=config.sym, clip=opts.clip,
-                  full_range=config.sym_full_range and config.sym)
-    if opts.rtn:
-        seen = hessian if tokens > 0 else None  # RTN needs no data; the loss is reported when there was some
-        return [rtn_quantize(w, hessian=seen, **common) for w in weights]
-    return gptq_quantize_shared(weights, hessian, act_order=config.act_order, percdamp=config.percdamp,
-                                block_size=config.block_size, nsamples=tokens, group_order=config.group_order,
-                                gptaq_cross=cross, gptaq_alpha=config.gptaq_alpha, **common)
-
-
-class ComponentQuantizer:
+class ComponentQuantizer(BlockSolving):
     """Quantizes one component of one model; each quantized module is announced as a `ModuleSolved` event
     (events.py), blocks by `CaptureDone` / `BlockStart` / `BlockEnd`."""
 
@@ -172,7 +149,7 @@ class ComponentQuantizer:
         start = time.perf_counter()
         self._tokens(batches)
         first_block = self._blocks()[0][0]  # gradient weighting: the stem's rows are its first block's
-        inputs = _GroupInputs(conv, is_conv=True, drop_first_channel=False, device=self.device,
+        inputs = GroupInputs(conv, is_conv=True, drop_first_channel=False, device=self.device,
                               tokens=self._block_tokens(first_block))
         try:
             with self._forward_on_device():
@@ -181,7 +158,7 @@ class ComponentQuantizer:
             hessian, _ = inputs.close()
         hessian = hessian.to(self.device)
         weight = conv.weight.detach().reshape(conv.weight.shape[0], -1).to(self.device)
-        (result,) = _solve([weight], hessian, inputs.tokens, self.opts, self.config)
+        (result,) = block_solve.solve_weights([weight], hessian, inputs.tokens, self.opts, self.config)
         del hessian
         parent_path, _, name = path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
@@ -263,125 +240,6 @@ class ComponentQuantizer:
             if self.config.gptaq and not self.opts.rtn and (index in fresh or float_hidden is None):
                 float_hidden = [hidden_of(call) for call in calls]  # a part's first block: the same inputs
             float_hidden = self._quantize_block(path, block, calls, keep_dense, float_hidden)
-
-    def _stages(self, block: nn.Module) -> list[list[tuple[str, ...]]]:
-        groups = [tuple(n for n in g if _has(block, n)) for g in self.comp.sequential]
-        groups = [g for g in groups if g]
-        return [[g] for g in groups] if self.config.true_sequential else [groups]
-
-    def _quantize_block(self, path: str, block: nn.Module, calls: list[Call],
-                        keep_dense: Callable[[], None] = lambda: None,
-                        float_hidden: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
-        """Solve every group of `block`. With GPTAQ (`float_hidden`: the float model's hidden states for each
-        call) a float copy of the block runs next to it; returns the float copy's outputs (the next block's
-        float inputs), else None."""
-        if (calls and self.config.true_sequential  # one group per stage: one pass serves them all
-                and fits_in_memory(calls, self.device, 1 if float_hidden is None else 2)):
-            return self._quantize_block_in_one_pass(path, block, calls, keep_dense, float_hidden)
-        float_block = copy.deepcopy(block) if float_hidden is not None else None
-        for stage in self._stages(block):
-            watched = self._watch(path, block, stage, float_block)
-            start = time.perf_counter()
-            keep_dense()
-            layers = [inputs.module for _, _, inputs in watched]
-            if float_block is None:
-                replay_until(block, calls, layers)
-            else:  # call by call: the float copy on the float inputs, then the block on the quantized ones
-                twins = [float_block.get_submodule(names[0]) for names, _, _ in watched]
-                for call, hidden in zip(calls, float_hidden):
-                    replay_until(float_block, [with_hidden(call, hidden)], twins)
-                    replay_until(block, [call], layers)
-            for names, split, inputs in watched:
-                self._solve_group(path, block, names, split, inputs, start)
-        if float_block is None:
-            return None
-        with torch.no_grad():
-            return [first_output(float_block(*with_hidden(call, hidden)[0], **with_hidden(call, hidden)[1]))
-                    for call, hidden in zip(calls, float_hidden)]
-
-    def _quantize_block_in_one_pass(self, path: str, block: nn.Module, calls: list[Call],
-                                    keep_dense: Callable[[], None],
-                                    float_hidden: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-        """The same solves from one forward pass per call (``stepped.py``), with GPTAQ's float copy of the
-        block run the same way beside it; the calls become the next block's. Returns the float copy's outputs
-        (GPTAQ), else None."""
-        float_block = copy.deepcopy(block) if float_hidden is not None else None
-        stages = [self._watch(path, block, stage, float_block, before_call=True) for stage in self._stages(block)]
-        stages = [watched for watched in stages if watched]
-        start = [time.perf_counter()]
-
-        def solve(k: int) -> None:
-            for names, split, inputs in stages[k]:
-                entered = [block.get_submodule(n) for n in names]
-                self._solve_group(path, block, names, split, inputs, start[0])
-                for old, name in zip(entered, names):
-                    hand_over(old, block.get_submodule(name))
-            keep_dense()
-            start[0] = time.perf_counter()
-
-        def feed(k: int, args: tuple) -> None:
-            for _, _, inputs in stages[k]:
-                inputs.add_call(args)
-
-        def feed_float(k: int, args: tuple) -> None:
-            for _, _, inputs in stages[k]:
-                inputs.add_float_call(args)
-
-        def modules(root: nn.Module) -> list[list[nn.Module]]:
-            return [[root.get_submodule(n) for names, _, _ in watched for n in names] for watched in stages]
-
-        lanes = [Lane(block, calls, modules(block), feed)]
-        float_calls: list[Call] = []
-        if float_block is not None:
-            float_calls = [with_hidden(call, hidden) for call, hidden in zip(calls, float_hidden)]
-            lanes.insert(0, Lane(float_block, float_calls, modules(float_block), feed_float))
-        keep_dense()
-        forward_in_steps(lanes, solve)
-        self.advanced = True
-        return None if float_block is None else [hidden_of(call) for call in float_calls]
-
-    def _watch(self, path: str, block: nn.Module, stage: list[tuple[str, ...]], float_block: nn.Module | None,
-               before_call: bool = False) -> list[tuple[list[str], bool, _GroupInputs]]:
-        """The Hessian feeds of one stage's groups (skipped modules left out)."""
-        watched = []
-        for group in stage:
-            names = [n for n in group if not self._skipped(f"{path}.{n}")]
-            if not names:
-                continue
-            split = self.opts.split and self.comp.split_target in names
-            first = block.get_submodule(names[0])
-            twin = float_block.get_submodule(names[0]) if float_block is not None else None
-            watched.append((names, split, _GroupInputs(first, is_conv=False, drop_first_channel=split,
-                                                       tokens=self._block_tokens(path), float_module=twin,
-                                                       before_call=before_call)))
-        return watched
-
-    def _solve_group(self, path: str, block: nn.Module, names: list[str], split: bool, inputs: _GroupInputs,
-                     start: float) -> nn.Module:
-        """Solve one group from its collected inputs and swap its packed modules in; returns the first one."""
-        hessian, cross = inputs.close()
-        linears = [block.get_submodule(n) for n in names]
-        weights = [lin.weight.detach()[:, 1:] if split else lin.weight.detach() for lin in linears]
-        results = _solve(weights, hessian, inputs.tokens, self.opts, self.config, cross=cross)
-        del hessian, cross
-        seconds = (time.perf_counter() - start) / len(names)
-        for name, lin, w, result in zip(names, linears, weights, results):
-            losses = inputs.modality_losses(w, result)
-            swapped, entry = self._swap(block, path, name, lin, result, split=split)
-            key = f"{swapped}.L2" if split else swapped
-            record = self._record(key, "split_linear" if split else "linear", result, lin.out_features,
-                                  result.codes.shape[1], inputs.samples, inputs.tokens, seconds, losses)
-            emit(ModuleSolved(record, swapped, entry))
-        return block.get_submodule(names[0])
-
-
-def _has(block: nn.Module, name: str) -> bool:
-    try:
-        block.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
 
 def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict], *, progress: bool = True,
                    spec: ArchSpec | None = None, select: dict[str, str] | None = None,

@@ -13,12 +13,12 @@ CALIB = 8
 def _quantize(model_dir, samples, *, replays: bool, monkeypatch, gptaq: bool = False, **options):
     from transformers import AutoModelForImageTextToText
 
-    import hf_vlm_gptq.pipeline as pipeline
+    import hf_vlm_gptq.block_solve as block_solve
     from hf_vlm_gptq import VLMGPTQConfig
     from hf_vlm_gptq.api import quantize
 
     if replays:  # the path taken when the passes would not fit in memory
-        monkeypatch.setattr(pipeline, "fits_in_memory", lambda *args: False)
+        monkeypatch.setattr(block_solve, "fits_in_memory", lambda *args: False)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     layer = model.model.language_model.layers[0]  # not the last: its outputs feed the next
     forwards = []

@@ -79,13 +79,13 @@ def test_quantizing_measures_before_each_block_and_restores_the_count(tiny_qwen2
 
     monkeypatch.setattr(threads, "probe_seconds", probe)
     seen = []
-    real_solve = __import__("hf_vlm_gptq.pipeline", fromlist=["_solve"])._solve
+    real_solve = __import__("hf_vlm_gptq.block_solve", fromlist=["solve_weights"]).solve_weights
 
     def solve(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real_solve(*args, **kwargs)
 
-    monkeypatch.setattr("hf_vlm_gptq.pipeline._solve", solve)
+    monkeypatch.setattr("hf_vlm_gptq.block_solve.solve_weights", solve)
     cfg = VLMGPTQConfig(num_samples=3, w_groupsize=32, calibration_device="cpu")
     AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, quantization_config=cfg, dtype=torch.float32)
     blocks = 2 + 1 + 2  # vision blocks, merger, LLM layers of the tiny model

@@ -17,15 +17,12 @@ the torch version used) without Linux on x86-64 with AVX2 + FMA, a compiler, or 
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import kernel_cache
-
-logger = logging.getLogger(__name__)
 
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 KERNEL = kernel_cache.KernelSource(

@@ -66,16 +66,23 @@ class StandIn(B.Backend):
         return self.variants[0]
 
 
-@pytest.fixture
-def stand_ins(monkeypatch):
-    """The CPU order replaced by fast / mid / dequant stand-ins; "fast" is measured against "mid" and the
-    reference, "mid" against the reference only."""
+def install_stand_ins(monkeypatch) -> tuple[StandIn, StandIn, list[str]]:
+    """The CPU order replaced by stand-ins fast / mid / dequant (a table of their own); returns them and the
+    log of their calls."""
     log: list[str] = []
     fast, mid = StandIn("fast", ("fast",), log), StandIn("mid", ("mid",), log)
     monkeypatch.setitem(B.BACKENDS, "fast", fast)
     monkeypatch.setitem(B.BACKENDS, "mid", mid)
     monkeypatch.setitem(B.DISPATCH, "cpu", ("fast", "mid", "dequant"))
     monkeypatch.setitem(B.MAX_BATCH, "cpu", {"fast": {"mid": 3, "uncached": 8}, "mid": {"uncached": 5}})
+    return fast, mid, log
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """The CPU order replaced by fast / mid / dequant stand-ins; "fast" is measured against "mid" and the
+    reference, "mid" against the reference only."""
+    fast, mid, log = install_stand_ins(monkeypatch)
     module = QuantLinear.from_result(rtn_quantize(torch.randn(16, 32), bits=4, group_size=32), None, torch.float32)
     return module, fast, mid, log
 

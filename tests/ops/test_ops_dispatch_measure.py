@@ -16,7 +16,7 @@ from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops.backends import dispatch_cache as C
 from hf_vlm_gptq.ops.backends import measure as M
 
-from .test_ops_backends import StandIn
+from .test_ops_backends import install_stand_ins
 
 MS = 1e-3
 
@@ -40,12 +40,7 @@ def _module(out_f: int = 16, in_f: int = 32, bits: int = 4, dtype=torch.float32,
 def fake_times(monkeypatch):
     """Stand-ins fast / mid / dequant on CPU with a table of their own, and the timer replaced by
     ``times[name][batch]`` (ms); returns (times, the batches timed, the stand-ins)."""
-    log: list[str] = []
-    fast, mid = StandIn("fast", ("fast",), log), StandIn("mid", ("mid",), log)
-    monkeypatch.setitem(B.BACKENDS, "fast", fast)
-    monkeypatch.setitem(B.BACKENDS, "mid", mid)
-    monkeypatch.setitem(B.DISPATCH, "cpu", ("fast", "mid", "dequant"))
-    monkeypatch.setitem(B.MAX_BATCH, "cpu", {"fast": {"mid": 3, "uncached": 8}, "mid": {"uncached": 5}})
+    fast, mid, _ = install_stand_ins(monkeypatch)
     times = {  # fast wins at 1 and 4 rows, mid at 16 and 64, dequant at 256: not what the table says
         "fast": dict(zip(M.BATCHES, (1, 2, 9, 40, 400))),
         "mid": dict(zip(M.BATCHES, (2, 3, 5, 20, 300))),

@@ -1,0 +1,63 @@
+"""The matrices GPTQ's column sweep (``gptq.py``) is built from: the group-aware column order, the upper
+inverse Cholesky factor ``U`` of the damped Hessian, and GPTAQ's correction ``P`` (see ``gptq.py``'s module
+docstring for the algorithm they serve)."""
+
+from __future__ import annotations
+
+import torch
+
+from .result import all_finite
+
+__all__ = ["GPTAQ_ALPHA", "gptaq_correction", "group_aware_order", "upper_inverse_cholesky"]
+
+GPTAQ_ALPHA = 0.25  # the published default scale of the asymmetry term
+
+
+def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-aware column order for ``diag`` = ``diag(H)`` [n]: ``(perm [n], group_perm [G])``.
+
+    ``perm[pos]`` is the column solved at position ``pos``; the groups (``col // group_size``) stay
+    contiguous, taken in ``group_perm`` order: full groups by decreasing largest ``diag``, a partial last
+    group last; inside a group columns go by decreasing ``diag``. Sorts are stable (ties keep column
+    order). One group (``group_size`` -1 or >= n): ``perm`` is act-order's ``argsort(diag, descending)``.
+    """
+    n = diag.shape[0]
+    if group_size == -1 or group_size >= n:
+        return torch.argsort(diag, descending=True, stable=True), torch.zeros(1, dtype=torch.long, device=diag.device)
+    full = n // group_size
+    blocks = diag[: full * group_size].view(full, group_size)
+    group_perm = torch.argsort(blocks.amax(1), descending=True, stable=True)
+    within = torch.argsort(blocks, dim=1, descending=True, stable=True)
+    starts = torch.arange(full, device=diag.device).unsqueeze(1) * group_size
+    perm = (within + starts)[group_perm].reshape(-1)
+    if full * group_size < n:
+        tail = diag[full * group_size :]
+        perm = torch.cat([perm, full * group_size + torch.argsort(tail, descending=True, stable=True)])
+        group_perm = torch.cat([group_perm, torch.tensor([full], device=diag.device)])
+    return perm, group_perm
+
+
+def gptaq_correction(cross: torch.Tensor, u: torch.Tensor, alpha: float = GPTAQ_ALPHA) -> torch.Tensor:
+    """GPTAQ's ``P = alpha * triu(cross @ U^T, 1) @ U`` (strictly upper triangular; see the module docstring)."""
+    return torch.triu(cross @ u.t(), diagonal=1).matmul(u).mul_(alpha)
+
+
+def upper_inverse_cholesky(h: torch.Tensor, damp: float = 0.0) -> torch.Tensor | None:
+    """Upper-triangular ``U`` with ``U^T U = (h + damp I)^-1``, or None when that matrix is not
+    (numerically) positive definite. ``h`` is not modified; peak extra memory is ~3 matrices."""
+    flipped = h.flip(0, 1)  # a copy; J (h + damp I) J has the same diagonal, reversed
+    flipped.diagonal().add_(damp)
+    lower, info = torch.linalg.cholesky_ex(flipped)
+    del flipped
+    if int(info) != 0:
+        return None
+    # numerically singular (e.g. percdamp=0 on a rank-deficient H): the inverse would be rounding noise.
+    # A damped Hessian has pivots^2 >= damp * mean(diag), far above this unless max/mean diag > damp / eps.
+    tol = torch.finfo(h.dtype).eps * (float(h.diagonal().abs().max()) + damp)
+    if float(lower.diagonal().min()) ** 2 <= tol:
+        return None
+    inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    torch.linalg.solve_triangular(lower, inv, upper=False, out=inv)  # L^-1, in place
+    del lower
+    u = inv.flip(0, 1)
+    return u if all_finite(u) else None
