@@ -8,7 +8,11 @@ once, when torch is imported, so a library cannot set it (the `hf-vlm-gptq` comm
 `hf_vlm_gptq_launcher.py`). What a library can do is choose the thread count: `AdaptiveThreads` takes one
 thread while Linux reports CPU pressure (other work waiting for the cores), else times a few parallel ops
 with the caller's thread count and with one thread and keeps the faster; it re-decides before each block
-and gives the caller's count back at the end. `HF_VLM_GPTQ_ADAPTIVE_THREADS=0` switches it off.
+and gives the caller's count back at the end. The probe is compute-bound (a sine over a few hundred KB per
+op, one barrier per op), so on free cores more threads clearly win (a memory-bound probe gains little from a
+second thread and made the choice a coin toss), and beside a busy process every op waits for the
+descheduled peer. The pressure shortcut is set above what this process's own threads cause on free cores
+(a few %). `HF_VLM_GPTQ_ADAPTIVE_THREADS=0` switches it off.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AdaptiveThreads", "adaptive_threads", "probe_seconds"]
 
-_PROBE_ELEMENTS = 1 << 20  # 4 MB of float32: split over the threads by torch's parallel_for
+_PROBE_ELEMENTS = 1 << 18  # 1 MB of float32: split over the threads by torch's parallel_for
 _PROBE_OPS = 24
 _KEEP_MORE_IF_FASTER = 0.85  # more threads must beat one thread by 15% to be kept
-_BUSY_PRESSURE_PCT = 5.0  # PSI "some avg10" above this: other work is waiting for the cores
+# PSI "some avg10" above this: work is waiting for the cores. This process's own threads on free cores read
+# 2-6 % on a 2-core host; one CPU-bound process beside our threads, tens of %.
+_BUSY_PRESSURE_PCT = 20.0
 
 
 def cpu_pressure() -> float | None:
@@ -42,13 +48,15 @@ def cpu_pressure() -> float | None:
 
 
 def probe_seconds(threads: int, buffer: torch.Tensor) -> float:
-    """Wall time of a fixed run of small parallel ops with `threads` intra-op threads (the best of two)."""
+    """Wall time of a fixed run of small compute-bound parallel ops with `threads` intra-op threads (the best
+    of two)."""
     torch.set_num_threads(threads)
+    out = torch.empty_like(buffer)
     best = float("inf")
     for _ in range(2):
         start = time.perf_counter()
         for _ in range(_PROBE_OPS):
-            buffer.mul_(1.0000001)
+            torch.sin(buffer, out=out)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -61,7 +69,7 @@ class AdaptiveThreads:
         self.enabled = (enabled and self.initial > 1
                         and os.environ.get("HF_VLM_GPTQ_ADAPTIVE_THREADS", "1") != "0")
         self.current = self.initial
-        self._buffer = torch.ones(_PROBE_ELEMENTS) if self.enabled else None
+        self._buffer = torch.linspace(0, 100, _PROBE_ELEMENTS) if self.enabled else None
 
     def refresh(self) -> int:
         """Measure both counts now, keep the faster one; returns the thread count in use.

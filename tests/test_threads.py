@@ -103,3 +103,16 @@ def test_the_command_asks_for_passive_waiting_unless_the_user_chose(monkeypatch)
     assert hf_vlm_gptq_launcher.main() == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert hf_vlm_gptq_launcher.main() == "ACTIVE"
+
+
+def test_the_pressure_our_own_threads_cause_on_free_cores_does_not_take_them(two_threads, monkeypatch):
+    """A 2-core host reads a few % of CPU pressure from this process's own threads alone: the probes decide
+    there; tens of % (another process wants the cores) still give one thread at once."""
+    monkeypatch.setattr(threads, "probe_seconds", fake_probe({"many": 0.006, 1: 0.010}))
+    monkeypatch.setattr(threads, "cpu_pressure", lambda: 6.0)
+    with threads.adaptive_threads():
+        assert torch.get_num_threads() == 2
+    monkeypatch.setattr(threads, "cpu_pressure", lambda: 35.0)
+    with threads.adaptive_threads():
+        assert torch.get_num_threads() == 1
+
