@@ -15,8 +15,8 @@ Implementation notes (same math, less work):
   own lazy update, so rank-1 updates only touch a few columns.
 
 On CUDA the column sweep runs as a fused Triton kernel (``triton_gptq.py``: one launch per block instead
-of a few launches per column) when it applies (float32, Triton importable); otherwise, and on CPU, the
-torch loop below.
+of a few launches per column) when it applies (float32, Triton importable); on CPUs with AVX2 + FMA each
+group's columns go through one call of a C kernel (``cpu_gptq.py``; float32); otherwise the torch loop below.
 
 Options (each off by default; each reduces to the plain algorithm when it has nothing to do):
 
@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from . import cpu_gptq
 from .gptq_matrices import GPTAQ_ALPHA, gptaq_correction, group_aware_order, upper_inverse_cholesky
 from .grid import find_params, num_groups
 from .result import (
@@ -93,11 +95,12 @@ def _cut_points(start: int, stop: int, step: int, group_size: int) -> list[int]:
 
 def _gptq_columns(
     w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int,
-    full_range: bool = False, p: torch.Tensor | None = None,
+    full_range: bool = False, p: torch.Tensor | None = None, kernel: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over ``w[out, n]`` (columns in processing order; not modified).
 
-    ``p``: GPTAQ's asymmetry matrix (:func:`gptaq_correction`, processing order) or None.
+    ``p``: GPTAQ's asymmetry matrix (:func:`gptaq_correction`, processing order) or None. ``kernel``: the
+    CPU column kernel (``cpu_gptq.py``) that runs each group's columns in one call, or None for the torch loop.
     Returns ``codes uint8 [out, n]``, ``scales [out, G]``, ``zeros [out, G]`` (float, w's dtype) and the
     dequantized weight transposed, ``q_t [n, out]``.
     """
@@ -120,14 +123,18 @@ def _gptq_columns(
         err1 = torch.empty_like(w1)
         pre1 = torch.empty_like(w1) if p is not None else None  # GPTAQ: the columns before rounding
         p1 = p[i1:i2, i1:i2] if p is not None else None
-        cuts = _cut_points(i1, i2, _SUB_BLOCK, group_size)
+        # the kernel updates a whole range as it goes: cut at group starts only
+        cuts = _cut_points(i1, i2, i2 - i1 if kernel is not None else _SUB_BLOCK, group_size)
         for s1, s2 in itertools.pairwise(cuts):
             if group_size > 0 and s1 % group_size == 0:
                 gi = s1 // group_size
                 scale, zero = find_params(wt[s1 : min(s1 + group_size, n)].t(), bits, sym, clip, full_range)
                 scales[gi], zeros[gi] = scale, zero
             a, b = s1 - i1, s2 - i1
-            for j in range(a, b):
+            if kernel is not None:
+                cpu_gptq.call(kernel, w1[a:b], u1[a:b, a:b], scale, zero, maxq, codes_t[i1 + a : i1 + b], err1[a:b],
+                              None if pre1 is None else pre1[a:b], None if p1 is None else p1[a:b, a:b])
+            for j in range(a, b) if kernel is None else ():
                 col = w1[j]
                 code = torch.clamp(torch.round(col / scale) + zero, 0, maxq)
                 codes_t[i1 + j] = code
@@ -166,6 +173,7 @@ def _use_triton_sweep(w: torch.Tensor) -> bool:
 # device -> whether the fused sweep agreed with the torch loop on its first layer there (checked once)
 _sweep_verified: dict[str, bool] = {}
 SWEEP_AGREEMENT = 0.999  # share of identical codes (rounding ties may flip a few)
+KERNEL_AGREEMENT = 0.99  # the same on the CPU kernel's small probe layers (a flip moves the later columns)
 
 
 def _column_sweep(
@@ -178,7 +186,7 @@ def _column_sweep(
     this process."""
     if (full_range or p is not None or not _use_triton_sweep(w)
             or _sweep_verified.get(str(w.device)) is False):
-        return _gptq_columns(w, u, bits, group_size, sym, clip, block_size, full_range, p)
+        return _gptq_columns(w, u, bits, group_size, sym, clip, block_size, full_range, p, _cpu_kernel(w))
     from .triton_gptq import gptq_columns_triton
 
     fused = gptq_columns_triton(w, u, bits, group_size, sym, clip, block_size)
@@ -196,6 +204,38 @@ def _column_sweep(
     ok = self_check("fused Triton GPTQ sweep", [agrees], "using the torch loop", logger) is None
     _sweep_verified[str(w.device)] = ok
     return fused if ok else torch_loop
+
+
+def _cpu_kernel(w: torch.Tensor) -> Callable | None:
+    """The CPU column kernel for float32 CPU weights once it passed its check in this process, else None."""
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return None
+    return cpu_gptq.checked_kernel(_cpu_kernel_check)
+
+
+def _cpu_kernel_probes(fn) -> Iterator[Callable[[], str | None]]:
+    gen = torch.Generator().manual_seed(11)
+    for bits, group, sym, gptaq, out, n in ((4, 32, True, False, 45, 70), (3, 16, False, True, 300, 64),
+                                             (8, -1, True, False, 9, 40)):
+        def probe(bits=bits, group=group, sym=sym, gptaq=gptaq, out=out, n=n) -> str | None:
+            w = torch.randn(out, n, generator=gen)
+            x = torch.randn(4 * n, n, generator=gen)
+            h = x.t() @ x / x.shape[0]
+            u = upper_inverse_cholesky(h, 0.01 * float(h.diagonal().mean()))
+            p = gptaq_correction(0.1 * torch.randn(n, n, generator=gen) @ h, u) if gptaq else None
+            ref = _gptq_columns(w, u, bits, group, sym, True, 32, p=p)
+            got = _gptq_columns(w, u, bits, group, sym, True, 32, p=p, kernel=fn)
+            agreement = float((ref[0] == got[0]).float().mean())
+            if agreement < KERNEL_AGREEMENT or not bool(torch.allclose(got[3], ref[3], rtol=1e-3, atol=1e-3)):
+                return (f"its sweep disagrees with the torch loop ({bits} bits, group {group}, GPTAQ {gptaq}): "
+                        f"{agreement:.4f} of codes equal")
+            return None
+        yield probe
+
+
+def _cpu_kernel_check(fn) -> str | None:
+    """The CPU column kernel against the torch loop on probe layers (once per process)."""
+    return self_check("CPU GPTQ column kernel", _cpu_kernel_probes(fn), "using the torch loop", logger)
 
 
 def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ RECORD_FORMAT = 1
 _COMPILE_TIMEOUT_S = 120
 _STALE_TMP_S = 600  # a temporary file this old belongs to a build that was killed
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: one kernel's self-check may run another kernel (and its check)
 
 
 @dataclass(frozen=True)
