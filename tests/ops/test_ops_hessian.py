@@ -188,3 +188,28 @@ def test_cuda_out_dtype_path_matches_fp32_accumulation(dtype):
     assert _rel(half.hessian.cpu(), fp32.hessian) <= 1e-5
     with pytest.raises(ValueError, match="non-finite"):
         half.add_batch(torch.full((2, 512), math.nan, device="cuda").to(dtype))
+
+
+@pytest.mark.parametrize("columns", [100, 384, 700, 1030, 2048])
+def test_the_triangular_update_equals_one_product(columns):
+    """On CPU a wide Hessian multiplies only its upper block triangle and mirrors it: the same matrix as one
+    addmm_ (to rounding), exactly symmetric outside the diagonal blocks, through the accumulator too."""
+    from hf_vlm_gptq.ops.hessian import _TRIANGLE_BLOCK, _TRIANGLE_FROM, add_xtx
+
+    gen = torch.Generator().manual_seed(columns)
+    x = torch.randn(2, 150, columns + 1, generator=gen)[..., 1:].reshape(-1, columns)  # a strided view (split)
+    base = torch.randn(columns, columns, generator=gen)
+    h = base + base.t()
+    ref = h.clone().addmm_(x.t(), x, alpha=0.25)
+    add_xtx(h, x, 0.25)
+    torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-4)
+    if columns >= _TRIANGLE_FROM:
+        block = _TRIANGLE_BLOCK if columns >= 1024 else _TRIANGLE_BLOCK // 2
+        off = torch.ones(columns, columns, dtype=torch.bool)
+        for i in range(0, columns, block):
+            off[i : i + block, i : i + block] = False
+        assert torch.equal(h[off], h.t()[off])
+    acc = HessianAccumulator(columns)
+    acc.add_batch(x)
+    torch.testing.assert_close(acc.hessian, torch.zeros(columns, columns).addmm_(x.t(), x, alpha=2 / x.shape[0]),
+                               rtol=1e-5, atol=1e-5)
