@@ -142,6 +142,7 @@ class GroupInputs:
             self.derived = max(present, key=lambda m: tokens.counts[m])
             del self.by_modality[self.derived]
         self.derived_rows = 0
+        self.derived_rows_all = False  # after close(): every row labelled, the derived modality's loss computable
         self.unlabelled_rows = 0
         self.modality_hessians: dict[int, tuple[torch.Tensor, int]] = {}  # after close(): (H_m, n_m)
         self.samples = 0  # calls seen
@@ -205,21 +206,19 @@ class GroupInputs:
         self.modality_hessians = {m: (acc.hessian, acc.nsamples) for m, acc in self.by_modality.items()
                                   if acc.nsamples}
         self.by_modality = {}
-        if self.derived is not None and self.derived_rows and not self.unlabelled_rows:
-            # every row labelled: the rows of H are exactly the modalities' rows
-            rest = hessian * self.tokens
-            for h, n in self.modality_hessians.values():
-                rest -= h * n
-            self.modality_hessians[self.derived] = (rest / self.derived_rows, self.derived_rows)
+        # every row labelled: H is the row-weighted mean of the modalities' Hessians, so the derived modality's
+        # loss is the layer's loss minus the others' (no matrix, no product of its own)
+        self.derived_rows_all = bool(self.derived is not None and self.derived_rows and not self.unlabelled_rows)
         return hessian, cross
 
     def modality_losses(self, weight: torch.Tensor, result: QuantResult) -> dict[str, float]:
-        """``loss_image`` / ``loss_video`` / ``loss_text`` of one solved layer (``weight`` as solved)."""
-        if not self.modality_hessians or not self.tokens:
+        """``loss_image`` / ``loss_video`` / ``loss_text`` of one solved layer (``weight`` as solved; the
+        modality derived from the others gets ``result.loss`` minus theirs)."""
+        if not self.tokens or not (self.modality_hessians or self.derived_rows_all):
             return {}
-        quantized = result.dequantize()
-        out = {}
-        for m in sorted(self.modality_hessians):
-            h, n = self.modality_hessians[m]
-            out[f"loss_{MODALITIES[m]}"] = proxy_loss(weight, quantized, h.to(weight.device)) * n / self.tokens
-        return out
+        quantized = result.dequantize() if self.modality_hessians else None
+        by_modality = {m: proxy_loss(weight, quantized, h.to(weight.device)) * n / self.tokens
+                       for m, (h, n) in self.modality_hessians.items()}
+        if self.derived_rows_all:
+            by_modality[self.derived] = max(0.0, result.loss - sum(by_modality.values()))
+        return {f"loss_{MODALITIES[m]}": by_modality[m] for m in sorted(by_modality)}
