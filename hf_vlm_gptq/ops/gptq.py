@@ -106,6 +106,8 @@ def _gptq_columns(
     """
     out_f, n = w.shape
     maxq = 2**bits - 1
+    if kernel is not None:  # it reads rows of u and p
+        u, p = u.contiguous(), None if p is None else p.contiguous()
     # private transposed copy (row j = column j). Row j is dead once column j is quantized, so it is
     # overwritten with the dequantized column: at the end wt holds Q^T.
     wt = torch.empty(n, out_f, dtype=w.dtype, device=w.device).copy_(w.t())

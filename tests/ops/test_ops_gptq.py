@@ -243,6 +243,22 @@ def test_default_damping_is_enough_for_rank_deficient_outlier_hessians():
     assert res.method == "gptq" and res.damp == 0.01
 
 
+@pytest.mark.parametrize("n", [7, 256, 300, 700])
+def test_the_triangular_inverse_by_halves_is_the_inverse(n):
+    """Above its leaf size the CPU inverse goes by halves and products: the float64 inverse to float32
+    rounding, exactly lower-triangular, row-major whatever layout LAPACK handed over (the CPU sweep reads rows)."""
+    from hf_vlm_gptq.ops.gptq_matrices import lower_inverse
+
+    h = correlated_hessian(n, seed=n)
+    lower64 = torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=h.dtype))
+    ref = torch.linalg.solve_triangular(lower64, torch.eye(n, dtype=torch.float64), upper=False)
+    lower = torch.linalg.cholesky_ex(lower64.float() @ lower64.float().t())[0]
+    got = lower_inverse(lower)
+    assert got.is_contiguous() and bool((got.triu(1) == 0).all())
+    assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert torch.allclose(got.double() @ lower64, torch.eye(n, dtype=torch.float64), atol=1e-3)
+
+
 def test_upper_inverse_cholesky_applies_damping_without_touching_its_input():
     h = correlated_hessian(40, seed=23)
     h0 = h.clone()
