@@ -32,8 +32,11 @@ class StopForward(Exception):
 
 @torch.no_grad()
 def run_batches(model: nn.Module, watched: nn.Module, batches: list[dict],
-                calls_per_batch: CallsPerBatch | None = None, input_device: torch.device | None = None) -> None:
-    """Run the model on each batch, ending each pass once `watched` has finished its expected calls.
+                calls_per_batch: CallsPerBatch | None = None, input_device: torch.device | None = None,
+                stop_before: bool = False) -> None:
+    """Run the model on each batch, ending each pass once `watched` has finished its expected calls (with
+    `stop_before`, as soon as its last expected call begins: when only its inputs are wanted, after the
+    forward pre-hooks registered before this call have seen them).
 
     `calls_per_batch(batch)` says how often `watched` runs in one pass (a vision tower runs once for the
     images and once more for the videos of a sample); batches where it never runs are not run at all.
@@ -46,7 +49,7 @@ def run_batches(model: nn.Module, watched: nn.Module, batches: list[dict],
         if remaining[0] <= 0:
             raise StopForward
 
-    handle = watched.register_forward_hook(count)
+    handle = (watched.register_forward_pre_hook(count) if stop_before else watched.register_forward_hook(count))
     input_device = input_device or next(model.parameters()).device
     try:
         for batch in batches:
@@ -73,7 +76,7 @@ def capture_calls(model: nn.Module, target: nn.Module, batches: list[dict], devi
 
     handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
-        run_batches(model, target, batches, calls_per_batch, input_device)
+        run_batches(model, target, batches, calls_per_batch, input_device, stop_before=True)
     finally:
         handle.remove()
     return calls

@@ -86,6 +86,21 @@ def test_run_batches_stops_once_the_watched_block_ran():
     assert model.runs == [] and not model.blocks[0]._forward_hooks
 
 
+def test_capturing_a_blocks_inputs_does_not_run_it():
+    """Only the inputs of the watched block are wanted: each pass ends as its last expected call begins."""
+    model = Toy()
+    ran = []
+    model.blocks[1].register_forward_hook(lambda *_: ran.append(1))
+    calls = capture_calls(model, model.blocks[1], _batches(2), torch.device("cpu"))
+    assert len(calls) == 2 and ran == [] and model.runs == [0, 1, 0, 1]  # reached, never run
+    twice = Toy(n_blocks=2)
+    twice.blocks[1] = twice.blocks[0]
+    twice.blocks[0].register_forward_hook(lambda *_: ran.append(1))
+    assert len(capture_calls(twice, twice.blocks[0], _batches(1), torch.device("cpu"),
+                             calls_per_batch=lambda b: 2)) == 2
+    assert ran == [1]  # its first call ran, the second was caught and not run
+
+
 def test_capture_calls_are_the_real_inputs():
     model = Toy()
     batches = _batches(2)
