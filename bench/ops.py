@@ -4,6 +4,7 @@
     python -m bench.ops --kernels  # only the CUDA kernel rows (bench/ops_kernels.py; ~60 s on an H200)
     python -m bench.ops --kernels --small   # those rows on tiny shapes (CPU: Triton interpreter, a dry run)
     python -m bench.ops --dispatch # only the measured-dispatch rows (bench/ops_dispatch.py; 1-5 minutes)
+    python -m bench.ops --dequant  # only the dequantization rows (~30 s)
 
 Solve: a 4096x4096 and a 4096->11008 layer (weight [11008, 4096]), 4-bit, group 128, symmetric, Hessian
 from random correlated inputs. Ours is ``gptq_quantize`` end to end, including its exact proxy loss
@@ -19,6 +20,10 @@ Matmul: a 4096x4096 layer, batch (rows) 1 / 4 / 16 / 64 / 256 / 1024, bf16 activ
 CPUs that have it), auto with a dense cache, and each path forced. The variants are timed
 round-robin, call by call, and the 10th percentile is reported: the host is shared with other jobs, and
 interleaving plus a low percentile keeps their load from landing on one variant only.
+
+Dequantization: ``dequantize_weight`` of the 4096x4096 4-bit g128 layer to bf16 and fp32, the torch path
+against the C kernel (``ops/cpu_dequant.py``), with 1 and 2 threads, in turns, p10 and median; each call
+allocates its output as the library's callers do.
 
 Then the dispatch rows of bench/ops_dispatch.py (the batch ranges measured on this host next to the table's,
 and "auto" with measuring on and off vs dense bf16). With a GPU the run ends with the kernel rows of
@@ -39,7 +44,7 @@ from bench._common import correlated_hessian
 from bench.harness import Stopwatch, cpu_info, device_tag, loadavg, repeat, round_robin, write_results
 from bench.ops_dispatch import run_dispatch
 from bench.reference_gptq import fasterquant, proxy_loss
-from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
+from hf_vlm_gptq.ops import QuantLinear, cpu_dequant, gptq_quantize, packing, rtn_quantize
 from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, LayerShape
 
 logger = logging.getLogger("bench.ops")
@@ -156,6 +161,51 @@ def bench_bits(device: str, n: int = 4096) -> list[dict]:
     return rows
 
 
+def _torch_dequant(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+    """``module.dequantize_weight(dtype)`` through the torch path (the kernel's state set aside for the call)."""
+    saved = cpu_dequant._state
+    cpu_dequant._state = {"ready": True, "reason": "bench: the torch path"}
+    try:
+        return module.dequantize_weight(dtype)
+    finally:
+        cpu_dequant._state = saved
+
+
+def bench_dequant(n: int = 4096) -> list[dict]:
+    """The weight of one packed layer to bf16 / fp32: the torch path vs the CPU kernel, 1 and 2 threads."""
+    module = QuantLinear.from_result(rtn_quantize(torch.randn(n, n, generator=torch.Generator().manual_seed(0)),
+                                                  bits=BITS, group_size=GROUP), None, torch.bfloat16)
+    reason = cpu_dequant.unavailable_reason(packing._dequant_kernel_check)
+    if reason is not None:
+        logger.info("dequantization rows skipped: %s", reason)
+        return []
+    rows, threads = [], torch.get_num_threads()
+    try:
+        for nthreads in (1, 2):
+            torch.set_num_threads(nthreads)
+            for dtype in (torch.bfloat16, torch.float32):
+                fns = {"torch": lambda d=dtype: _torch_dequant(module, d),
+                       "kernel": lambda d=dtype: module.dequantize_weight(d)}
+                timing = round_robin(fns, device="cpu", min_time=2.0, block=3, skip=1, warmup=1, min_rounds=4)
+                row = {"dtype": str(dtype).removeprefix("torch."), "threads": nthreads}
+                for name, t in timing.items():
+                    row[f"{name}_ms"], row[f"{name}_median_ms"] = t.p10 * 1e3, t.median * 1e3
+                row["speedup"] = row["torch_ms"] / row["kernel_ms"]
+                rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def render_dequant(rows: list[dict]) -> str:
+    lines = ["dequantize_weight of a 4096x4096 4-bit g128 layer, ms per call (p10 / median)", "",
+             "| dtype | threads | torch path | kernel | speedup (p10) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dtype']} | {r['threads']} | {r['torch_ms']:.1f} / {r['torch_median_ms']:.1f} | "
+                     f"{r['kernel_ms']:.1f} / {r['kernel_median_ms']:.1f} | {r['speedup']:.1f}x |")
+    return "\n".join(lines)
+
+
 def run_kernels(small: bool) -> None:
     """The kernel rows (bench.ops_kernels); ``small``: tiny shapes, in the Triton interpreter without CUDA."""
     if small:  # before the Triton kernel modules are imported: on a host without CUDA, use the interpreter
@@ -218,6 +268,7 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="only the kernel rows (bench/ops_kernels.py)")
     parser.add_argument("--small", action="store_true", help="kernel rows on tiny shapes (a dry run)")
     parser.add_argument("--dispatch", action="store_true", help="only the measured-dispatch rows (CPU)")
+    parser.add_argument("--dequant", action="store_true", help="only the dequantization rows (CPU)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.kernels:
@@ -226,13 +277,17 @@ def main() -> None:
     if args.dispatch:
         run_dispatch()
         return
+    if args.dequant:
+        logger.info("%s", render_dequant(bench_dequant()))
+        return
     wall = Stopwatch.started()
     load_before = loadavg()
     solves = [bench_solve(4096, 4096), bench_solve(11008, 4096)]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     matmuls = [row for device in devices for row in bench_matmul(device)]
     other_bits = [row for device in devices for row in bench_bits(device)]
-    table = render(solves, matmuls) + "\n\n" + render_bits(other_bits)
+    dequant = bench_dequant()
+    table = render(solves, matmuls) + "\n\n" + render_bits(other_bits) + "\n\n" + render_dequant(dequant)
     logger.info("%s", table)
     meta = {
         "cpu": cpu_info(),  # which CPU the rows were measured on (model, kernel flags, cores)
@@ -245,7 +300,7 @@ def main() -> None:
         or "available",
         "wall_s": round(wall.seconds, 1),
     }
-    payload = {"meta": meta, "solve": solves, "matmul": matmuls, "other_bits": other_bits}
+    payload = {"meta": meta, "solve": solves, "matmul": matmuls, "other_bits": other_bits, "dequant": dequant}
     path = write_results("ops", payload, f"# ops benchmark ({device_tag()}; CPU: {meta['cpu']['model']}, "
                          f"flags {' '.join(meta['cpu']['flags'])})\n\n{table}\n\n`{json.dumps(meta)}`\n")
     logger.info("wrote %s (%.0f s)", path, meta["wall_s"])

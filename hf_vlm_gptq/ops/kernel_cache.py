@@ -43,7 +43,9 @@ RECORD_FORMAT = 1
 _COMPILE_TIMEOUT_S = 120
 _STALE_TMP_S = 600  # a temporary file this old belongs to a build that was killed
 
-_lock = threading.RLock()  # reentrant: one kernel's self-check may run another kernel (and its check)
+# reentrant: a kernel's self-check may itself look for another kernel (the matmul kernels' probes dequantize
+# through the dequantization kernel), in the same thread, while the first one's look-up holds the lock
+_lock = threading.RLock()
 
 
 @dataclass(frozen=True)

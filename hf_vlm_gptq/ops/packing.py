@@ -25,12 +25,16 @@ wrapping modulo ``2**bits`` (readers that add 1 without wrapping see ``2**bits``
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable, Iterator
 
 import torch
 
+from . import cpu_dequant
 from .grid import check_bits
+from .selfcheck import self_check
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +235,21 @@ def dequantize_packed(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The weight ``[out, in]`` (contiguous) in ``dtype``: ``scale * (code - zero)`` computed in float32
-    (``code - zero`` is exact, so a single rounding) and cast once, chunk by chunk of rows. This is the
-    reference every matmul path of the packed modules must match."""
+    (``code - zero`` is exact, so a single rounding) and cast once. This is the reference every matmul path
+    of the packed modules must match. On the CPU the C kernel of ``cpu_dequant.py`` computes it where it
+    serves the layer and passed its self-check (bit for bit the torch path's result), else the torch path."""
+    args = (qweight, qzeros, scales, g_idx, bits, in_features, out_features, dtype)
+    if cpu_dequant.serves(*args):
+        fn = cpu_dequant.checked_kernel(_dequant_kernel_check)
+        if fn is not None:
+            return cpu_dequant.call(fn, *args)
+    return _dequantize_torch(*args, group_size)
+
+
+def _dequantize_torch(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                      bits: int, in_features: int, out_features: int, dtype: torch.dtype,
+                      group_size: int) -> torch.Tensor:
+    """:func:`dequantize_packed` in torch, chunk by chunk of rows (any device, any bit width)."""
     codes = unpack_codes(qweight, bits, in_features)
     zeros = unpack_zeros(qzeros, bits, out_features).t().float()  # [out, G]
     s = scales.t().float()
@@ -255,3 +272,50 @@ def dequantize_packed(
             torch.sub(c, zeros[r1:r2][:, idx], out=b).mul_(s[r1:r2][:, idx])
         o.copy_(b)
     return out
+
+
+# (bits, in, out, group_size, act_order): the kernel's 8 x 8 blocks, partial groups, input widths and output
+# widths not multiples of 8, one row, and a layer large enough for several threads
+_DEQUANT_PROBES = (
+    (4, 160, 24, 64, False),
+    (4, 100, 13, 32, True),
+    (2, 75, 40, 32, False),
+    (2, 128, 16, 64, True),
+    (8, 96, 20, -1, False),
+    (8, 44, 1, 16, True),
+    (4, 520, 520, 128, True),
+)
+_BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _dequant_probes(fn) -> Iterator[Callable[[], str | None]]:
+    gen = torch.Generator().manual_seed(4321)
+    for bits, in_f, out_f, group_size, act_order in _DEQUANT_PROBES:
+        n_groups = 1 if group_size == -1 else -(-in_f // group_size)
+        codes = torch.randint(0, 2**bits, (out_f, in_f), generator=gen, dtype=torch.int32)
+        zeros = torch.randint(0, 2**bits, (out_f, n_groups), generator=gen, dtype=torch.int32)
+        # signs and magnitudes over float16's range: subnormal and overflowing float16 / bfloat16 outputs
+        exps = torch.randint(-24, 13, (out_f, n_groups), generator=gen).float()
+        scales = (torch.randn(out_f, n_groups, generator=gen) * exps.exp2()).clamp(-6e4, 6e4)
+        scales = torch.where(scales.abs() < 2**-23, 2**-23, scales)  # none underflows float16
+        g_idx = torch.arange(in_f, dtype=torch.int32) // (in_f if group_size == -1 else group_size)
+        if act_order:
+            g_idx = g_idx[torch.randperm(in_f, generator=gen)].contiguous()
+        packed = pack_gptq(codes, scales, zeros, g_idx, bits)
+        args = (packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, in_f, out_f)
+        for dtype, view in _BITS_VIEW.items():
+            yield functools.partial(_dequant_probe, fn, args, dtype, view, group_size)
+
+
+def _dequant_probe(fn, args: tuple, dtype: torch.dtype, view: torch.dtype, group_size: int) -> str | None:
+    got = cpu_dequant.call(fn, *args, dtype).view(view)
+    ref = _dequantize_torch(*args, dtype, group_size).view(view)
+    if torch.equal(got, ref):
+        return None
+    bits, in_f, out_f = args[4:]
+    return f"{int((got != ref).sum())} values differ, {bits}-bit {out_f}x{in_f} group {group_size}, {dtype}"
+
+
+def _dequant_kernel_check(fn) -> str | None:
+    """The dequantization kernel against the torch path on probe layers, bit for bit (once per process)."""
+    return self_check("CPU dequantization kernel", _dequant_probes(fn), "not used in this process", logger)
