@@ -27,9 +27,11 @@ from . import kernel_cache
 _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 KERNEL = kernel_cache.KernelSource(
     source=Path(__file__).with_name("csrc") / "clip_search_avx2.c",
-    # fast math so the loop vectorises (reassociated sums), but exact division
-    cflags=("-O3", "-mavx2", "-mfma", "-ffast-math", "-fno-reciprocal-math",
-            "-fopenmp", "-shared", "-fPIC"),
+    # the parts of fast math that let the loop vectorise (reassociated sums), but exact division, and not
+    # -ffast-math itself: with it gcc links crtfastmath.o, whose loading sets flush-to-zero and
+    # denormals-are-zero in the loading thread for the rest of the process (torch's CPU math included)
+    cflags=("-O3", "-mavx2", "-mfma", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+            "-fno-math-errno", "-ffinite-math-only", "-fopenmp", "-shared", "-fPIC"),
     symbol="hvg_clip_search",
     argtypes=(_P, _I64, _I64, _P, _P, _I64, _INT, _F, _P, _INT),
     required_cpu_flags=("avx2", "fma"),

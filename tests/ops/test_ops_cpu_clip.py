@@ -83,3 +83,23 @@ def test_without_the_kernel_the_torch_search_serves(fresh_state, monkeypatch):
     ref_scale, ref_zero, _ = _torch_search(w, 4, False)
     assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero)
     assert "disabled" in cpu_clip.unavailable_reason(G._clip_kernel_check)
+
+
+@needs_kernel
+def test_loading_the_kernel_leaves_denormals_alone(tmp_path):
+    """A library built with -ffast-math brings crtfastmath.o, which sets flush-to-zero for the thread that
+    loads it: torch's CPU math would change behind the user's back once a clip search ran."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from hf_vlm_gptq.ops import cpu_clip, find_params\n"
+            "find_params(torch.randn(64, 128), 4, True, clip=True)\n"
+            "assert 'lib' in cpu_clip._state, cpu_clip._state\n"
+            "tiny = torch.tensor(1e-38)\n"
+            "print(float(tiny * 1e-3) != 0.0, 1e-308 * 1e-10 != 0.0)\n")
+    env = {**os.environ, "HF_VLM_GPTQ_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
