@@ -278,7 +278,14 @@ def main() -> None:
         run_dispatch()
         return
     if args.dequant:
-        logger.info("%s", render_dequant(bench_dequant()))
+        rows, load_before = bench_dequant(), loadavg()
+        table = render_dequant(rows)
+        logger.info("%s", table)
+        path = write_results("ops_dequant", {"dequant": rows, "cpu": cpu_info(), "loadavg_before": load_before,
+                                             "loadavg_after": loadavg()},
+                             f"# python -m bench.ops --dequant ({device_tag()}; CPU: {cpu_info()['model']})\n\n"
+                             + table + "\n")
+        logger.info("wrote %s", path)
         return
     wall = Stopwatch.started()
     load_before = loadavg()
