@@ -1,4 +1,4 @@
-"""Fused GPTQ column sweep (Triton): the per-column loop of :func:`gptq._gptq_columns` in one launch per
+"""Fused GPTQ column sweep (Triton): the per-column loop of :func:`gptq_sweep._gptq_columns` in one launch per
 block of columns.
 
 Given the inverse-Cholesky factor ``U``, output rows are independent, so each program owns ``BR`` rows and
@@ -126,7 +126,7 @@ def gptq_columns_triton(
     block_size: int,
     rows_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`gptq._gptq_columns`: ``w[out, n]`` float32 (columns in processing order;
+    """Same contract as :func:`gptq_sweep._gptq_columns`: ``w[out, n]`` float32 (columns in processing order;
     not modified), ``u[n, n]`` upper -> ``codes uint8 [out, n]``, ``scales [out, G]``, ``zeros [out, G]``,
     ``q_t [n, out]``."""
     out_f, n = w.shape
