@@ -98,9 +98,18 @@ class ComponentQuantizer(BlockSolving):
         """Called before each block is solved (the CPU thread policy re-measures there)."""
 
     # --- helpers ------------------------------------------------------------------------------
-    def _forward_on_device(self) -> ExecutionOffload | contextlib.nullcontext:
-        """Where calibration passes run: module by module on the device (offload), or where the model is."""
-        return ExecutionOffload(self.model, self.device) if self.offload else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _forward_on_device(self) -> Iterator[None]:
+        """Where calibration passes run: module by module on the device (offload), or where the model is; there
+        the packed modules of the parts already quantized keep their dequantized weight for the passes (each
+        runs once per batch; `dense_cache`), dropped at the end."""
+        if self.offload:
+            with ExecutionOffload(self.model, self.device):
+                yield
+            return
+        with dense_cache(self.model) as keep_dense:
+            keep_dense()
+            yield
 
     def _input_device(self) -> torch.device | None:
         return self.device if self.offload else None

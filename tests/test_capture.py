@@ -189,3 +189,31 @@ def test_dense_cache_keeps_the_dequantized_weight_only_inside():
         assert layer.dequantize_weight() is layer.dequantize_weight()  # kept, not rebuilt
     assert "cache_dequantized" not in layer.__dict__ and not layer.cache_dequantized  # back to the default
     assert layer.dequantize_weight() is not layer.dequantize_weight()  # the kept copy went
+
+
+def test_the_parts_already_quantized_run_on_their_dense_weight_in_later_captures(tiny_qwen2vl_dir, builtin_samples_small,
+                                                                                 monkeypatch):
+    """The merger's and the LLM's inputs come from passes through the quantized vision tower: its packed modules
+    keep their dequantized weight for those passes (each runs once per batch) and drop it afterwards."""
+    from transformers import AutoModelForImageTextToText
+
+    import hf_vlm_gptq.capture as capture
+    from hf_vlm_gptq import VLMGPTQConfig
+    from hf_vlm_gptq.api import quantize
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, dtype=torch.float32)
+    seen = []
+    real = capture.run_batches
+
+    def watching(m, *args, **kwargs):
+        packed = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+        seen.append((len(packed), all(mod.cache_dequantized for mod in packed)))
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(capture, "run_batches", watching)
+    cfg = VLMGPTQConfig(dataset=builtin_samples_small[:4], num_samples=4, w_groupsize=32, calibration_device="cpu")
+    quantize(model, cfg, progress=False)
+    later = [cached for packed, cached in seen if packed]
+    assert later and all(later), seen  # every capture after the first part ran on dense caches
+    assert not any(mod.cache_dequantized or ("dense", torch.float32) in mod._cache
+                   for mod in model.modules() if isinstance(mod, QuantLinear))
