@@ -43,14 +43,14 @@ def test_busy_cores_give_one_thread_and_the_count_comes_back(two_threads, monkey
     assert torch.get_num_threads() == 2
 
 
-def test_cpu_pressure_gives_one_thread_without_probing(two_threads, monkeypatch):
+@pytest.mark.parametrize(("pressure", "chosen"), [(40.0, 1), (0.0, 2), (6.0, 2)])
+def test_cpu_pressure_gives_one_thread_without_probing(two_threads, monkeypatch, pressure, chosen):
+    """Tens of % (another process wants the cores): one thread at once. A few % is what this process's own
+    threads cause on a free 2-core host: the probes decide there."""
     monkeypatch.setattr(threads, "probe_seconds", fake_probe({"many": 0.001, 1: 0.010}))
-    monkeypatch.setattr(threads, "cpu_pressure", lambda: 40.0)
+    monkeypatch.setattr(threads, "cpu_pressure", lambda: pressure)
     with threads.adaptive_threads():
-        assert torch.get_num_threads() == 1
-    monkeypatch.setattr(threads, "cpu_pressure", lambda: 0.0)
-    with threads.adaptive_threads():
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == chosen
 
 
 def test_free_cores_keep_the_callers_count(two_threads, monkeypatch):
@@ -103,16 +103,4 @@ def test_the_command_asks_for_passive_waiting_unless_the_user_chose(monkeypatch)
     assert hf_vlm_gptq_launcher.main() == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert hf_vlm_gptq_launcher.main() == "ACTIVE"
-
-
-def test_the_pressure_our_own_threads_cause_on_free_cores_does_not_take_them(two_threads, monkeypatch):
-    """A 2-core host reads a few % of CPU pressure from this process's own threads alone: the probes decide
-    there; tens of % (another process wants the cores) still give one thread at once."""
-    monkeypatch.setattr(threads, "probe_seconds", fake_probe({"many": 0.006, 1: 0.010}))
-    monkeypatch.setattr(threads, "cpu_pressure", lambda: 6.0)
-    with threads.adaptive_threads():
-        assert torch.get_num_threads() == 2
-    monkeypatch.setattr(threads, "cpu_pressure", lambda: 35.0)
-    with threads.adaptive_threads():
-        assert torch.get_num_threads() == 1
 

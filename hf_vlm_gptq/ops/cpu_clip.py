@@ -17,7 +17,6 @@ the torch version used) without Linux on x86-64 with AVX2 + FMA, a compiler, or 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,19 +43,8 @@ SERIAL_ELEMS = 1 << 16  # rows x cols below which one thread does it (fork / joi
 _state: dict = {}
 
 
-def _load() -> None:
-    kernel_cache.load_kernel(KERNEL, _state)
-
-
-def checked_kernel(check: Callable[[Callable], str | None]):
-    """The kernel once built, loaded and passed ``check(fn)`` (None, else why: it is then not used in this
-    process), looked for once per process; None when unavailable (``_state["reason"]`` says why)."""
-    return kernel_cache.checked_kernel(_state, _load, check)
-
-
-def unavailable_reason(check: Callable[[Callable], str | None]) -> str | None:
-    """Why the kernel cannot run in this process (None when it can)."""
-    return None if checked_kernel(check) is not None else _state["reason"]
+# the kernel once built, loaded and self-checked; why not (kernel_cache.module_kernel)
+checked_kernel, unavailable_reason = kernel_cache.module_kernel(KERNEL, __name__)
 
 
 def call(fn, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: int, norm: float) -> torch.Tensor:

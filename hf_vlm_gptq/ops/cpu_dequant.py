@@ -16,7 +16,6 @@ compiler, or with ``HF_VLM_GPTQ_CPU_KERNEL=0``.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,19 +39,8 @@ SERIAL_ELEMS = 1 << 18  # weights with fewer values are done by one thread (fork
 _state: dict = {}
 
 
-def _load() -> None:
-    kernel_cache.load_kernel(KERNEL, _state)
-
-
-def checked_kernel(check: Callable[[Callable], str | None]):
-    """The kernel once built, loaded and passed ``check(fn)`` (None, else why: it is then not used in this
-    process), looked for once per process; None when unavailable (``_state["reason"]`` says why)."""
-    return kernel_cache.checked_kernel(_state, _load, check)
-
-
-def unavailable_reason(check: Callable[[Callable], str | None]) -> str | None:
-    """Why the kernel cannot run in this process (None when it can)."""
-    return None if checked_kernel(check) is not None else _state["reason"]
+# the kernel once built, loaded and self-checked; why not (kernel_cache.module_kernel)
+checked_kernel, unavailable_reason = kernel_cache.module_kernel(KERNEL, __name__)
 
 
 def serves(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,

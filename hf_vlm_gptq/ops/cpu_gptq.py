@@ -16,7 +16,6 @@ x86-64 with AVX2 + FMA, a compiler, or with ``HF_VLM_GPTQ_CPU_KERNEL=0``.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,14 +40,8 @@ SERIAL_ELEMS = 1 << 15  # columns x outputs below which one thread does it (fork
 _state: dict = {}
 
 
-def _load() -> None:
-    kernel_cache.load_kernel(KERNEL, _state)
-
-
-def checked_kernel(check: Callable[[Callable], str | None]):
-    """The kernel once built, loaded and passed ``check(fn)`` (None, else why: it is then not used in this
-    process), looked for once per process; None when unavailable (``_state["reason"]`` says why)."""
-    return kernel_cache.checked_kernel(_state, _load, check)
+# the kernel once built, loaded and self-checked; why not (kernel_cache.module_kernel)
+checked_kernel, unavailable_reason = kernel_cache.module_kernel(KERNEL, __name__)
 
 
 def _rows(t: torch.Tensor, name: str) -> int:

@@ -1,4 +1,5 @@
-"""Building, caching and loading the C kernels of the CPU paths (``cpu_fused.py``, ``cpu_avx2.py``).
+"""Building, caching and loading the C kernels of the CPU paths (``cpu_fused.py``, ``cpu_avx2.py``, ``cpu_clip.py``,
+``cpu_gptq.py``, ``cpu_dequant.py``; :func:`module_kernel` gives the last three their look-up functions).
 
 A kernel (:class:`KernelSource`) is built with the system C compiler (``$CC``, else ``cc`` / ``gcc``) into a
 cache folder (``$HF_VLM_GPTQ_CACHE``, else ``$XDG_CACHE_HOME/hf_vlm_gptq``, else ``~/.cache/hf_vlm_gptq``),
@@ -30,9 +31,11 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,6 +294,25 @@ def load_kernel(src: KernelSource, state: dict) -> None:
     fn.argtypes = list(src.argtypes)
     fn.restype = ctypes.c_int
     state["lib"] = fn
+
+
+def module_kernel(src: KernelSource, module: str) -> tuple[Callable, Callable]:
+    """``(checked_kernel, unavailable_reason)`` for the kernel ``src`` of the module named ``module``, which keeps
+    its look-up state in its ``_state`` dict (read on every call, so a test can swap it):
+    ``checked_kernel(check)`` is the kernel once built, loaded and passed ``check(fn)`` (None, else why: it is
+    then not used in this process), looked for once per process, or None when unavailable;
+    ``unavailable_reason(check)`` says why it cannot run (None when it can)."""
+
+    def state() -> dict:
+        return sys.modules[module]._state
+
+    def checked(check: Callable[[Callable], str | None]) -> Callable | None:
+        return checked_kernel(state(), lambda: load_kernel(src, state()), check)
+
+    def unavailable_reason(check: Callable[[Callable], str | None]) -> str | None:
+        return None if checked(check) is not None else state()["reason"]
+
+    return checked, unavailable_reason
 
 
 def checked_kernel(state: dict, load, check):

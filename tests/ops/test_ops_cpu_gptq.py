@@ -88,9 +88,8 @@ def test_a_kernel_that_sweeps_wrong_is_never_used(fresh_state, monkeypatch, capl
     checked = len(calls)
     monkeypatch.setattr(cpu_gptq, "_state", {"lib": wrong, "ready": True, "reason": "x"})
     assert G._cpu_kernel(w) is wrong  # (a state that passed is used as is: the check runs once per process)
-    monkeypatch.setattr(cpu_gptq, "_state", {})
+    monkeypatch.setattr(cpu_gptq, "_state", {"lib": wrong})  # loaded, not yet checked
     monkeypatch.delenv(KC.ENV_SWITCH)
-    monkeypatch.setattr(cpu_gptq, "_load", lambda: cpu_gptq._state.update(lib=wrong))
     assert G._cpu_kernel(w) is None and len(calls) > checked and "self-check" in cpu_gptq._state["reason"]
 
 
