@@ -24,6 +24,7 @@ Hessian is ``sum_m n_m H_m / n``, so the modality with the most rows is not accu
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -220,5 +221,6 @@ class GroupInputs:
         by_modality = {m: proxy_loss(weight, quantized, h.to(weight.device)) * n / self.tokens
                        for m, (h, n) in self.modality_hessians.items()}
         if self.derived_rows_all:
-            by_modality[self.derived] = max(0.0, result.loss - sum(by_modality.values()))
+            rest = result.loss - sum(by_modality.values())  # NaN stays NaN (no usable input)
+            by_modality[self.derived] = rest if math.isnan(rest) else max(0.0, rest)
         return {f"loss_{MODALITIES[m]}": by_modality[m] for m in sorted(by_modality)}

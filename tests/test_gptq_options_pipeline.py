@@ -161,3 +161,22 @@ def test_new_fields_round_trip_and_alias():
     for name in ("group_order", "gptaq", "gptaq_alpha", "sym_full_range", "hessian_weighting", "modality_weights"):
         assert getattr(back, name) == getattr(cfg, name)
     assert VLMGPTQConfig(act_group_aware=True).group_order is True  # GPTQModel's name
+
+
+def test_a_layer_without_usable_input_reports_no_modality_loss_rather_than_zero():
+    """The derived modality's loss is the layer's minus the others': a NaN layer loss (an all-zero Hessian, no
+    usable input) stays NaN there, as the others' do, instead of being clipped to 0."""
+    import math
+
+    from torch import nn
+
+    from hf_vlm_gptq.modality import GroupInputs
+    from hf_vlm_gptq.ops import rtn_quantize
+
+    inputs = GroupInputs(nn.Linear(8, 4), is_conv=False, drop_first_channel=False)
+    inputs.close()
+    inputs.tokens, inputs.derived, inputs.derived_rows_all = 6, 0, True
+    inputs.modality_hessians = {1: (torch.zeros(8, 8), 2)}
+    weight = torch.randn(4, 8)
+    losses = inputs.modality_losses(weight, rtn_quantize(weight, bits=4, hessian=torch.zeros(8, 8)))
+    assert len(losses) == 2 and all(math.isnan(v) for v in losses.values()), losses
