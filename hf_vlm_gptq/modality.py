@@ -143,7 +143,6 @@ class GroupInputs:
             self.derived = max(present, key=lambda m: tokens.counts[m])
             del self.by_modality[self.derived]
         self.derived_rows = 0
-        self.derived_rows_all = False  # after close(): every row labelled, the derived modality's loss computable
         self.unlabelled_rows = 0
         self.modality_hessians: dict[int, tuple[torch.Tensor, int]] = {}  # after close(): (H_m, n_m)
         self.samples = 0  # calls seen
@@ -207,10 +206,14 @@ class GroupInputs:
         self.modality_hessians = {m: (acc.hessian, acc.nsamples) for m, acc in self.by_modality.items()
                                   if acc.nsamples}
         self.by_modality = {}
-        # every row labelled: H is the row-weighted mean of the modalities' Hessians, so the derived modality's
-        # loss is the layer's loss minus the others' (no matrix, no product of its own)
-        self.derived_rows_all = bool(self.derived is not None and self.derived_rows and not self.unlabelled_rows)
         return hessian, cross
+
+    @property
+    def derived_rows_all(self) -> bool:
+        """Every row labelled and some of the derived modality's: H is then the row-weighted mean of the
+        modalities' Hessians, so that modality's loss is the layer's loss minus the others' (no matrix, no
+        product of its own)."""
+        return bool(self.derived is not None and self.derived_rows and not self.unlabelled_rows)
 
     def modality_losses(self, weight: torch.Tensor, result: QuantResult) -> dict[str, float]:
         """``loss_image`` / ``loss_video`` / ``loss_text`` of one solved layer (``weight`` as solved; the

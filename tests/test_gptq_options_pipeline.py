@@ -175,7 +175,7 @@ def test_a_layer_without_usable_input_reports_no_modality_loss_rather_than_zero(
 
     inputs = GroupInputs(nn.Linear(8, 4), is_conv=False, drop_first_channel=False)
     inputs.close()
-    inputs.tokens, inputs.derived, inputs.derived_rows_all = 6, 0, True
+    inputs.tokens, inputs.derived, inputs.derived_rows = 6, 0, 4  # every row labelled, 4 of the derived one
     inputs.modality_hessians = {1: (torch.zeros(8, 8), 2)}
     weight = torch.randn(4, 8)
     losses = inputs.modality_losses(weight, rtn_quantize(weight, bits=4, hessian=torch.zeros(8, 8)))

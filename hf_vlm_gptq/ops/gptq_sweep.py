@@ -72,19 +72,8 @@ def _gptq_columns(
             if kernel is not None:
                 cpu_gptq.call(kernel, w1[a:b], u1[a:b, a:b], scale, zero, maxq, codes_t[i1 + a : i1 + b], err1[a:b],
                               None if pre1 is None else pre1[a:b], None if p1 is None else p1[a:b, a:b])
-            for j in range(a, b) if kernel is None else ():
-                col = w1[j]
-                code = torch.clamp(torch.round(col / scale) + zero, 0, maxq)
-                codes_t[i1 + j] = code
-                q = (code - zero).mul_(scale)
-                torch.sub(col, q, out=err1[j]).div_(u1[j, j])
-                if pre1 is not None:
-                    pre1[j].copy_(col)
-                col.copy_(q)
-                if j + 1 < b:
-                    w1[j + 1 : b].addr_(u1[j, j + 1 : b], err1[j], alpha=-1)
-                    if pre1 is not None:
-                        w1[j + 1 : b].addr_(p1[j, j + 1 : b], pre1[j])
+            else:
+                _columns_torch(w1, u1, a, b, scale, zero, maxq, codes_t[i1:i2], err1, pre1, p1)
             if b < i2 - i1:
                 w1[b:].addmm_(u1[a:b, b:].t(), err1[a:b], alpha=-1)
                 if pre1 is not None:
@@ -94,6 +83,26 @@ def _gptq_columns(
             if pre1 is not None:
                 wt[i2:].addmm_(p[i1:i2, i2:].t(), pre1)
     return codes_t.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous(), wt
+
+
+def _columns_torch(w1: torch.Tensor, u1: torch.Tensor, a: int, b: int, scale: torch.Tensor, zero: torch.Tensor,
+                   maxq: int, codes1: torch.Tensor, err1: torch.Tensor, pre1: torch.Tensor | None,
+                   p1: torch.Tensor | None) -> None:
+    """The columns ``a..b-1`` of one block (rows of ``w1``, in place), one at a time, with the rank-1 updates
+    inside the range; what the CPU kernel does in one call."""
+    for j in range(a, b):
+        col = w1[j]
+        code = torch.clamp(torch.round(col / scale) + zero, 0, maxq)
+        codes1[j] = code
+        q = (code - zero).mul_(scale)
+        torch.sub(col, q, out=err1[j]).div_(u1[j, j])
+        if pre1 is not None:
+            pre1[j].copy_(col)
+        col.copy_(q)
+        if j + 1 < b:
+            w1[j + 1 : b].addr_(u1[j, j + 1 : b], err1[j], alpha=-1)
+            if pre1 is not None:
+                w1[j + 1 : b].addr_(p1[j, j + 1 : b], pre1[j])
 
 
 def _cpu_kernel(w: torch.Tensor) -> Callable | None:
