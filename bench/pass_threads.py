@@ -1,15 +1,12 @@
 """The same small matmuls run in the main thread and through ``hf_vlm_gptq/stepped.py``'s paused passes (one
-thread per calibration call, each stopped before every sequential group), side by side, on this CPU.
+greenlet per calibration call, each stopped before every sequential group), side by side, on this CPU.
 
     BENCH_RESULTS_DIR=bench/results python -m bench.pass_threads   # writes pass_threads_<device>.{json,md}
 
-A block's pass of a small model runs ``F.linear`` on ~148 rows; inside the paused passes those calls took about
-twice their isolated time in a profile of the quantization. Here a toy block of 6 linears 512 -> 512 (each its
-own sequential group, nothing solved) runs on 32 calls of 148 rows through ``forward_in_steps``, against the
-same block on the same calls in the main thread. Rounds alternate (best of 3 each); the ratio above 1 is what
-the passes' thread switches cost (OpenMP gives every new calling thread a team of its own; the team of the
-thread that just stopped spins a while at its barrier).
-"""
+A block's pass of a small model runs ``F.linear`` on ~148 rows. Here a toy block of 6 linears 512 -> 512 (each
+its own sequential group, nothing solved) runs on 32 calls of 148 rows through ``forward_in_steps``, against
+the same block on the same calls in the main thread. Rounds alternate (best of 3 each); the ratio above 1 is
+what the stops cost (with one OS thread per pass, as before, two thread wake-ups per stop: 2.4-2.8x here)."""
 
 from __future__ import annotations
 

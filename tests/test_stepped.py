@@ -75,3 +75,68 @@ def test_without_true_sequential_the_replays_serve(tiny_qwen2vl_dir, builtin_sam
     _, _, forwards = _quantize(tiny_qwen2vl_dir, builtin_samples_small[:CALIB], replays=False,
                                monkeypatch=monkeypatch, true_sequential=False)
     assert forwards == CALIB + 2 * CALIB
+
+
+class _Fails(torch.nn.Module):
+    """Raises on the call whose input is all ones; records each context it leaves."""
+
+    def __init__(self, left: list[int]) -> None:
+        super().__init__()
+        self.left = left
+
+    def forward(self, x):
+        if bool((x == 1).all()):
+            raise RuntimeError("third call fails")
+        return x
+
+
+class _Guarded(torch.nn.Module):
+    """A block whose forward holds a context open across its stops (like a model's own ``with`` blocks)."""
+
+    def __init__(self, left: list[int]) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.fails, self.left = _Fails(left), left
+
+    def forward(self, x):
+        try:
+            return self.second(self.fails(self.first(x)))
+        finally:
+            self.left.append(1)
+
+
+def test_a_failing_pass_raises_in_the_caller_and_the_paused_ones_are_unwound():
+    from hf_vlm_gptq.stepped import Lane, forward_in_steps
+
+    left: list[int] = []
+    block = _Guarded(left)
+    with torch.no_grad():
+        block.first.weight.copy_(torch.eye(4))
+        block.first.bias.zero_()
+    calls = [((torch.zeros(2, 4),), {}), ((torch.full((2, 4), 2.0),), {}), ((torch.ones(2, 4),), {}),
+             ((torch.zeros(2, 4),), {})]
+    solved: list[int] = []
+    lane = Lane(block, calls, [[block.first], [block.second]], lambda k, args: None)
+    with pytest.raises(RuntimeError, match="third call fails"):
+        forward_in_steps([lane], solved.append)
+    assert solved == [0]  # the first group was solved; the error came before the second
+    assert len(left) == len(calls)  # every pass left its context: the failing one and the three paused
+    assert not block.first._forward_pre_hooks and not block.second._forward_pre_hooks
+    assert torch.is_grad_enabled()  # the caller's grad mode is back
+
+
+def test_the_passes_leave_the_caller_grad_mode_and_give_each_call_its_output():
+    from hf_vlm_gptq.stepped import Lane, forward_in_steps
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    inputs = [torch.randn(3, 4) for _ in range(5)]
+    expected = [block(x).detach() for x in inputs]
+    fed: list[tuple[int, int]] = []
+    lane = Lane(block, [((x,), {}) for x in inputs], [[block[0]], [block[2]]],
+                lambda k, args: fed.append((k, int(args[0].shape[0]))))
+    forward_in_steps([lane], lambda k: None)
+    assert torch.is_grad_enabled()
+    assert fed == [(0, 3)] * 5 + [(1, 3)] * 5  # every call fed group 0, then every call group 1
+    for (args, _), want in zip(lane.calls, expected):
+        assert torch.equal(args[0], want) and not args[0].requires_grad
