@@ -17,6 +17,7 @@ on the calibration device (offload.py); the caught inputs stay there, one copy a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -96,6 +97,11 @@ class ComponentQuantizer(BlockSolving):
         self.advanced = False  # the block just solved has replaced its calls by the next block's
         self.before_block: Callable[[], object] = lambda: None
         """Called before each block is solved (the CPU thread policy re-measures there)."""
+        self.keep_outputs = False
+        """Keep the last block's outputs in `outputs` (the next component takes them: `inputs_from`)."""
+        self.outputs: list[torch.Tensor] | None = None
+        self.handed: list[torch.Tensor] | None = None
+        """The first block's inputs handed over by the component before (`inputs_from`), else None: caught."""
 
     # --- helpers ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -203,7 +209,10 @@ class ComponentQuantizer(BlockSolving):
         calls: list[Call] = []
         own: dict[int, list[Call]] = {}
         for index, (path, block) in enumerate(blocks):
-            if index in fresh:
+            if index == 0 and self.handed is not None:
+                calls, own = [((hidden,), {}) for hidden in self.handed], {}
+                self.handed = None
+            elif index in fresh:
                 calls, own = self._catch(blocks, index, fresh, batches)
                 if not calls and not self.opts.rtn:
                     logger.warning("%s: no calibration sample reached %s (e.g. no image or video in the data); "
@@ -217,10 +226,14 @@ class ComponentQuantizer(BlockSolving):
             with dense_cache(block) as keep_dense:
                 self.advanced = False
                 yield path, block, calls, keep_dense
-                if index + 1 < len(blocks) and index + 1 not in fresh and not self.advanced:
+                last = index + 1 == len(blocks)
+                wanted = self.keep_outputs if last else index + 1 not in fresh
+                if wanted and not self.advanced:
                     keep_dense()
                     advance(block, calls)
             block.to(home)
+            if last and self.keep_outputs:
+                self.outputs = [hidden_of(call) for call in calls]
             emit(BlockEnd(self.comp.name, path, index, len(blocks), time.perf_counter() - start))
 
     def _catch(self, blocks: list[tuple[str, nn.Module]], index: int, fresh: set[int], batches: list[dict],
@@ -284,6 +297,9 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     model.eval()
     workers = [(comp, ComponentQuantizer(model, spec, comp, config, device, offload)) for comp in spec.components
                if getattr(config, comp.flag) and (select is None or comp.name in select)]
+    with_blocks = [comp.name for comp, _ in workers if select is None or select[comp.name] in ("all", "blocks")]
+    for (comp, worker), (after, _) in itertools.pairwise(workers):
+        worker.keep_outputs = after.inputs_from == comp.name and {comp.name, after.name} <= set(with_blocks)
     if config.hessian_weighting == "gradient":
         logger.info("token importance: one backward pass of the float model per calibration batch")
         importance = gradient_token_weights(model, {p: b for _, w in workers for p, b in w._blocks()}, batches)
@@ -292,6 +308,7 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     # on CPU: 1 thread while other processes hold the cores (threads.py)
     with adaptive_threads(enabled=device.type == "cpu") as threads, listen(on_event), listen(collected), \
             listen(bars):
+        handed: list[torch.Tensor] | None = None  # the last component's outputs, when the next one takes them
         try:
             for comp, worker in workers:
                 which = "all" if select is None else select[comp.name]
@@ -305,7 +322,9 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
                 if stem:
                     worker.quantize_stem(batches)
                 if blocks:
+                    worker.handed = handed if comp.inputs_from is not None else None
                     worker.quantize_blocks(batches)
+                handed = worker.outputs
         finally:
             bars.close()
     checks.finish(collected.records)  # float16 scales that underflowed -> the records' stats

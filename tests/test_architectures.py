@@ -2,7 +2,8 @@
 
 What each definition implies is checked here, for every family in the registry:
 - the inputs the pipeline feeds each block (args and kwargs) are exactly what the block sees in a real
-  forward pass of the float model, for an image, a video and a text-only sample;
+  forward pass of the float model, for an image, a video and a text-only sample (a part whose inputs are
+  handed over from the part before, `inputs_from`, checked on those);
 - every Linear of the vision blocks, bridge(s) and LLM layers, and the patch-embed conv, is packed;
 - save -> reload gives bit-identical logits; GPTQ's logits error is below RTN's;
 - `generate` works on an image prompt and a video prompt; `hf-vlm-gptq demo --arch NAME` works.
@@ -82,8 +83,14 @@ def test_pipeline_feeds_each_block_what_it_sees_in_a_real_forward(name, kind, ti
     batch = _prompts(tiny_dirs[name])[kind]
     config = VLMGPTQConfig(calibration_device="cpu")
     checked = 0
-    for comp in spec.components:
+    before: ComponentQuantizer | None = None
+    for comp, after in zip(spec.components, (*spec.components[1:], None)):
         worker = ComponentQuantizer(model, spec, comp, config, torch.device("cpu"))
+        worker.keep_outputs = after is not None and after.inputs_from == comp.name  # as quantize_model sets it
+        if comp.inputs_from is not None:  # handed the outputs of the component before (quantize_model's chain)
+            assert before is not None and before.comp.name == comp.inputs_from and before.outputs is not None
+            worker.handed = before.outputs
+        before = worker
         blocks = worker._blocks()
         seen: dict[int, list] = {i: [] for i in range(len(blocks))}
         handles = [block.register_forward_pre_hook(

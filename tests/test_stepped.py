@@ -140,3 +140,48 @@ def test_the_passes_leave_the_caller_grad_mode_and_give_each_call_its_output():
     assert fed == [(0, 3)] * 5 + [(1, 3)] * 5  # every call fed group 0, then every call group 1
     for (args, _), want in zip(lane.calls, expected):
         assert torch.equal(args[0], want) and not args[0].requires_grad
+
+
+@pytest.mark.parametrize("replays", [False, True])
+def test_the_merger_takes_the_vision_blocks_outputs_without_another_pass(tiny_qwen2vl_dir, builtin_samples_small,
+                                                                          monkeypatch, replays):
+    """``inputs_from``: the merger is fed the last vision block's outputs from its own quantization (the
+    stepped passes' outputs, or one more replay of that block) instead of a forward pass through the quantized
+    vision tower; the checkpoint is bit for bit the one the extra pass gives."""
+    import dataclasses
+
+    from transformers import AutoModelForImageTextToText
+
+    import hf_vlm_gptq.block_solve as block_solve
+    import hf_vlm_gptq.pipeline as pipeline
+    from hf_vlm_gptq import VLMGPTQConfig
+    from hf_vlm_gptq.api import quantize
+    from hf_vlm_gptq.arch import spec_for_model_type
+
+    def run(handed: bool):
+        spec = spec_for_model_type("qwen2_vl")
+        if not handed:
+            spec = dataclasses.replace(spec, components=tuple(dataclasses.replace(c, inputs_from=None)
+                                                              for c in spec.components))
+        with monkeypatch.context() as patch:
+            patch.setattr(pipeline, "spec_for_model_type", lambda _type: spec)
+            patch.setenv("HF_VLM_GPTQ_ADAPTIVE_THREADS", "0")
+            if replays:
+                patch.setattr(block_solve, "fits_in_memory", lambda *args: False)
+            model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2vl_dir, dtype=torch.float32)
+            first = model.model.visual.blocks[0]  # (the last one runs once more in the replays instead)
+            runs = []
+            handle = first.register_forward_pre_hook(lambda *_: runs.append(1))
+            cfg = VLMGPTQConfig(dataset=builtin_samples_small[:CALIB], num_samples=CALIB, w_groupsize=32,
+                                calibration_device="cpu")
+            records = quantize(model, cfg, progress=False)
+            handle.remove()
+        return records, model.state_dict(), len(runs)
+
+    handed, handed_state, handed_runs = run(True)
+    caught, caught_state, caught_runs = run(False)
+    assert handed.keys() == caught.keys() and any(k.startswith("model.visual.merger") for k in handed)
+    for key, value in caught_state.items():
+        torch.testing.assert_close(handed_state[key], value, rtol=0, atol=0, msg=key)
+    media = handed["model.visual.merger.mlp.0"].samples
+    assert media > 0 and caught_runs - handed_runs == media  # one pass of the vision tower less per media call

@@ -20,8 +20,11 @@ def qwen_vision_component(sequential: tuple[tuple[str, ...], ...], split_target:
 
 def qwen_merger_component(sequential: tuple[tuple[str, ...], ...], name: str = "merger", module: str = "merger",
                           **kwargs) -> ComponentSpec:
-    """A `quant_cross_attention` bridge under `visual.` (one module, or a list with `single=False`)."""
+    """A `quant_cross_attention` bridge under `visual.` (one module, or a list with `single=False`); the one
+    merger is called on the last vision block's outputs, so it takes them from the vision component."""
     kwargs.setdefault("single", True)
+    if kwargs["single"]:
+        kwargs.setdefault("inputs_from", "vision")
     return ComponentSpec(
         name=name,
         flag="quant_cross_attention",

@@ -13,7 +13,8 @@ rest are replayed. `per_block_kwargs` keeps each block's own non-hidden argument
 attention); `fresh_inputs` names the blocks whose input is not the previous block's output (something runs
 between them, e.g. DeepStack adding visual features after the first LLM layers): those are caught again
 from a real forward pass of the partly quantized model. `chained=False` does that for every block (a list
-of independent modules such as the DeepStack mergers).
+of independent modules such as the DeepStack mergers). `inputs_from` hands a component the outputs of the
+one before it (its first block's only argument) when both run in the same pass over the model.
 
 Room for later families: a sequential group names module paths inside a block; a kind of module other than
 Linear / Conv (fused 3-D expert weights, linear-attention projections) enters as a new module kind with its
@@ -63,6 +64,11 @@ class ComponentSpec:
     fresh_inputs: Callable[[Any], Collection[int]] | None = None
     """model config -> indexes of blocks whose input is not the previous block's output; their inputs are
     caught from a real forward pass of the partly quantized model instead of replayed."""
+    inputs_from: str | None = None
+    """The component (named as in `name`) whose last block's outputs are, call for call, this component's
+    first block's only argument (Qwen VL: `merger(hidden_states)` right after the vision blocks). When that
+    component was quantized just before in the same run, its outputs are handed over instead of caught from
+    another forward pass through it."""
 
     def fresh_blocks(self, model_config: Any, count: int) -> set[int]:
         """Indexes of the blocks whose inputs come from a real forward pass (block 0 always does)."""
