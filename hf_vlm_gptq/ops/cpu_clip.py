@@ -2,9 +2,10 @@
 (``csrc/clip_search_avx2.c``, compiled on first use; built, cached and loaded by ``kernel_cache.py``).
 
 The torch version evaluates each candidate scale over the whole group with about ten passes over memory,
-``|.| ** 2.4`` as exp and log; the kernel does one pass per row and candidate in registers, ``|.| ** 2.4`` as
-``2 ** (2.4 log2 |.|)`` from two polynomials (about 3e-7 relative; see the C source), vectorised, rows split
-over threads. It picks the candidate of least error like the torch version; the two differ by that rounding,
+``|.| ** 2.4`` as exp and log; the kernel takes four candidates per pass over a row in registers, ``|.| ** 2.4``
+as ``2 ** (2.4 log2 |.|)`` from two polynomials (about 3e-7 relative; see the C source), vectorised, rows split
+over threads, and stops once a candidate's clamped elements alone cost more than the best error so far (the
+candidates shrink one range, so no later one can win). It picks the candidate of least error like the torch version; the two differ by that rounding,
 so where two candidates' errors agree to about 1e-6 they may pick differently (either is a minimiser to that
 precision).
 

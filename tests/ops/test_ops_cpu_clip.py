@@ -53,6 +53,26 @@ def test_the_kernel_picks_a_least_error_grid(bits, sym, full_range, shape):
 
 
 @needs_kernel
+def test_candidates_that_do_not_shrink_one_range_are_all_searched():
+    """The kernel stops early only for candidates that shrink one range; in any other order (here the grid's
+    candidates shuffled, so later ones may be wider) it still finds the first one of least error."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 128, generator=gen)
+    w[:, 0] *= 8  # an outlier per row: clipping pays
+    xmin = torch.minimum(w.amin(dim=1), torch.zeros(()))
+    xmax = torch.maximum(w.amax(dim=1), torch.zeros(()))
+    scales, zeros = G.clip_candidates(xmin, xmax, 4, False, False)
+    order = torch.randperm(scales.shape[0], generator=gen)
+    scales, zeros = scales[order].contiguous(), zeros[order].contiguous()
+    errors = G.clip_errors(w.double(), scales.double(), zeros.double(), 15)
+    fn = cpu_clip.checked_kernel(G._clip_kernel_check)
+    picked = cpu_clip.call(fn, w, scales, zeros, 15, G.CLIP_NORM)
+    got = errors.gather(0, picked.unsqueeze(0)).squeeze(0)
+    assert bool((got <= errors.min(0).values * (1 + 1e-6)).all())
+    assert float((picked == errors.argmin(0)).float().mean()) > 0.98
+
+
+@needs_kernel
 def test_a_kernel_that_picks_wrong_is_never_used(fresh_state, monkeypatch, caplog):
     calls = []
 
