@@ -8,7 +8,7 @@ once, when torch is imported, so a library cannot set it (the `hf-vlm-gptq` comm
 `hf_vlm_gptq_launcher.py`). What a library can do is choose the thread count: `AdaptiveThreads` takes one
 thread while Linux reports CPU pressure (other work waiting for the cores), else times a few parallel ops
 with the caller's thread count and with one thread and keeps the faster; it re-decides before each block
-and gives the caller's count back at the end. The probe is compute-bound (a sine over a few hundred KB per
+(re-probing when the last probe is more than a few seconds old) and gives the caller's count back at the end. The probe is compute-bound (a sine over a few hundred KB per
 op, one barrier per op), so on free cores more threads clearly win (a memory-bound probe gains little from a
 second thread and made the choice a coin toss), and beside a busy process every op waits for the
 descheduled peer. The pressure shortcut is set above what this process's own threads cause on free cores
@@ -35,6 +35,9 @@ _KEEP_MORE_IF_FASTER = 0.85  # more threads must beat one thread by 15% to be ke
 # PSI "some avg10" above this: work is waiting for the cores. This process's own threads on free cores read
 # 2-6 % on a 2-core host; one CPU-bound process beside our threads, tens of %.
 _BUSY_PRESSURE_PCT = 20.0
+# a probe (~40 ms on 2 cores) is kept for this long: blocks of small models take less than a probe's worth
+# each, those of real models take seconds; the pressure shortcut is read before every block regardless
+_PROBE_VALID_S = 5.0
 
 
 def cpu_pressure() -> float | None:
@@ -70,6 +73,7 @@ class AdaptiveThreads:
                         and os.environ.get("HF_VLM_GPTQ_ADAPTIVE_THREADS", "1") != "0")
         self.current = self.initial
         self._buffer = torch.linspace(0, 100, _PROBE_ELEMENTS) if self.enabled else None
+        self._probed_at: float | None = None  # when the last probe decided (None: none, or the shortcut did)
 
     def refresh(self) -> int:
         """Measure both counts now, keep the faster one; returns the thread count in use.
@@ -82,10 +86,14 @@ class AdaptiveThreads:
         pressure = cpu_pressure()
         if pressure is not None and pressure > _BUSY_PRESSURE_PCT:
             many, one, chosen = float("nan"), float("nan"), 1
+            self._probed_at = None
+        elif self._probed_at is not None and time.monotonic() - self._probed_at < _PROBE_VALID_S:
+            return self.current  # the last probe is recent
         else:
             many = probe_seconds(self.initial, self._buffer)
             one = probe_seconds(1, self._buffer)
             chosen = self.initial if many < _KEEP_MORE_IF_FASTER * one else 1
+            self._probed_at = time.monotonic()
         if chosen != self.current:
             logger.info("CPU threads for quantization: %d (CPU pressure %s%%; parallel ops took %.1f ms with %d "
                         "threads, %.1f ms with 1: %s)", chosen, pressure, many * 1e3, self.initial, one * 1e3,

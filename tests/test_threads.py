@@ -35,6 +35,7 @@ def fake_probe(seconds_by_threads):
 
 
 def test_busy_cores_give_one_thread_and_the_count_comes_back(two_threads, monkeypatch):
+    monkeypatch.setattr(threads, "_PROBE_VALID_S", 0.0)  # every refresh probes again
     monkeypatch.setattr(threads, "probe_seconds", fake_probe({"many": 0.030, 1: 0.010}))
     with threads.adaptive_threads() as policy:
         assert torch.get_num_threads() == 1
@@ -69,7 +70,23 @@ def test_switched_off_by_the_environment_or_on_gpu(two_threads, monkeypatch):
         assert torch.get_num_threads() == 2
 
 
+def test_a_recent_probe_is_kept_and_an_old_one_measured_again(two_threads, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(threads.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(threads, "probe_seconds", fake_probe({"many": 0.030, 1: 0.010}))
+    with threads.adaptive_threads() as policy:
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(threads, "probe_seconds", fake_probe({"many": 0.004, 1: 0.010}))
+        now[0] += threads._PROBE_VALID_S / 2
+        assert policy.refresh() == 1  # probed a moment ago: kept
+        now[0] += threads._PROBE_VALID_S
+        assert policy.refresh() == 2  # stale: measured again, the cores came free
+        monkeypatch.setattr(threads, "cpu_pressure", lambda: 50.0)
+        assert policy.refresh() == 1  # CPU pressure is read before every block, probe or not
+
+
 def test_quantizing_measures_before_each_block_and_restores_the_count(tiny_qwen2vl_dir, two_threads, monkeypatch):
+    monkeypatch.setattr(threads, "_PROBE_VALID_S", 0.0)  # every block probes again
     calls = []
 
     def probe(n, _buffer):
