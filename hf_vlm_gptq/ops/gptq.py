@@ -101,15 +101,16 @@ SWEEP_AGREEMENT = 0.999  # share of identical codes (rounding ties may flip a fe
 
 def _column_sweep(
     w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int,
-    full_range: bool = False, p: torch.Tensor | None = None,
+    full_range: bool = False, p: torch.Tensor | None = None, energy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_gptq_columns`, or its fused Triton twin where that applies (same contract; the plain grid
-    without GPTAQ only). The first layer solved on a device runs both and compares the codes: a kernel that
-    disagrees (it was only tested in Triton's interpreter before release) is logged and not used again in
-    this process."""
+    without GPTAQ only, and it leaves ``energy`` alone). The first layer solved on a device runs both and
+    compares the codes: a kernel that disagrees (it was only tested in Triton's interpreter before release)
+    is logged and not used again in this process."""
     if (full_range or p is not None or not _use_triton_sweep(w)
             or _sweep_verified.get(str(w.device)) is False):
-        return _gptq_columns(w, u, bits, group_size, sym, clip, block_size, full_range, p, _cpu_kernel(w))
+        return _gptq_columns(w, u, bits, group_size, sym, clip, block_size, full_range, p, _cpu_kernel(w),
+                             energy)
     from .triton_gptq import gptq_columns_triton
 
     fused = gptq_columns_triton(w, u, bits, group_size, sym, clip, block_size)
@@ -203,11 +204,22 @@ def _solve(
         return rtn(f"cholesky failed up to relative damping {used:g}", used)
     p = gptaq_correction(cross, u, gptaq_alpha) if cross is not None else None
     del cross
-    codes_p, scales, zeros, q_t = _column_sweep(work, u, bits, group_size, sym, clip, block_size, full_range, p)
-    del u, work, p
-    h.diagonal()[dead] = 0  # back to the caller's Hessian (permuted) for the loss
-    row_losses = _row_losses(w_p, q_t, h)
-    del h, q_t
+    # without GPTAQ, the torch / CPU sweep's scaled errors give each row's loss on the damped Hessian
+    plain = p is None and not _use_triton_sweep(w)
+    energy = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if plain else None
+    codes_p, scales, zeros, q_t = _column_sweep(work, u, bits, group_size, sym, clip, block_size, full_range, p,
+                                                energy)
+    del u, p
+    if energy is not None:
+        # (W - Q) H (W - Q)^T = sum E^2 - damp ||work - Q||^2 per row: dead columns are 0 in work and Q, and
+        # the caller's Hessian is 0 there
+        damp = used * mean_diag
+        row_losses = (energy - damp * (work - q_t.t()).square().sum(1, dtype=torch.float64)).clamp_min_(0)
+        row_losses = row_losses.to(w.dtype)
+    else:
+        h.diagonal()[dead] = 0  # back to the caller's Hessian (permuted) for the loss
+        row_losses = _row_losses(w_p, q_t, h)
+    del h, q_t, work
     positions = torch.arange(n, device=w.device, dtype=torch.int32)
     group_of_pos = torch.zeros_like(positions) if group_size == -1 else positions // group_size
     if perm is None:

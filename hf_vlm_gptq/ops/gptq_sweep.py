@@ -32,11 +32,14 @@ def _cut_points(start: int, stop: int, step: int, group_size: int) -> list[int]:
 def _gptq_columns(
     w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int,
     full_range: bool = False, p: torch.Tensor | None = None, kernel: Callable | None = None,
+    energy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The GPTQ sweep over ``w[out, n]`` (columns in processing order; not modified).
 
     ``p``: GPTAQ's asymmetry matrix (:func:`gptaq_correction`, processing order) or None. ``kernel``: the
     CPU column kernel (``cpu_gptq.py``) that runs each group's columns in one call, or None for the torch loop.
+    ``energy`` (float ``[out]``, optional): each row's sum of squared scaled errors ``E_j = (w_j - q_j) /
+    u_jj`` is added to it (without GPTAQ, ``(W - Q) (h + damp I) (W - Q)^T`` per row: ``W - Q = E U``).
     Returns ``codes uint8 [out, n]``, ``scales [out, G]``, ``zeros [out, G]`` (float, w's dtype) and the
     dequantized weight transposed, ``q_t [n, out]``.
     """
@@ -78,6 +81,8 @@ def _gptq_columns(
                 w1[b:].addmm_(u1[a:b, b:].t(), err1[a:b], alpha=-1)
                 if pre1 is not None:
                     w1[b:].addmm_(p1[a:b, b:].t(), pre1[a:b])
+        if energy is not None:
+            energy += err1.square().sum(0, dtype=energy.dtype)
         if i2 < n:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
             if pre1 is not None:
