@@ -214,6 +214,7 @@ class ComponentQuantizer(BlockSolving):
                 self.handed = None
             elif index in fresh:
                 calls, own = self._catch(blocks, index, fresh, batches)
+            if index in fresh:
                 if not calls and not self.opts.rtn:
                     logger.warning("%s: no calibration sample reached %s (e.g. no image or video in the data); "
                                    "its linears get RTN and are flagged", self.comp.name, path)
