@@ -40,12 +40,14 @@ class ComponentStart:
 @dataclass(frozen=True)
 class CaptureDone:
     """The inputs of block `block` were caught from a real forward pass (`calls`: one (args, kwargs) per
-    call the block received, on the calibration device)."""
+    call the block received, on the calibration device), or, with `handed`, taken from the outputs of the
+    component before it (`ComponentSpec.inputs_from`: no pass, `seconds` 0)."""
 
     component: str
     block: str
     calls: list
     seconds: float
+    handed: bool = False
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,7 @@ class ComponentQuantizer(BlockSolving):
             if index == 0 and self.handed is not None:
                 calls, own = [((hidden,), {}) for hidden in self.handed], {}
                 self.handed = None
+                emit(CaptureDone(self.comp.name, path, calls, 0.0, handed=True))
             elif index in fresh:
                 calls, own = self._catch(blocks, index, fresh, batches)
             if index in fresh:
