@@ -13,7 +13,7 @@ Greenlets rather than OS threads: a pass and the caller share one thread, so a s
 instead of two thread wake-ups (~0.5 ms on a 2-core VM), and the passes' ops run in the caller's OpenMP team
 instead of one team per thread. The passes share the thread's torch state (grad mode, autocast), so they run
 under the caller's ``no_grad`` and must not stop inside a context that changes it (no block's linear layer
-does: the block-input tests run every architecture through here).
+does: `tests/test_architectures.py` quantizes every family through here).
 
 The module a pass stopped in was entered before it was swapped: it goes on with the dequantized weight of its
 packed replacement, so that call computes what the replays would (up to the kernel's rounding). Each call's activations stay alive until
@@ -69,7 +69,7 @@ class _Pass:
     state as the caller), stopping where the pre-hooks say."""
 
     def __init__(self, block: nn.Module, call: Call, registry: dict[greenlet.greenlet, _Pass]) -> None:
-        self.block, self.call, self.registry = block, call, registry
+        self.block, self.call = block, call
         self.stage: int | None = None  # the group it waits before; None while running or when done
         self.done = False
         self.output: Any = None

@@ -5,9 +5,9 @@ The torch version evaluates each candidate scale over the whole group with about
 ``|.| ** 2.4`` as exp and log; the kernel takes four candidates per pass over a row in registers, ``|.| ** 2.4``
 as ``2 ** (2.4 log2 |.|)`` from two polynomials (about 3e-7 relative; see the C source), vectorised, rows split
 over threads, and stops once a candidate's clamped elements alone cost more than the best error so far (the
-candidates shrink one range, so no later one can win). It picks the candidate of least error like the torch version; the two differ by that rounding,
-so where two candidates' errors agree to about 1e-6 they may pick differently (either is a minimiser to that
-precision).
+candidates shrink one range, so no later one can win). It picks the candidate of least error like the torch
+version; the two differ by that rounding, so where two candidates' errors agree to about 1e-6 they may pick
+differently (either is a minimiser to that precision).
 
 Checked once per process before use, by the check ``grid.py`` passes (on probe rows, the error of the
 candidate the kernel picks must be within 1e-5 of the least error the torch version finds). Unavailable (and
