@@ -299,9 +299,9 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
     model.eval()
     workers = [(comp, ComponentQuantizer(model, spec, comp, config, device, offload)) for comp in spec.components
                if getattr(config, comp.flag) and (select is None or comp.name in select)]
-    with_blocks = [comp.name for comp, _ in workers if select is None or select[comp.name] in ("all", "blocks")]
+    with_blocks = {comp.name for comp, _ in workers if select is None or select[comp.name] in ("all", "blocks")}
     for (comp, worker), (after, _) in itertools.pairwise(workers):
-        worker.keep_outputs = after.inputs_from == comp.name and {comp.name, after.name} <= set(with_blocks)
+        worker.keep_outputs = after.inputs_from == comp.name and {comp.name, after.name} <= with_blocks
     if config.hessian_weighting == "gradient":
         logger.info("token importance: one backward pass of the float model per calibration batch")
         importance = gradient_token_weights(model, {p: b for _, w in workers for p, b in w._blocks()}, batches)
@@ -324,7 +324,7 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
                 if stem:
                     worker.quantize_stem(batches)
                 if blocks:
-                    worker.handed = handed if comp.inputs_from is not None else None
+                    worker.handed = handed  # set only where this part takes the one before's outputs
                     worker.quantize_blocks(batches)
                 handed = worker.outputs
         finally:

@@ -8,10 +8,10 @@ once, when torch is imported, so a library cannot set it (the `hf-vlm-gptq` comm
 `hf_vlm_gptq_launcher.py`). What a library can do is choose the thread count: `AdaptiveThreads` takes one
 thread while Linux reports CPU pressure (other work waiting for the cores), else times a few parallel ops
 with the caller's thread count and with one thread and keeps the faster; it re-decides before each block
-(re-probing when the last probe is more than a few seconds old) and gives the caller's count back at the end. The probe is compute-bound (a sine over a few hundred KB per
-op, one barrier per op), so on free cores more threads clearly win (a memory-bound probe gains little from a
-second thread and made the choice a coin toss), and beside a busy process every op waits for the
-descheduled peer. The pressure shortcut is set above what this process's own threads cause on free cores
+(re-probing when the last probe is more than a few seconds old) and gives the caller's count back at the
+end. The probe is compute-bound (a sine over a few hundred KB per op, one barrier per op), so on free cores
+more threads clearly win (a memory-bound probe gains little from a second thread and made the choice a coin
+toss), and beside a busy process every op waits for the descheduled peer. The pressure shortcut is set above what this process's own threads cause on free cores
 (a few %). `HF_VLM_GPTQ_ADAPTIVE_THREADS=0` switches it off.
 """
 

@@ -101,21 +101,23 @@ SWEEP_AGREEMENT = 0.999  # share of identical codes (rounding ties may flip a fe
 
 def _column_sweep(
     w: torch.Tensor, u: torch.Tensor, bits: int, group_size: int, sym: bool, clip: bool, block_size: int,
-    full_range: bool = False, p: torch.Tensor | None = None, energy: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    full_range: bool = False, p: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`_gptq_columns`, or its fused Triton twin where that applies (same contract; the plain grid
-    without GPTAQ only, and it leaves ``energy`` alone). The first layer solved on a device runs both and
-    compares the codes: a kernel that disagrees (it was only tested in Triton's interpreter before release)
-    is logged and not used again in this process."""
+    without GPTAQ only), plus each row's sum of squared scaled errors (float64) when the torch / CPU sweep
+    ran without GPTAQ, else None. The first layer solved on a device runs both and compares the codes: a
+    kernel that disagrees (it was only tested in Triton's interpreter before release) is logged and not used
+    again in this process."""
     if (full_range or p is not None or not _use_triton_sweep(w)
             or _sweep_verified.get(str(w.device)) is False):
-        return _gptq_columns(w, u, bits, group_size, sym, clip, block_size, full_range, p, _cpu_kernel(w),
-                             energy)
+        energy = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if p is None else None
+        return (*_gptq_columns(w, u, bits, group_size, sym, clip, block_size, full_range, p, _cpu_kernel(w),
+                               energy), energy)
     from .triton_gptq import gptq_columns_triton
 
     fused = gptq_columns_triton(w, u, bits, group_size, sym, clip, block_size)
     if str(w.device) in _sweep_verified:
-        return fused
+        return (*fused, None)
     torch_loop = _gptq_columns(w, u, bits, group_size, sym, clip, block_size)
 
     def agrees() -> str | None:
@@ -127,7 +129,7 @@ def _column_sweep(
 
     ok = self_check("fused Triton GPTQ sweep", [agrees], "using the torch loop", logger) is None
     _sweep_verified[str(w.device)] = ok
-    return fused if ok else torch_loop
+    return (*(fused if ok else torch_loop), None)
 
 
 def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -204,13 +206,10 @@ def _solve(
         return rtn(f"cholesky failed up to relative damping {used:g}", used)
     p = gptaq_correction(cross, u, gptaq_alpha) if cross is not None else None
     del cross
-    # without GPTAQ, the torch / CPU sweep's scaled errors give each row's loss on the damped Hessian
-    plain = p is None and not _use_triton_sweep(w)
-    energy = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if plain else None
-    codes_p, scales, zeros, q_t = _column_sweep(work, u, bits, group_size, sym, clip, block_size, full_range, p,
-                                                energy)
+    codes_p, scales, zeros, q_t, energy = _column_sweep(work, u, bits, group_size, sym, clip, block_size,
+                                                        full_range, p)
     del u, p
-    if energy is not None:
+    if energy is not None:  # without GPTAQ: each row's loss from the sweep's scaled errors
         # (W - Q) H (W - Q)^T = sum E^2 - damp ||work - Q||^2 per row: dead columns are 0 in work and Q, and
         # the caller's Hessian is 0 there
         damp = used * mean_diag
