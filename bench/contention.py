@@ -11,7 +11,10 @@ time limit, and is killed when the row is done). Rows:
   issue's size), in three modes: `library` (the default Python API: adaptive thread count, threads.py),
   `spin` (adaptive threads off: torch's threads spinning at barriers, the old behaviour), `passive`
   (`OMP_WAIT_POLICY=PASSIVE`, what the `hf-vlm-gptq` command sets);
-- `decode-1`, `decode-256`: a 4-bit g128 QuantLinear (bf16) at 1 and 256 rows, default and passive.
+- `decode-1`, `decode-256`: a 4-bit g128 QuantLinear (bf16) at 1 and 256 rows, `default` (one thread while
+  CPU pressure is seen, threads.CPU_PRESSURE), `spin` (that switched off: the old behaviour) and `passive`; the
+  quiet row calls it for about `--decode-seconds` (the call count it found is then used beside the hogs:
+  a decode shorter than a scheduler slice or two says nothing about contention).
 
 For each row: wall and CPU seconds, and the slowdown against the fair share: with N other processes on C
 cores a run is entitled to C/(N+1) cores, so the expected wall time is the quiet CPU time divided by
@@ -31,12 +34,14 @@ from pathlib import Path
 from bench.harness import REPO, Stopwatch, env_info, write_results
 
 HOG = "import time\nend = time.time() + {limit}\nwhile time.time() < end:\n    pass\n"
-MODES = {"quantize": ("library", "spin", "passive"), "decode-1": ("default", "passive"),
-         "decode-256": ("default", "passive")}
+MODES = {"quantize": ("library", "spin", "passive"), "decode-1": ("default", "spin", "passive"),
+         "decode-256": ("default", "spin", "passive")}
 
 
-def child(work: str, model_dir: str, samples: int, layer: int) -> None:
-    """Run one workload in this process and print {"wall": s, "cpu": s} as the last line."""
+def child(work: str, model_dir: str, samples: int, layer: int, calls: int, decode_seconds: float,
+          kernel: str) -> None:
+    """Run one workload in this process and print {"wall": s, "cpu": s, "calls": n} as the last line (decode:
+    ``calls`` calls, or as many as take about ``decode_seconds`` when it is 0)."""
     import torch
 
     if work == "quantize":
@@ -55,17 +60,22 @@ def child(work: str, model_dir: str, samples: int, layer: int) -> None:
         weight = torch.randn(layer, layer, generator=torch.Generator().manual_seed(0))
         module = QuantLinear.from_result(rtn_quantize(weight, bits=4, group_size=128), bias=None,
                                          dtype=torch.bfloat16).eval()
+        module.kernel = kernel
         x = torch.randn(rows, layer, dtype=torch.bfloat16)
-        calls = 200 if rows == 1 else 12
         with torch.inference_mode():
             module(x)  # first call: kernel choice and caches
+            if not calls:
+                with Stopwatch() as trial:
+                    for _ in range(5):
+                        module(x)
+                calls = max(5, round(decode_seconds / (trial.seconds / 5)))
             with Stopwatch() as watch:
                 for _ in range(calls):
                     module(x)
-    print(json.dumps({"wall": watch.seconds, "cpu": watch.cpu_seconds}))
+    print(json.dumps({"wall": watch.seconds, "cpu": watch.cpu_seconds, "calls": calls if work != "quantize" else 0}))
 
 
-def run_row(work: str, mode: str, hogs: int, args, model_dir: str, limit: float) -> dict:
+def run_row(work: str, mode: str, hogs: int, args, model_dir: str, limit: float, calls: int) -> dict:
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     if mode == "passive":
@@ -75,7 +85,8 @@ def run_row(work: str, mode: str, hogs: int, args, model_dir: str, limit: float)
     busy = [subprocess.Popen([sys.executable, "-c", HOG.format(limit=limit)]) for _ in range(hogs)]
     try:
         out = subprocess.run([sys.executable, "-m", __spec__.name, "--child", work, "--model", model_dir,
-                              "--samples", str(args.samples), "--layer", str(args.layer)],
+                              "--samples", str(args.samples), "--layer", str(args.layer), "--calls", str(calls),
+                              "--decode-seconds", str(args.decode_seconds), "--kernel", args.kernel],
                              env=env, capture_output=True, text=True, timeout=limit, cwd=REPO)
     finally:
         for proc in busy:
@@ -102,13 +113,17 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=4096, help="width of the decoded square layer")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--limit", type=float, default=600.0, help="seconds a row (and its hogs) may run")
+    parser.add_argument("--decode-seconds", type=float, default=2.0, help="length of a quiet decode row")
+    parser.add_argument("--kernel", default="auto", help="the decoded layer's backend (e.g. int4: what AVX2-only "
+                        "CPUs take at small batches)")
+    parser.add_argument("--calls", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.samples is None:
         args.samples = 16 if args.full else 8
     if args.child:
-        child(args.child, args.model, args.samples, args.layer)
+        child(args.child, args.model, args.samples, args.layer, args.calls, args.decode_seconds, args.kernel)
         return
     cores = os.cpu_count() or 1
     hog_counts = [0] + [int(n) for n in args.hogs.split(",") if n]
@@ -122,28 +137,29 @@ def main() -> None:
         for mode in modes:
             quiet = None
             for hogs in hog_counts:
-                result = run_row(work, mode, hogs, args, model_dir, args.limit)
+                result = run_row(work, mode, hogs, args, model_dir, args.limit, quiet["calls"] if quiet else 0)
                 if hogs == 0:
                     quiet = result
                 cores_quiet = max(quiet["cpu"] / quiet["wall"], 1e-9)
                 expected = quiet["cpu"] / min(cores_quiet, cores / (hogs + 1))
                 row = {"work": work, "mode": mode, "hogs": hogs, "wall_s": round(result["wall"], 3),
-                       "cpu_s": round(result["cpu"], 3), "fair_wall_s": round(expected, 3),
+                       "calls": result["calls"], "cpu_s": round(result["cpu"], 3), "fair_wall_s": round(expected, 3),
                        "vs_fair_share": round(result["wall"] / expected, 2)}
                 rows.append(row)
                 print(f"{work:<11} {mode:<8} {hogs} hogs  wall {row['wall_s']:8.2f} s  cpu {row['cpu_s']:8.2f} s  "
                       f"fair {row['fair_wall_s']:8.2f} s  x{row['vs_fair_share']:.2f}", flush=True)
-    lines = ["| work | mode | other processes | wall s | CPU s | fair-share wall s | wall / fair share |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['work']} | {r['mode']} | {r['hogs']} | {r['wall_s']} | {r['cpu_s']} | {r['fair_wall_s']} | "
-              f"{r['vs_fair_share']} |" for r in rows]
+    lines = ["| work | mode | other processes | calls | wall s | CPU s | fair-share wall s | wall / fair share |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['work']} | {r['mode']} | {r['hogs']} | {r['calls'] or ''} | {r['wall_s']} | {r['cpu_s']} | "
+              f"{r['fair_wall_s']} | {r['vs_fair_share']} |" for r in rows]
     size = "LLM 4 x 512, 16 samples" if args.full else "LLM 2 x 256, 8 samples"
     md = (f"# python -m bench.contention ({env['date']}, {cores} cores, loadavg at start {env['loadavg']}, "
           f"CPU pressure {env['cpu_pressure_avg10']}%)\n\nquantize: tiny Qwen2-VL ({size}, 2 vision blocks, "
-          f"fp32, w4 g128); decode: {args.layer}x{args.layer} 4-bit g128 QuantLinear, bf16. Goal: wall / fair "
-          f"share <= 1.5.\n\n" + "\n".join(lines) + "\n")
+          f"fp32, w4 g128); decode: {args.layer}x{args.layer} 4-bit g128 QuantLinear, bf16, kernel={args.kernel!r}. "
+          f"Goal: wall / fair share <= 1.5.\n\n" + "\n".join(lines) + "\n")
     print("\n" + md)
-    write_results("contention", {"env": env, "rows": rows, "full": args.full, "layer": args.layer}, md)
+    stem = "contention" if args.kernel == "auto" else f"contention_{args.kernel}"
+    write_results(stem, {"env": env, "rows": rows, "full": args.full, "layer": args.layer, "kernel": args.kernel}, md)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ end. The probe is compute-bound (a sine over a few hundred KB per op, one barrie
 more threads clearly win (a memory-bound probe gains little from a second thread and made the choice a coin
 toss), and beside a busy process every op waits for the descheduled peer. The pressure shortcut is set above what this process's own threads cause on free cores
 (a few %). `HF_VLM_GPTQ_ADAPTIVE_THREADS=0` switches it off.
+
+Inference has the same trap at a finer grain: a 1-row matmul of a packed layer is a fraction of a millisecond
+with one barrier, and beside one CPU-bound process its two spinning threads took 2.5x the wall time of one
+thread. :data:`CPU_PRESSURE` (a :class:`PressureWatch`) tells the packed modules, at a cost of a clock read per
+call, whether work has been waiting for the cores in the last ~0.1 s (PSI's cumulative stall time, read at
+most once per window); while it has, their matmuls run on one thread (:func:`single_thread`). The same
+variable switches it off.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdaptiveThreads", "adaptive_threads", "probe_seconds"]
+__all__ = ["CPU_PRESSURE", "AdaptiveThreads", "PressureWatch", "adaptive_threads", "probe_seconds", "single_thread"]
 
 _PROBE_ELEMENTS = 1 << 18  # 1 MB of float32: split over the threads by torch's parallel_for
 _PROBE_OPS = 24
@@ -38,13 +45,15 @@ _BUSY_PRESSURE_PCT = 20.0
 # a probe (~40 ms on 2 cores) is kept for this long: blocks of small models take less than a probe's worth
 # each, those of real models take seconds; the pressure shortcut is read before every block regardless
 _PROBE_VALID_S = 5.0
+_PSI_PATH = "/proc/pressure/cpu"
+_ENV = "HF_VLM_GPTQ_ADAPTIVE_THREADS"
 
 
 def cpu_pressure() -> float | None:
     """Share of the last 10 s in which runnable work waited for a CPU (Linux PSI "some avg10"), in %; None
     where the kernel does not report it."""
     try:
-        with open("/proc/pressure/cpu") as handle:
+        with open(_PSI_PATH) as handle:
             return float(handle.readline().split("avg10=")[1].split()[0])
     except (OSError, IndexError, ValueError):
         return None
@@ -70,7 +79,7 @@ class AdaptiveThreads:
     def __init__(self, enabled: bool = True) -> None:
         self.initial = torch.get_num_threads()
         self.enabled = (enabled and self.initial > 1
-                        and os.environ.get("HF_VLM_GPTQ_ADAPTIVE_THREADS", "1") != "0")
+                        and os.environ.get(_ENV, "1") != "0")
         self.current = self.initial
         self._buffer = torch.linspace(0, 100, _PROBE_ELEMENTS) if self.enabled else None
         self._probed_at: float | None = None  # when the last probe decided (None: none, or the shortcut did)
@@ -116,3 +125,60 @@ def adaptive_threads(enabled: bool = True) -> Iterator[AdaptiveThreads]:
         yield policy
     finally:
         policy.restore()
+
+
+def _stall_total_us(path: str) -> int | None:
+    """PSI's cumulative "some" CPU stall time in microseconds (None where it cannot be read)."""
+    try:
+        with open(path) as handle:
+            return int(handle.readline().split("total=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class PressureWatch:
+    """Whether other work waits for this machine's cores now: the CPU pressure over the last ``window_s``,
+    from the growth of PSI's stall counter (read at most once per window, so :meth:`busy` is a clock read
+    between reads). Once seen busy it stays busy for ``hold_s``: one thread beside one CPU-bound process
+    causes no pressure, so only a try with more threads can show that the other process is gone (and costs
+    about one window of spinning per hold). Never busy where PSI is missing or ``HF_VLM_GPTQ_ADAPTIVE_THREADS=0``
+    (checked at each read)."""
+
+    def __init__(self, path: str = _PSI_PATH, window_s: float = 0.1, hold_s: float = 2.0,
+                 busy_pct: float = _BUSY_PRESSURE_PCT) -> None:
+        self.path, self.window_s, self.hold_s, self.busy_pct = path, window_s, hold_s, busy_pct
+        self._next_read = float("-inf")
+        self._last: tuple[float, int] | None = None  # (monotonic time, stall total in us) of the last read
+        self._busy_until = float("-inf")
+
+    def busy(self) -> bool:
+        now = time.monotonic()
+        if now >= self._next_read:
+            self._read(now)
+        return now < self._busy_until
+
+    def _read(self, now: float) -> None:
+        self._next_read = now + self.window_s
+        total = _stall_total_us(self.path) if os.environ.get(_ENV, "1") != "0" else None
+        if total is None:
+            self._last, self._busy_until = None, float("-inf")
+            return
+        if self._last is not None and now - self._last[0] < 10 * self.window_s:  # a long gap tells nothing
+            stalled_pct = (total - self._last[1]) / 1e4 / (now - self._last[0])
+            if stalled_pct > self.busy_pct:
+                self._busy_until = now + self.hold_s
+        self._last = (now, total)
+
+
+CPU_PRESSURE = PressureWatch()
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """torch (and the kernels that read its count) on one intra-op thread inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
