@@ -14,11 +14,15 @@ parts, which every vision layer sees in proportion), so each contributes the sam
 "gradient" gives each row of a block the importance ``importance.py`` measured for it (the conv stem takes
 its part's first block's weights when the rows match).
 
-Per-modality proxy losses: next to the Hessian the solve uses, one plain Hessian per modality is kept when
-a group's rows hold more than one; ``loss_<modality> = tr(dW H_m dW^T) * n_m / n`` (``H_m`` over that
-modality's ``n_m`` rows): with no weighting they add up to the layer's loss. With no weighting the solve's
-Hessian is ``sum_m n_m H_m / n``, so the modality with the most rows is not accumulated but derived from it
-(up to float rounding; not when some rows were unlabelled).
+Per-modality proxy losses: ``loss_<modality> = tr(dW H_m dW^T) * n_m / n`` (``H_m`` the plain Hessian of that
+modality's ``n_m`` rows); with no weighting they add up to the layer's loss, so the modality with the most rows
+gets the layer's loss minus the others' (no product of its own; not when some rows were unlabelled). Where a
+group's rows hold more than one modality, each row goes into its modality's Hessian only (weighted as the
+solve wants; unlabelled rows into one more) and the solve's Hessian is their row-weighted mean
+``sum_m n_m H_m / n``: every row is multiplied once, and every path (unweighted, modality weights, GPTAQ's
+cross term kept apart) sums the same parts in the same order, so all-ones weights give the unweighted Hessian
+bit for bit. A modality weighted by 0 has no plain Hessian to recover; per-row importance weights
+("gradient") are not constant per modality: those keep one accumulator for the solve and plain ones beside it.
 """
 
 from __future__ import annotations
@@ -130,18 +134,27 @@ class GroupInputs:
         self.module = module
         self.info = tokens
         columns = module.weight[0].numel() - (1 if drop_first_channel else 0)
-        device = device or module.weight.device
-        self.accumulator = (AsymmetricAccumulator if float_module is not None else HessianAccumulator)(
-            columns, device=device)
+        device = self.device = device or module.weight.device
         present = tokens.present if tokens is not None else []
+        table = tokens.table if tokens is not None else None
+        # the group's Hessian from one accumulator per modality (key None, made when needed: unlabelled rows),
+        # see the module doc
+        self.parts: dict[int | None, HessianAccumulator] = {}
+        if (len(present) > 1 and tokens.call_weights is None
+                and (table is None or all(float(table[m]) > 0 for m in present))):
+            self.parts = {m: HessianAccumulator(columns, device=device) for m in present}
+        self.accumulator = None
+        if float_module is not None:
+            self.accumulator = AsymmetricAccumulator(columns, device=device, with_hessian=not self.parts)
+        elif not self.parts:
+            self.accumulator = HessianAccumulator(columns, device=device)
         self.by_modality = ({m: HessianAccumulator(columns, device=device) for m in present}
-                            if len(present) > 1 else {})
-        # Unweighted, the group's Hessian is the row-weighted mean of the per-modality ones, so the modality
-        # with the most rows need not be accumulated: its Hessian is derived from the others (report only).
+                            if len(present) > 1 and not self.parts else {})
+        # Unweighted, the modality with the most rows needs no product of its own (its loss is the rest)
         self.derived: int | None = None
-        if self.by_modality and tokens.table is None and tokens.call_weights is None:
+        if len(present) > 1 and table is None and tokens.call_weights is None:
             self.derived = max(present, key=lambda m: tokens.counts[m])
-            del self.by_modality[self.derived]
+            self.by_modality.pop(self.derived, None)
         self.derived_rows = 0
         self.unlabelled_rows = 0
         self.modality_hessians: dict[int, tuple[torch.Tensor, int]] = {}  # after close(): (H_m, n_m)
@@ -179,34 +192,60 @@ class GroupInputs:
             float_rows = self._pending if self._pending is not None else rows
             self.accumulator.add_pair(rows, float_rows, weights)
             self._pending = None
-        else:
+        elif self.accumulator is not None:
             self.accumulator.add_batch(rows, weights=weights)
-        if self.by_modality:
+        if self.parts or self.by_modality:
             mods = self.info.rows(call, n)
             if mods is None:
                 self.unlabelled_rows += n
+                if self.parts:
+                    if None not in self.parts:
+                        self.parts[None] = HessianAccumulator(rows.shape[-1], device=self.device)
+                    self.parts[None].add_batch(rows, weights=weights)
             else:
-                mods = mods.to(rows.device)
-                for m, acc in self.by_modality.items():
-                    picked = rows[mods == m]
-                    if picked.shape[0]:
-                        acc.add_batch(picked)
-                if self.derived is not None:
-                    self.derived_rows += int((mods == self.derived).sum())
+                self._add_by_modality(rows, mods.to(rows.device))
         self.tokens += n
         self.samples += 1
+
+    def _add_by_modality(self, rows: torch.Tensor, mods: torch.Tensor) -> None:
+        table = self.info.table
+        for m, acc in (self.parts or self.by_modality).items():
+            if m is None:
+                continue
+            picked = rows[mods == m]
+            if picked.shape[0]:
+                # the solve's weight for the split parts (one number per modality); plain beside a solve's own
+                acc.add_batch(picked, weights=None if not self.parts or table is None else float(table[m]))
+        if self.derived is not None:
+            self.derived_rows += int((mods == self.derived).sum())
 
     def close(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stop listening; hand over the Hessian and GPTAQ's cross term (None without GPTAQ)."""
         for handle in self.handles:
             handle.remove()
-        hessian = self.accumulator.hessian
         cross = self.accumulator.cross if isinstance(self.accumulator, AsymmetricAccumulator) else None
-        self.accumulator = None
-        self.modality_hessians = {m: (acc.hessian, acc.nsamples) for m, acc in self.by_modality.items()
-                                  if acc.nsamples}
-        self.by_modality = {}
+        if self.parts:
+            hessian = self._mean_of_parts()
+        else:
+            hessian = self.accumulator.hessian
+            self.modality_hessians = {m: (acc.hessian, acc.nsamples) for m, acc in self.by_modality.items()
+                                      if acc.nsamples}
+        self.accumulator, self.by_modality, self.parts = None, {}, {}
         return hessian, cross
+
+    def _mean_of_parts(self) -> torch.Tensor:
+        """``sum_m n_m H_m / n`` over the parts, in their fixed order; keeps the plain ``H_m`` of the labelled
+        modalities that need a product of their own (the weighted ones divided by their weight)."""
+        table, total = self.info.table, sum(acc.nsamples for acc in self.parts.values())
+        hessian = None
+        for m, acc in self.parts.items():
+            if not acc.nsamples:
+                continue
+            part = acc.hessian
+            hessian = part.mul(acc.nsamples / total) if hessian is None else hessian.add_(part, alpha=acc.nsamples / total)
+            if m is not None and m != self.derived:
+                self.modality_hessians[m] = (part if table is None else part.div_(float(table[m])), acc.nsamples)
+        return hessian if hessian is not None else next(iter(self.parts.values())).hessian
 
     @property
     def derived_rows_all(self) -> bool:

@@ -44,3 +44,34 @@ def test_the_group_hessian_and_each_modality_loss_are_their_rows_own():
         direct = float(((d @ picked.t()) ** 2).sum()) * 2 / rows.shape[0]  # its rows' share of the layer loss
         assert losses[f"loss_{name}"] == pytest.approx(direct, rel=1e-4), name
     assert sum(losses.values()) == pytest.approx(result.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("gptaq", [False, True])
+def test_weighted_modalities_give_the_weighted_hessian_and_plain_losses(gptaq):
+    """Modality weights: the solve's Hessian is every row's ``2/n w x x^T``; each modality's loss is still its
+    plain rows' share (its part of the Hessian divided by its weight), with GPTAQ's cross term kept apart."""
+    calls, labels, counts = _calls(seed=2)
+    info = TokenInfo(labels, counts, weighting="modality", modality_weights={"image": 3.0, "text": 0.5})
+    inputs = GroupInputs(nn.Linear(48, 20), is_conv=False, drop_first_channel=False, tokens=info,
+                         float_module=nn.Linear(48, 20) if gptaq else None, before_call=True)
+    for x in calls:
+        if gptaq:
+            inputs.add_float_call((x * 1.01,))
+        inputs.add_call((x,))
+    hessian, cross = inputs.close()
+    rows, mods = torch.cat(calls).double(), torch.cat(labels)
+    w = torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64)[mods]
+    torch.testing.assert_close(hessian.double(), 2 * (rows * w[:, None]).t() @ rows / rows.shape[0],
+                               rtol=1e-5, atol=1e-6)
+    if gptaq:
+        torch.testing.assert_close(cross.double(), 2 * (0.01 * rows * w[:, None]).t() @ rows / rows.shape[0],
+                                   rtol=1e-4, atol=1e-6)
+    else:
+        assert cross is None
+    weight = torch.randn(20, 48, generator=torch.Generator().manual_seed(3))
+    result = gptq_quantize(weight, hessian, bits=3, group_size=16)
+    losses = inputs.modality_losses(weight, result)
+    d = weight.double() - result.dequantize().double()
+    for m, name in enumerate(("image", "video", "text")):
+        direct = float(((d @ rows[mods == m].t()) ** 2).sum()) * 2 / rows.shape[0]
+        assert losses[f"loss_{name}"] == pytest.approx(direct, rel=1e-4), name

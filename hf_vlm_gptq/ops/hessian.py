@@ -20,7 +20,7 @@ video, text tokens) and importance weights from a backward pass.
 
 ``AsymmetricAccumulator`` (GPTAQ, see ``gptq.py``) takes pairs of rows, the quantized model's ``x~`` and
 the float model's ``x`` for the same token: ``H = 2/n * sum w x~ x~^T`` and
-``cross = 2/n * sum w (x - x~) x~^T``.
+``cross = 2/n * sum w (x - x~) x~^T`` (``with_hessian=False``: only ``cross``).
 """
 
 from __future__ import annotations
@@ -264,10 +264,12 @@ class AsymmetricAccumulator(HessianAccumulator):
     default); feed it with :meth:`add_pair`. ``cross`` is exactly 0 when the two inputs are equal."""
 
     def __init__(
-        self, columns: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self, columns: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+        with_hessian: bool = True,
     ):
         super().__init__(columns, device, dtype)
         self._cross = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self._with_hessian = with_hessian  # False: only ``cross`` (the caller accumulates H elsewhere)
         self._pending_float: list[torch.Tensor] = []  # the float model's rows of self._pending
 
     @property
@@ -308,4 +310,7 @@ class AsymmetricAccumulator(HessianAccumulator):
             self._pending, self._pending_float, self._pending_rows = [], [], 0
             total = self._in_matrix + xq.shape[0]
             self._cross.mul_(self._in_matrix / total).addmm_((xf - xq).t(), xq, alpha=2.0 / total)
-            self._add_to_matrix(xq)
+            if self._with_hessian:
+                self._add_to_matrix(xq)
+            else:
+                self._in_matrix = total
