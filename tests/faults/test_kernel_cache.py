@@ -61,7 +61,7 @@ CHILD = textwrap.dedent(
     def damage(kind):
         # a new file in the entry's place (this process has the old one mapped: changing it in place would
         # crash this process, which is not what is tested)
-        (library,) = KC.cache_dir().glob("*.so")
+        (library,) = KC.cache_dir().glob(CF.SOURCE.stem + "-*.so")
         good, bad = library.read_bytes(), library.with_suffix(".bad")
         if kind == "truncated":  # what a full disk or a killed copy leaves; dlopen of it dies with SIGBUS
             bad.write_bytes(good[: len(good) // 2])
@@ -82,7 +82,7 @@ CHILD = textwrap.dedent(
             damage(kind)
             CF._state.clear()
         reason = CF.kernel_unavailable_reason()
-        out = {"damage": kind, "reason": reason, "libraries": [p.name for p in KC.cache_dir().glob("*.so")]}
+        out = {"damage": kind, "reason": reason, "libraries": [p.name for p in KC.cache_dir().glob(CF.SOURCE.stem + "-*.so")]}
         if runs and reason is None:
             layer = QuantLinear.from_result(rtn_quantize(torch.randn(32, 64), bits=4, group_size=32), None,
                                             torch.bfloat16)
@@ -114,7 +114,8 @@ def entry_problem(cache: Path, monkeypatch) -> str | None:
 
 
 def libraries(cache: Path) -> list[Path]:
-    return sorted(cache.glob("*.so"))
+    """The fused kernel's builds in the cache (its self-check may build the dequantization kernel beside it)."""
+    return sorted(cache.glob(CF.SOURCE.stem + "-*.so"))
 
 
 @pytest.fixture(scope="module")
