@@ -18,8 +18,8 @@ Inference has the same trap at a finer grain: a 1-row matmul of a packed layer i
 with one barrier, and beside one CPU-bound process its two spinning threads took 2.5x the wall time of one
 thread. :data:`CPU_PRESSURE` (a :class:`PressureWatch`) tells the packed modules, at a cost of a clock read per
 call, whether work has been waiting for the cores in the last ~0.1 s (PSI's cumulative stall time, read at
-most once per window); while it has, their matmuls run on one thread (:func:`single_thread`). The same
-variable switches it off.
+most once per window); while it has, their matmuls run on half the threads, then half again, down to one
+(:func:`intra_op_threads`). The same variable switches it off.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CPU_PRESSURE", "AdaptiveThreads", "PressureWatch", "adaptive_threads", "probe_seconds", "single_thread"]
+__all__ = ["CPU_PRESSURE", "AdaptiveThreads", "PressureWatch", "adaptive_threads", "intra_op_threads", "probe_seconds"]
 
 _PROBE_ELEMENTS = 1 << 18  # 1 MB of float32: split over the threads by torch's parallel_for
 _PROBE_OPS = 24
@@ -137,11 +137,13 @@ def _stall_total_us(path: str) -> int | None:
 
 
 class PressureWatch:
-    """Whether other work waits for this machine's cores now: the CPU pressure over the last ``window_s``,
-    from the growth of PSI's stall counter (read at most once per window, so :meth:`busy` is a clock read
-    between reads). Once seen busy it stays busy for ``hold_s``: one thread beside one CPU-bound process
-    causes no pressure, so only a try with more threads can show that the other process is gone (and costs
-    about one window of spinning per hold). Never busy where PSI is missing or ``HF_VLM_GPTQ_ADAPTIVE_THREADS=0``
+    """How many of the caller's threads to use now: the CPU pressure over the last ``window_s``, from the
+    growth of PSI's stall counter (read at most once per window, so :meth:`threads` is a clock read between
+    reads). Each window with pressure halves the count (down to one thread) and holds it for ``hold_s``; a hold
+    that ends without pressure doubles it back one step. On 2 cores beside one CPU-bound process that is one
+    thread; on 16 cores beside one, 8 (its fair share) rather than 1. Fewer threads beside a busy process cause
+    no pressure, so only a try with more can show that the other process is gone (about one window of
+    oversubscription per hold). Never fewer where PSI is missing or ``HF_VLM_GPTQ_ADAPTIVE_THREADS=0``
     (checked at each read)."""
 
     def __init__(self, path: str = _PSI_PATH, window_s: float = 0.1, hold_s: float = 2.0,
@@ -149,24 +151,30 @@ class PressureWatch:
         self.path, self.window_s, self.hold_s, self.busy_pct = path, window_s, hold_s, busy_pct
         self._next_read = float("-inf")
         self._last: tuple[float, int] | None = None  # (monotonic time, stall total in us) of the last read
-        self._busy_until = float("-inf")
+        self._halvings = 0
+        self._hold_until = float("-inf")
 
-    def busy(self) -> bool:
+    def threads(self, count: int) -> int:
+        """The share of ``count`` threads to use now (``count`` when the cores are free)."""
         now = time.monotonic()
         if now >= self._next_read:
-            self._read(now)
-        return now < self._busy_until
+            self._read(now, count)
+        return max(1, count >> self._halvings)
 
-    def _read(self, now: float) -> None:
+    def _read(self, now: float, count: int) -> None:
         self._next_read = now + self.window_s
         total = _stall_total_us(self.path) if os.environ.get(_ENV, "1") != "0" else None
         if total is None:
-            self._last, self._busy_until = None, float("-inf")
+            self._last, self._halvings = None, 0
             return
         if self._last is not None and now - self._last[0] < 10 * self.window_s:  # a long gap tells nothing
             stalled_pct = (total - self._last[1]) / 1e4 / (now - self._last[0])
             if stalled_pct > self.busy_pct:
-                self._busy_until = now + self.hold_s
+                self._halvings = min(self._halvings + 1, max(count.bit_length() - 1, 0))
+                self._hold_until = now + self.hold_s
+            elif self._halvings and now >= self._hold_until:
+                self._halvings -= 1
+                self._hold_until = now + self.hold_s
         self._last = (now, total)
 
 
@@ -174,10 +182,10 @@ CPU_PRESSURE = PressureWatch()
 
 
 @contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """torch (and the kernels that read its count) on one intra-op thread inside the block."""
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch (and the kernels that read its count) on ``count`` intra-op threads inside the block."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(count)
     try:
         yield
     finally:

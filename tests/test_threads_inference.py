@@ -1,5 +1,6 @@
-"""The packed layers' thread policy at inference: their matmuls run on one thread while other work waits for the
-cores (CPU pressure over the last ~0.1 s, threads.PressureWatch), on the caller's count otherwise."""
+"""The packed layers' thread policy at inference: their matmuls run on fewer threads while other work waits for the
+cores (CPU pressure over the last ~0.1 s, threads.PressureWatch: half the count per busy window, down to one),
+on the caller's count otherwise."""
 
 from __future__ import annotations
 
@@ -38,33 +39,54 @@ def psi(tmp_path, monkeypatch):
 
 def test_the_watch_sees_pressure_within_a_window_holds_it_then_tries_again(psi):
     watch = threads.PressureWatch(str(psi.path), window_s=0.1, hold_s=2.0)
-    assert not watch.busy()  # the first read only sets the baseline
+    assert watch.threads(2) == 2  # the first read only sets the baseline
     psi.advance(0.1, stalled_pct=5.0)  # this process's own threads on free cores
-    assert not watch.busy()
+    assert watch.threads(2) == 2
     psi.advance(0.1, stalled_pct=90.0)  # another process wants the cores
-    assert watch.busy()
-    psi.advance(0.05, stalled_pct=0.0)  # inside the window: not read again, still busy
-    assert watch.busy()
+    assert watch.threads(2) == 1
+    psi.advance(0.05, stalled_pct=0.0)  # inside the window: not read again
+    assert watch.threads(2) == 1
     for _ in range(15):  # one thread beside one hog: no pressure, but the hold keeps one thread
         psi.advance(0.1, stalled_pct=0.0)
-        assert watch.busy()
+        assert watch.threads(2) == 1
     psi.advance(0.5, stalled_pct=0.0)
-    assert not watch.busy()  # the hold is over: more threads are tried
+    assert watch.threads(2) == 2  # the hold is over: more threads are tried
     psi.advance(0.1, stalled_pct=80.0)
-    assert watch.busy()  # and the pressure is back at once
+    assert watch.threads(2) == 1  # and the pressure is back at once
 
 
-def test_a_long_gap_is_not_read_as_pressure_and_missing_psi_or_the_switch_mean_never_busy(psi, monkeypatch):
+def test_many_cores_halve_step_by_step_and_come_back_step_by_step(psi):
+    """16 threads beside a busy process: 8 (the fair share of 16 cores between two), 4 if the pressure stays;
+    each hold that ends without pressure gives one step back."""
     watch = threads.PressureWatch(str(psi.path), window_s=0.1, hold_s=2.0)
-    watch.busy()
+    watch.threads(16)
+    seen = []
+    for pct in (90.0, 90.0, 0.0, 0.0):
+        psi.advance(0.1, stalled_pct=pct)
+        seen.append(watch.threads(16))
+    assert seen == [8, 4, 4, 4]
+    counts = []
+    for _ in range(45):  # 4.5 s of calls without pressure
+        psi.advance(0.1, stalled_pct=0.0)
+        counts.append(watch.threads(16))
+    assert counts[:17] == [4] * 17 and counts[18:37] == [8] * 19 and counts[-1] == 16
+    for _ in range(8):  # never below one thread
+        psi.advance(0.1, stalled_pct=100.0)
+        assert watch.threads(16) >= 1
+    assert watch.threads(16) == 1
+
+
+def test_a_long_gap_is_not_read_as_pressure_and_missing_psi_or_the_switch_mean_all_threads(psi, monkeypatch):
+    watch = threads.PressureWatch(str(psi.path), window_s=0.1, hold_s=2.0)
+    watch.threads(2)
     psi.advance(30.0, stalled_pct=50.0)  # an idle process waking up: 30 s averaged say nothing about now
-    assert not watch.busy()
+    assert watch.threads(2) == 2
     psi.advance(0.1, stalled_pct=50.0)
-    assert watch.busy()
-    assert not threads.PressureWatch(str(psi.path.with_name("absent"))).busy()
+    assert watch.threads(2) == 1
+    assert threads.PressureWatch(str(psi.path.with_name("absent"))).threads(2) == 2
     monkeypatch.setenv("HF_VLM_GPTQ_ADAPTIVE_THREADS", "0")
-    psi.advance(2.5, stalled_pct=50.0)
-    assert not watch.busy()
+    psi.advance(0.1, stalled_pct=50.0)
+    assert watch.threads(2) == 2
 
 
 @pytest.fixture
@@ -76,7 +98,7 @@ def layer():
     return module
 
 
-def test_a_packed_layer_computes_on_one_thread_while_the_cores_are_busy(layer, psi, monkeypatch):
+def test_a_packed_layer_computes_on_fewer_threads_while_the_cores_are_busy(layer, psi, monkeypatch):
     seen = []
     backend = BACKENDS["dequant"]
     real = type(backend).matmul

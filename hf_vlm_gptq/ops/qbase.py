@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..threads import CPU_PRESSURE, single_thread
+from ..threads import CPU_PRESSURE, intra_op_threads
 from .backends import BACKENDS, Backend, choose
 from .grid import check_bits, check_group_size, num_groups
 from .packing import PACKED_BUFFERS, dequantize_packed, pack_gptq, packed_rows
@@ -281,12 +281,14 @@ class PackedWeightModule(nn.Module):
 
     def _matmul(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x2[M, in] @ W^T + bias`` through the backend ``self.kernel`` names or "auto" picks
-        (``backends.choose``); on one thread while other work waits for the cores (``threads.CPU_PRESSURE``)."""
+        (``backends.choose``); on fewer threads while other work waits for the cores (``threads.CPU_PRESSURE``)."""
         backend, weights = choose(self, x2, self.kernel)
         bias = None if bias is None else bias.to(x2.dtype)
-        if x2.device.type == "cpu" and torch.get_num_threads() > 1 and CPU_PRESSURE.busy():
-            with single_thread():
-                return backend.matmul(self, x2, weights, bias)
+        if x2.device.type == "cpu" and (count := torch.get_num_threads()) > 1:
+            share = CPU_PRESSURE.threads(count)
+            if share < count:
+                with intra_op_threads(share):
+                    return backend.matmul(self, x2, weights, bias)
         return backend.matmul(self, x2, weights, bias)
 
     def forward_reference(self, x2: torch.Tensor) -> torch.Tensor:
