@@ -22,7 +22,6 @@ come back too, for KL divergence between a float model and its quantized version
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import inspect
 import json
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..threads import intra_op_threads
 from .tasks import KINDS, TASKS, task_samples
 
 logger = logging.getLogger(__name__)
@@ -247,16 +247,6 @@ def evaluate(model: torch.nn.Module, batches: list[Batch]) -> EvalResult:
 
 
 # --- training ----------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _lr_at(step: int, recipe: dict) -> float:
     if step < recipe["warmup"]:
         return recipe["lr"] * (step + 1) / recipe["warmup"]
@@ -277,7 +267,7 @@ def train_tiny(arch: str, out_dir: str | Path, *, recipe: dict | None = None, pr
     out_dir = Path(out_dir)
     sizes = model_sizes(arch)
     start_time = time.perf_counter()
-    with _threads(recipe["threads"]), torch.random.fork_rng(devices=[]):
+    with intra_op_threads(recipe["threads"]), torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe["seed"])
         spec_for_name(arch).build_tiny(out_dir, seed=recipe["seed"], **sizes)
         processor = AutoProcessor.from_pretrained(out_dir)
