@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from . import dense
 from .gptq_matrices import GPTAQ_ALPHA, gptaq_correction, group_aware_order, upper_inverse_cholesky
 from .gptq_sweep import _cpu_kernel, _gptq_columns
 from .result import (
@@ -133,9 +134,9 @@ def _column_sweep(
 
 
 def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per-row ``d H d^T`` for ``D = w - q_t^T`` (``h`` symmetric); summing rows gives the proxy loss."""
-    d_t = w.t() - q_t
-    return (h @ d_t).mul_(d_t).sum(0)
+    """Per-row ``d H d^T`` for ``D = w - q_t^T``; summing rows gives the proxy loss."""
+    d = w - q_t.t()
+    return dense.linear(d, h).mul_(d).sum(1)  # d H^T d^T: the same quadratic form
 
 
 def _solve(

@@ -11,7 +11,8 @@ fp16 values are exact in fp32, so only the summation order differs from fp32 acc
 ``H <- H * n_old / n + (2 / n) * X^T X``. That ``mm`` overload has no CPU kernel (torch 2.14), so CPU rows
 and fp32 rows keep the fp32 path: rows cast to fp32, one ``addmm_`` with ``alpha = 2 / n``. On CPU a wide
 matrix takes only its upper block triangle from products of column blocks (the same dot products as one
-``addmm_``; 0.6-0.7x its time on 2048 columns) and mirrors it into the lower one (:func:`add_xtx`).
+``addmm_``) and mirrors it into the lower one (:func:`add_xtx`); there the products run on the measured
+float32 engine (``dense.py``: oneDNN from the rows' transpose, or BLAS).
 
 Token weights (``weights=``, one per row, or one number for the whole batch; >= 0): ``H = X^T diag(w) X``
 up to the same ``2 / n`` (``n`` still counts rows), computed by scaling each row by ``sqrt(w_i)`` on the
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dense
 from .result import all_finite
 
 XtX = Callable[[torch.Tensor], torch.Tensor]
@@ -63,11 +65,17 @@ def update_running_hessian(h: torch.Tensor, rows: torch.Tensor, n_old: int, xtx:
     h.mul_(n_old / total).add_(xtx(rows), alpha=2.0 / total)
 
 
-def add_xtx(h: torch.Tensor, rows: torch.Tensor, alpha: float) -> None:
-    """In place, for a symmetric ``h``: ``h += alpha * rows^T rows``. On CPU with at least
-    ``_TRIANGLE_FROM`` columns only the upper block triangle is multiplied (block row ``i``: one product
-    ``rows[:, i]^T rows[:, i:]``) and the lower one copied from it, so ``h`` stays exactly symmetric off
-    the diagonal blocks; elsewhere one ``addmm_``."""
+def add_xtx(h: torch.Tensor, rows: torch.Tensor | list[torch.Tensor], alpha: float) -> None:
+    """In place, for a symmetric ``h``: ``h += alpha * rows^T rows`` (``rows``: one ``[N, n]`` matrix or a
+    list of such pieces, read as their concatenation). float32 CPU products go to the measured engine
+    (``dense.py``: oneDNN or BLAS); on CPU with at least ``_TRIANGLE_FROM`` columns only the upper block
+    triangle is multiplied (block row ``i``: one product ``rows[:, i]^T rows[:, i:]``) and the lower one
+    copied from it, so ``h`` stays exactly symmetric off the diagonal blocks; elsewhere one ``addmm_``."""
+    pieces = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+    if dense.takes(h, *pieces):
+        dense.add_gram(h, pieces, alpha)
+        return
+    rows = _joined(pieces)
     n = h.shape[0]
     if h.device.type != "cpu" or n < _TRIANGLE_FROM:
         h.addmm_(rows.t(), rows, alpha=alpha)
@@ -246,17 +254,19 @@ class HessianAccumulator:
     def _flush(self) -> None:
         """Add the collected rows: ``H <- H * n_old / n + (2 / n) * X^T X``."""
         if self._pending:
-            self._add_to_matrix(_joined(self._pending))
+            self._add_to_matrix(self._pending)
             self._pending, self._pending_rows = [], 0
 
-    def _add_to_matrix(self, rows: torch.Tensor) -> None:
-        xtx = half_xtx(rows, self._h.dtype)
+    def _add_to_matrix(self, pieces: list[torch.Tensor]) -> None:
+        """Add rows (pieces of one matrix, read as their concatenation) to the running matrix."""
+        n = sum(p.shape[0] for p in pieces)
+        xtx = half_xtx(pieces[0], self._h.dtype)
         if xtx is not None:
-            update_running_hessian(self._h, rows, self._in_matrix, xtx)
+            update_running_hessian(self._h, _joined(pieces), self._in_matrix, xtx)
         else:
-            total = self._in_matrix + rows.shape[0]
-            add_xtx(self._h.mul_(self._in_matrix / total), rows, 2.0 / total)
-        self._in_matrix += rows.shape[0]
+            total = self._in_matrix + n
+            add_xtx(self._h.mul_(self._in_matrix / total), pieces, 2.0 / total)
+        self._in_matrix += n
 
 
 class AsymmetricAccumulator(HessianAccumulator):
@@ -309,8 +319,13 @@ class AsymmetricAccumulator(HessianAccumulator):
             xq, xf = _joined(self._pending), _joined(self._pending_float)
             self._pending, self._pending_float, self._pending_rows = [], [], 0
             total = self._in_matrix + xq.shape[0]
-            self._cross.mul_(self._in_matrix / total).addmm_((xf - xq).t(), xq, alpha=2.0 / total)
+            self._cross.mul_(self._in_matrix / total)
+            if dense.takes(self._cross, xq):  # (x - x~)^T x~ from the two transposes (dense.py)
+                self._cross.add_(dense.linear(dense.transposed([xf - xq]), dense.transposed([xq])),
+                                 alpha=2.0 / total)
+            else:
+                self._cross.addmm_((xf - xq).t(), xq, alpha=2.0 / total)
             if self._with_hessian:
-                self._add_to_matrix(xq)
+                self._add_to_matrix([xq])
             else:
                 self._in_matrix = total

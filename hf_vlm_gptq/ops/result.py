@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dense
 from .grid import check_bits, check_full_range, check_group_size, dequantize
 
 
@@ -99,7 +100,7 @@ def proxy_loss(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Ten
     dtype = compute_dtype(weight, hessian)
     d = weight.to(dtype) - quantized.to(device=weight.device, dtype=dtype)
     h = hessian.to(device=weight.device, dtype=dtype)
-    return float(((d @ h) * d).sum())
+    return float((dense.linear(d, h) * d).sum())  # d H^T d^T: the same trace
 
 
 def check_gptq_options(group_order: object, act_order: object, full_range: object, gptaq_cross: object,

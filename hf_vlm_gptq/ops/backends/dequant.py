@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from .. import dense
 from .base import Backend, Layer
 
 
 class DequantBackend(Backend):
-    """``F.linear(x2, dequantize(W) in x2's dtype, bias)``; the module's dense cache (``cache_dequantized``)
+    """``F.linear(x2, dequantize(W) in x2's dtype, bias)`` (float32 on CPU: on the measured engine, ``dense.py``); the module's dense cache (``cache_dequantized``)
     keeps the weight between calls, else it is dequantized on every call."""
 
     name = "dequant"
@@ -25,7 +25,7 @@ class DequantBackend(Backend):
         return None
 
     def matmul(self, module: Any, x2: torch.Tensor, weights: None, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x2, module.dequantize_weight(x2.dtype), bias)
+        return dense.linear(x2, module.dequantize_weight(x2.dtype), bias)
 
     def variant(self, module: Any, weights: None) -> str:
         return "cached" if module.cache_dequantized else "uncached"

@@ -1,0 +1,144 @@
+"""The measured float32 engine (ops/dense.py): both engines give the float64 products, the measurement keeps
+BLAS when oneDNN disagrees, the calibration passes' Linear patch is undone, and the Hessian and factorisation
+paths built on it match their float64 references."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_vlm_gptq.ops import dense
+from hf_vlm_gptq.ops.gptq_matrices import cholesky_lower, upper_inverse_cholesky
+from hf_vlm_gptq.ops.hessian import HessianAccumulator, add_xtx
+
+ONEDNN = pytest.mark.skipif(dense._onednn_unavailable() is not None, reason=str(dense._onednn_unavailable()))
+ENGINES = ["blas", pytest.param("onednn", marks=ONEDNN)]
+
+
+@pytest.fixture
+def engine(request, monkeypatch):
+    monkeypatch.setenv(dense.ENV_ENGINE, request.param)
+    return request.param
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    scale = float(want.abs().max()) or 1.0
+    return float((got.double() - want.double()).abs().max()) <= 2e-6 * scale * want.shape[-1] ** 0.5
+
+
+def test_engine_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(dense.ENV_ENGINE, "mkl")
+    with pytest.raises(ValueError, match=dense.ENV_ENGINE):
+        dense.engine()
+    monkeypatch.setenv(dense.ENV_ENGINE, "blas")
+    assert dense.engine() == "blas"
+    assert not dense.takes(torch.ones(4, 4))
+
+
+@ONEDNN
+def test_measurement_keeps_blas_when_onednn_disagrees(monkeypatch, caplog):
+    monkeypatch.setattr(dense, "_onednn_linear", lambda x, w, b: F.linear(x, w, b) * (1 + 1e-2))
+    with caplog.at_level(logging.WARNING, logger=dense.__name__):
+        assert dense._measure() == "blas"
+    assert "disagrees" in caplog.text
+    monkeypatch.undo()
+    assert dense._measure() in dense.ENGINES
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_products_match_float64_for_every_layout(engine):
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randn(96, 80, generator=gen)
+    weights = {"contiguous": torch.randn(40, 24, generator=gen), "transposed": torch.randn(24, 40, generator=gen).t(),
+               "sub-block": big[10:50, 30:54]}
+    x3 = torch.randn(3, 7, 24, generator=gen)
+    inputs = {"2-D": x3[0], "3-D": x3, "strided 3-D": torch.randn(3, 24, 7, generator=gen).transpose(1, 2),
+              "sub-block": big[:9, 2:26]}
+    bias = torch.randn(40, generator=gen)
+    for wname, w in weights.items():
+        for xname, x in inputs.items():
+            for b in (None, bias):
+                want = F.linear(x.double(), w.double(), None if b is None else b.double())
+                got = dense.linear(x, w, b)
+                assert got.dtype == torch.float32 and got.shape == want.shape
+                assert _close(got, want), f"{engine}: input {xname}, weight {wname}, bias {b is not None}"
+    a, m = torch.randn(33, 24, generator=gen), big[:24, 5:45]
+    assert _close(dense.mm(a, m), a.double() @ m.double())
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_other_dtypes_and_autograd_keep_torch(engine):
+    x, w = torch.randn(5, 8), torch.randn(6, 8)
+    assert torch.equal(dense.linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+    xg = x.clone().requires_grad_(True)
+    dense.linear(xg, w).sum().backward()
+    assert torch.allclose(xg.grad, w.sum(0).expand(5, 8))
+    assert dense.linear(torch.empty(0, 8), w).shape == (0, 6)
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_fast_linears_patches_plain_linears_and_undoes_it(engine):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _OwnForward(8, 8), nn.Linear(8, 4))
+    hooked = model[2]
+    hooked.forward = lambda x, _lin=hooked: F.linear(x, _lin.weight, _lin.bias) * 0  # a wrapper of its own
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = model[0](x)
+        with dense.fast_linears(model):
+            patched = "forward" in model[0].__dict__
+            assert "forward" not in model[1].__dict__
+            assert torch.equal(model[2](x), torch.zeros(3, 4))  # its own forward kept
+            inside = model[0](x)
+        assert patched == (engine == "onednn")
+        assert "forward" not in model[0].__dict__
+        assert torch.allclose(inside, before, atol=1e-6)
+        with pytest.raises(RuntimeError), dense.fast_linears(model):
+            raise RuntimeError("a failed pass")
+        assert "forward" not in model[0].__dict__
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+@pytest.mark.parametrize("columns", [100, 300, 640])
+def test_gram_matches_float64(engine, columns):
+    gen = torch.Generator().manual_seed(columns)
+    pieces = [torch.randn(n, columns, generator=gen) for n in (70, 129, 3)]
+    h = torch.eye(columns)
+    add_xtx(h, pieces, 0.5)
+    rows = torch.cat(pieces).double()
+    want = torch.eye(columns, dtype=torch.float64) + 0.5 * rows.t() @ rows
+    assert _close(h, want)
+    acc = HessianAccumulator(columns)
+    for piece in pieces:
+        acc.add_batch(piece)
+    assert _close(acc.hessian, 2 / rows.shape[0] * rows.t() @ rows)
+    block = dense._GRAM_BLOCK if engine == "onednn" else 128
+    if columns >= 384:  # off the diagonal blocks the matrix is mirrored: exactly symmetric
+        assert torch.equal(h[block:, :block], h[:block, block:].t())
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_cholesky_by_halves_matches_float64(engine):
+    gen = torch.Generator().manual_seed(1)
+    n = 700
+    x = torch.randn(2 * n, n, generator=gen)
+    a = x.t() @ x / (2 * n) + 0.1 * torch.eye(n)
+    lower = cholesky_lower(a)
+    assert lower is not None and torch.equal(lower, lower.tril())
+    assert _close(lower @ lower.t(), a.double())
+    damp = 0.01
+    u = upper_inverse_cholesky(a, damp)
+    eye = torch.eye(n, dtype=torch.float64)
+    assert float((u.double().t() @ u.double() @ (a.double() + damp * eye) - eye).abs().max()) < 1e-4
+    broken = a.clone()
+    broken[n - 5, n - 5] = -1.0  # not positive definite in the second half only
+    assert cholesky_lower(broken) is None
