@@ -113,8 +113,9 @@ def engine() -> str:
     return _chosen[0]
 
 
-def _takes(*tensors: torch.Tensor | None) -> bool:
-    """Whether these operands go to the measured engine: float32 CPU tensors, no autograd, not traced."""
+def takes(*tensors: torch.Tensor | None) -> bool:
+    """Whether products of these operands run on oneDNN: float32 CPU tensors, no autograd, not traced, and
+    oneDNN the engine."""
     present = [t for t in tensors if t is not None]
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() > 0 for t in present):
         return False
@@ -125,7 +126,7 @@ def _takes(*tensors: torch.Tensor | None) -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` (``x[..., in] @ w[out, in]^T + bias``) on the measured engine."""
-    if _takes(x, w, bias) and w.dim() == 2:
+    if takes(x, w, bias) and w.dim() == 2:
         return _onednn_linear(x, w, bias)
     return F.linear(x, w, bias)
 
@@ -133,15 +134,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for 2-D ``a [m, k]`` and ``b [k, n]`` on the measured engine (``b`` read as ``b^T``'s rows,
     so a ``b`` that is the transpose of a contiguous matrix costs no copy)."""
-    if _takes(a, b) and a.dim() == 2 and b.dim() == 2:
+    if takes(a, b) and a.dim() == 2 and b.dim() == 2:
         return _onednn_linear(a, b.t(), None)
     return a @ b
-
-
-def takes(*tensors: torch.Tensor | None) -> bool:
-    """Whether products of these operands run on oneDNN (float32 CPU tensors, no autograd, not traced, oneDNN
-    the measured engine)."""
-    return _takes(*tensors)
 
 
 _TRANSPOSE_ROWS = 64  # rows per chunk of a transposed copy (cache-sized: one whole-matrix transpose is slower)
