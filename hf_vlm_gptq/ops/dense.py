@@ -140,10 +140,6 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _TRANSPOSE_ROWS = 64  # rows per chunk of a transposed copy (cache-sized: one whole-matrix transpose is slower)
-_GRAM_BLOCK = 128  # column block of the upper block triangle of X^T X
-_GRAM_FROM = 256  # narrower: one product
-
-
 def transposed(pieces: list[torch.Tensor]) -> torch.Tensor:
     """The rows of ``pieces`` (each ``[n_i, d]``) as one contiguous ``[d, sum n_i]``: their transpose."""
     d = pieces[0].shape[1]
@@ -155,23 +151,6 @@ def transposed(pieces: list[torch.Tensor]) -> torch.Tensor:
             out[:, at : at + chunk.shape[0]].copy_(chunk.t())
             at += chunk.shape[0]
     return out
-
-
-def add_gram(h: torch.Tensor, pieces: list[torch.Tensor], alpha: float) -> None:
-    """In place, for a symmetric float32 CPU ``h [d, d]`` and oneDNN the engine (:func:`takes`):
-    ``h += alpha * X^T X`` with ``X`` the rows of ``pieces``. From :data:`_GRAM_FROM` columns on only the
-    upper block triangle is multiplied (block row ``i``: ``X[:, i]^T X[:, i:]``) and mirrored into the lower
-    one, so ``h`` stays exactly symmetric off the diagonal blocks."""
-    rows_t = transposed(pieces)
-    d = h.shape[0]
-    if d < _GRAM_FROM:
-        h.add_(_onednn_linear(rows_t, rows_t, None), alpha=alpha)
-        return
-    block = _GRAM_BLOCK
-    for i in range(0, d, block):
-        h[i : i + block, i:].add_(_onednn_linear(rows_t[i : i + block], rows_t[i:], None), alpha=alpha)
-    for i in range(0, d - block, block):
-        h[i + block :, i : i + block].copy_(h[i : i + block, i + block :].t())
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,9 @@ _FLUSH_ELEMS = 1 << 22
 # column block of the triangular update on CPU (narrower matrices: one addmm_); 128 below 1024 columns
 _TRIANGLE_BLOCK = 256
 _TRIANGLE_FROM = 384
+# the same on oneDNN (dense.py), whose products are fast on narrower blocks
+_GRAM_BLOCK = 128
+_GRAM_FROM = 256
 
 
 def _mm_out_fp32(rows: torch.Tensor) -> torch.Tensor:
@@ -68,21 +71,27 @@ def update_running_hessian(h: torch.Tensor, rows: torch.Tensor, n_old: int, xtx:
 def add_xtx(h: torch.Tensor, rows: torch.Tensor | list[torch.Tensor], alpha: float) -> None:
     """In place, for a symmetric ``h``: ``h += alpha * rows^T rows`` (``rows``: one ``[N, n]`` matrix or a
     list of such pieces, read as their concatenation). float32 CPU products go to the measured engine
-    (``dense.py``: oneDNN or BLAS); on CPU with at least ``_TRIANGLE_FROM`` columns only the upper block
-    triangle is multiplied (block row ``i``: one product ``rows[:, i]^T rows[:, i:]``) and the lower one
-    copied from it, so ``h`` stays exactly symmetric off the diagonal blocks; elsewhere one ``addmm_``."""
+    (``dense.py``: oneDNN, from the rows' transpose, or BLAS); on CPU a wide ``h`` takes only its upper block
+    triangle (block row ``i``: one product ``rows[:, i]^T rows[:, i:]``) and the lower one is copied from it,
+    so ``h`` stays exactly symmetric off the diagonal blocks; elsewhere one product."""
     pieces = [rows] if isinstance(rows, torch.Tensor) else list(rows)
-    if dense.takes(h, *pieces):
-        dense.add_gram(h, pieces, alpha)
-        return
-    rows = _joined(pieces)
     n = h.shape[0]
-    if h.device.type != "cpu" or n < _TRIANGLE_FROM:
-        h.addmm_(rows.t(), rows, alpha=alpha)
-        return
-    block = _TRIANGLE_BLOCK if n >= 1024 else _TRIANGLE_BLOCK // 2
-    for i in range(0, n, block):
-        h[i : i + block, i:].addmm_(rows[:, i : i + block].t(), rows[:, i:], alpha=alpha)
+    if dense.takes(h, *pieces):
+        rows_t = dense.transposed(pieces)
+        if n < _GRAM_FROM:
+            h.add_(dense.linear(rows_t, rows_t), alpha=alpha)
+            return
+        block = _GRAM_BLOCK
+        for i in range(0, n, block):
+            h[i : i + block, i:].add_(dense.linear(rows_t[i : i + block], rows_t[i:]), alpha=alpha)
+    else:
+        rows = _joined(pieces)
+        if h.device.type != "cpu" or n < _TRIANGLE_FROM:
+            h.addmm_(rows.t(), rows, alpha=alpha)
+            return
+        block = _TRIANGLE_BLOCK if n >= 1024 else _TRIANGLE_BLOCK // 2
+        for i in range(0, n, block):
+            h[i : i + block, i:].addmm_(rows[:, i : i + block].t(), rows[:, i:], alpha=alpha)
     for i in range(0, n - block, block):
         h[i + block :, i : i + block].copy_(h[i : i + block, i + block :].t())
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_vlm_gptq.ops import dense
+from hf_vlm_gptq.ops import dense, hessian
 from hf_vlm_gptq.ops.gptq_matrices import cholesky_lower, upper_inverse_cholesky
 from hf_vlm_gptq.ops.hessian import HessianAccumulator, add_xtx
 
@@ -121,7 +121,7 @@ def test_gram_matches_float64(engine, columns):
     for piece in pieces:
         acc.add_batch(piece)
     assert _close(acc.hessian, 2 / rows.shape[0] * rows.t() @ rows)
-    block = dense._GRAM_BLOCK if engine == "onednn" else 128
+    block = hessian._GRAM_BLOCK if engine == "onednn" else 128
     if columns >= 384:  # off the diagonal blocks the matrix is mirrored: exactly symmetric
         assert torch.equal(h[block:, :block], h[:block, block:].t())
 
