@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from . import dense
-from .gptq_matrices import GPTAQ_ALPHA, gptaq_correction, group_aware_order, upper_inverse_cholesky
+from .gptq_matrices import GPTAQ_ALPHA, gptaq_correction, group_aware_order, symmetric_copy, upper_inverse_cholesky
 from .gptq_sweep import _cpu_kernel, _gptq_columns
 from .result import (
     QuantResult,
@@ -133,6 +133,26 @@ def _column_sweep(
     return (*(fused if ok else torch_loop), None)
 
 
+_DISTANCE_CHUNK_ELEMS = 1 << 17  # values per chunk of _row_distances (cache-sized; no full-size temporary)
+
+
+def _row_distances(w: torch.Tensor, q_t: torch.Tensor) -> torch.Tensor:
+    """Per row, ``||w - q_t^T||^2`` in float64, a chunk of rows at a time: the chunk's slice of ``q_t`` read
+    transposed stays in cache, and no ``w``-sized difference is allocated."""
+    out = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
+    rows = max(1, _DISTANCE_CHUNK_ELEMS // max(1, w.shape[1]))
+    for r0 in range(0, w.shape[0], rows):
+        d = w[r0 : r0 + rows] - q_t[:, r0 : r0 + rows].t()
+        out[r0 : r0 + rows] = d.square_().sum(1, dtype=torch.float64)
+    return out
+
+
+def _nonzero(h: torch.Tensor) -> bool:
+    """Whether ``h`` has a nonzero entry: its diagonal first (a nonzero positive semi-definite matrix has a
+    nonzero diagonal), the whole matrix only when that is all zero."""
+    return bool(h.diagonal().ne(0).any()) or bool(h.ne(0).any())
+
+
 def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Per-row ``d H d^T`` for ``D = w - q_t^T``; summing rows gives the proxy loss."""
     d = w - q_t.t()
@@ -162,18 +182,17 @@ def _solve(
     measured against the caller's (undamped) Hessian.
     """
     n = w.shape[1]
-    h = hessian.to(device=w.device, dtype=w.dtype)
-    h = (h + h.t()).mul_(0.5)  # exact symmetry: float matmuls need not give it, and we read one triangle
+    h = symmetric_copy(hessian.to(device=w.device), w.dtype)
 
     def rtn(reason: str, damp: float) -> tuple:
         logger.warning("GPTQ falls back to RTN: %s", reason)
         codes, scale, zero, g_idx = rtn_core(w, bits, group_size, sym, clip, full_range)
         g = g_idx.long()
         q_t = (scale[:, g] * (codes.to(w.dtype) - zero[:, g])).t()
-        h_orig = hessian.to(device=w.device, dtype=w.dtype)
-        return codes, scale, zero, g_idx, _row_losses(w, q_t, (h_orig + h_orig.t()) / 2), damp, "rtn", reason
+        h_orig = symmetric_copy(hessian.to(device=w.device), w.dtype)
+        return codes, scale, zero, g_idx, _row_losses(w, q_t, h_orig), damp, "rtn", reason
 
-    if nsamples == 0 or not bool((h != 0).any()):
+    if nsamples == 0 or not _nonzero(h):
         return rtn(NO_CALIBRATION, 0.0)
     diag = h.diagonal()
     dead = diag == 0
@@ -193,8 +212,10 @@ def _solve(
             cross = cross[perm][:, perm]
     else:
         w_p = w
-    work = w_p.clone() if bool(dead.any()) else w_p
-    work[:, dead] = 0
+    work = w_p
+    if bool(dead.any()):
+        work = w_p.clone()
+        work[:, dead] = 0
     mean_diag = float(h.diagonal().mean())
     u, used = None, percdamp
     for used in _damping_steps(percdamp):
@@ -214,7 +235,7 @@ def _solve(
         # (W - Q) H (W - Q)^T = sum E^2 - damp ||work - Q||^2 per row: dead columns are 0 in work and Q, and
         # the caller's Hessian is 0 there
         damp = used * mean_diag
-        row_losses = (energy - damp * (work - q_t.t()).square().sum(1, dtype=torch.float64)).clamp_min_(0)
+        row_losses = (energy - damp * _row_distances(work, q_t)).clamp_min_(0)
         row_losses = row_losses.to(w.dtype)
     else:
         h.diagonal()[dead] = 0  # back to the caller's Hessian (permuted) for the loss

@@ -9,7 +9,8 @@ import torch
 from . import dense
 from .result import all_finite
 
-__all__ = ["GPTAQ_ALPHA", "cholesky_lower", "gptaq_correction", "group_aware_order", "lower_inverse", "upper_inverse_cholesky"]
+__all__ = ["GPTAQ_ALPHA", "flipped", "gptaq_correction", "group_aware_order", "symmetric_copy", "upper_factor_",
+           "upper_inverse_", "upper_inverse_cholesky"]
 
 GPTAQ_ALPHA = 0.25  # the published default scale of the asymmetry term
 
@@ -46,60 +47,90 @@ def gptaq_correction(cross: torch.Tensor, u: torch.Tensor, alpha: float = GPTAQ_
 _LEAF = 256  # below this LAPACK's factorisation / a triangular solve against the identity; above, halves
 
 
-def cholesky_lower(a: torch.Tensor) -> torch.Tensor | None:
-    """The lower Cholesky factor ``L`` (``L L^T = a``) of a symmetric ``a`` (its lower triangle is read), or
-    None when a pivot is not positive. Where float32 CPU products run on oneDNN (``dense.py``) a large ``a``
-    goes by halves, ``a = [[A, .], [B, C]]``: ``L11 = chol(A)``, ``L21 = B L11^-T`` (a triangular solve),
-    ``L22 = chol(C - L21 L21^T)``, so most of the arithmetic is one product per level; elsewhere LAPACK's."""
-    n = a.shape[0]
-    if n <= _LEAF or not dense.takes(a):
-        lower, info = torch.linalg.cholesky_ex(a)
-        return None if int(info) != 0 else lower
+def flipped(x: torch.Tensor) -> torch.Tensor:
+    """``x.flip(0, 1)`` (a new matrix): for a contiguous matrix the reversed flat storage, a single fast pass
+    (torch's two-axis flip is several times slower on CPU)."""
+    return x.reshape(-1).flip(0).view(x.shape) if x.is_contiguous() else x.flip(0, 1)
+
+
+_SYM_TILE = 256  # rows / columns of the tiles symmetric_copy averages (a tile and its mirror stay in cache)
+
+
+def symmetric_copy(h: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(h + h^T) / 2`` as a new contiguous matrix (in ``dtype``, default ``h``'s): float products need not
+    give an exactly symmetric Hessian, and the factorisation reads one triangle. Tile by tile, so the transposed
+    reads stay in cache (one whole-matrix ``h + h.t()`` reads a column per element)."""
+    out = h.to(dtype=dtype or h.dtype, memory_format=torch.contiguous_format, copy=True)
+    n = out.shape[0]
+    tile = _SYM_TILE
+    for i in range(0, n, tile):
+        for j in range(i, n, tile):
+            upper, lower = out[i : i + tile, j : j + tile], out[j : j + tile, i : i + tile]
+            mean = (upper + lower.t()).mul_(0.5)
+            upper.copy_(mean)
+            if j != i:
+                lower.copy_(mean.t())
+    return out
+
+
+def upper_factor_(m: torch.Tensor) -> bool:
+    """In place: ``m`` (symmetric, its upper triangle read) becomes the upper-triangular ``R`` with
+    ``R R^T = m``, zeros below the diagonal; False (``m`` then undefined) when a pivot is not positive.
+    Where float32 CPU products run on oneDNN (``dense.py``) a large ``m`` goes by halves,
+    ``m = [[A, B], [B^T, C]]``: ``R22 = factor(C)``, ``R12 = B R22^-T`` (a triangular solve),
+    ``R11 = factor(A - R12 R12^T)``, so most of the arithmetic is one product per level and no full-size
+    matrix is allocated; elsewhere LAPACK's Cholesky of the index-reversed matrix (``J m J = L L^T`` gives
+    ``R = J L J``)."""
+    n = m.shape[0]
+    if n <= _LEAF or not dense.takes(m):
+        lower, info = torch.linalg.cholesky_ex(flipped(m))
+        if int(info) != 0:
+            return False
+        m.copy_(flipped(lower))
+        return True
     k = n // 2
-    l11 = cholesky_lower(a[:k, :k].contiguous())
-    if l11 is None:
-        return None
-    l21 = torch.linalg.solve_triangular(l11, a[k:, :k].t(), upper=False).t().contiguous()
-    l22 = cholesky_lower(a[k:, k:] - dense.linear(l21, l21))
-    if l22 is None:
-        return None
-    lower = torch.zeros_like(a)
-    lower[:k, :k], lower[k:, :k], lower[k:, k:] = l11, l21, l22
-    return lower
+    r22 = m[k:, k:]
+    if not upper_factor_(r22):
+        return False
+    # R12 R22^T = B: X A = B with A = R22^T (lower triangular)
+    m[:k, k:] = torch.linalg.solve_triangular(r22.t(), m[:k, k:], upper=False, left=False)
+    r12 = m[:k, k:]
+    m[:k, :k].sub_(dense.linear(r12, r12))
+    if not upper_factor_(m[:k, :k]):
+        return False
+    m[k:, :k].zero_()
+    return True
 
 
-def lower_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """``L^-1`` of a lower-triangular ``L`` (a new matrix). On CPU by halves: with ``L = [[A, 0], [B, C]]``,
-    ``L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, so all but the small diagonal leaves are matrix products
+def upper_inverse_(r: torch.Tensor) -> None:
+    """In place: an upper-triangular ``r`` becomes ``r^-1``. On CPU by halves: with ``r = [[A, B], [0, C]]``,
+    ``r^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]``, so all but the small diagonal leaves are matrix products
     (a third of the arithmetic of a triangular solve against the full identity, in faster kernels; float32 on
     the measured engine, ``dense.py``); elsewhere, and for small matrices, that solve."""
-    n = lower.shape[0]
-    if lower.device.type != "cpu" or n <= _LEAF:
-        inv = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, inv, upper=False, out=inv)
+    n = r.shape[0]
+    if r.device.type != "cpu" or n <= _LEAF:
+        eye = torch.eye(n, dtype=r.dtype, device=r.device)
+        r.copy_(torch.linalg.solve_triangular(r, eye, upper=True, out=eye))
+        return
     k = n // 2
-    inv = torch.zeros(n, n, dtype=lower.dtype, device=lower.device)  # row-major, whatever LAPACK gave
-    inv[:k, :k] = lower_inverse(lower[:k, :k])
-    inv[k:, k:] = lower_inverse(lower[k:, k:])
-    inv[k:, :k] = dense.mm(inv[k:, k:], dense.mm(lower[k:, :k], inv[:k, :k])).neg_()
-    return inv
+    upper_inverse_(r[:k, :k])
+    upper_inverse_(r[k:, k:])
+    r[:k, k:] = dense.mm(r[:k, :k], dense.mm(r[:k, k:], r[k:, k:])).neg_()
 
 
 def upper_inverse_cholesky(h: torch.Tensor, damp: float = 0.0) -> torch.Tensor | None:
     """Upper-triangular ``U`` with ``U^T U = (h + damp I)^-1``, or None when that matrix is not
-    (numerically) positive definite. ``h`` is not modified; peak extra memory is ~3 matrices."""
-    flipped = h.flip(0, 1)  # a copy; J (h + damp I) J has the same diagonal, reversed
-    flipped.diagonal().add_(damp)
-    lower = cholesky_lower(flipped)
-    del flipped
-    if lower is None:
+    (numerically) positive definite. ``h`` (symmetric) is not modified: ``h + damp I = R R^T`` with ``R``
+    upper triangular (:func:`upper_factor_`), and ``U = R^-1`` (:func:`upper_inverse_`), both in one copy of
+    ``h`` (peak extra memory about 1.5 matrices)."""
+    m = h.clone(memory_format=torch.contiguous_format)
+    m.diagonal().add_(damp)
+    if not upper_factor_(m):
         return None
     # numerically singular (e.g. percdamp=0 on a rank-deficient H): the inverse would be rounding noise.
     # A damped Hessian has pivots^2 >= damp * mean(diag), far above this unless max/mean diag > damp / eps.
     tol = torch.finfo(h.dtype).eps * (float(h.diagonal().abs().max()) + damp)
-    if float(lower.diagonal().min()) ** 2 <= tol:
+    if float(m.diagonal().min()) ** 2 <= tol:
         return None
-    inv = lower_inverse(lower)
-    del lower
-    u = inv.flip(0, 1)
-    return u if all_finite(u) else None
+    upper_inverse_(m)
+    return m if all_finite(m) else None

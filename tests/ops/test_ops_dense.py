@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_vlm_gptq.ops import dense, hessian
-from hf_vlm_gptq.ops.gptq_matrices import cholesky_lower, upper_inverse_cholesky
+from hf_vlm_gptq.ops.gptq_matrices import upper_factor_, upper_inverse_cholesky
 from hf_vlm_gptq.ops.hessian import HessianAccumulator, add_xtx
 
 ONEDNN = pytest.mark.skipif(dense._onednn_unavailable() is not None, reason=str(dense._onednn_unavailable()))
@@ -132,13 +132,14 @@ def test_cholesky_by_halves_matches_float64(engine):
     n = 700
     x = torch.randn(2 * n, n, generator=gen)
     a = x.t() @ x / (2 * n) + 0.1 * torch.eye(n)
-    lower = cholesky_lower(a)
-    assert lower is not None and torch.equal(lower, lower.tril())
-    assert _close(lower @ lower.t(), a.double())
+    upper = a.clone()
+    assert upper_factor_(upper) and torch.equal(upper, upper.triu())
+    assert _close(upper @ upper.t(), a.double())
     damp = 0.01
     u = upper_inverse_cholesky(a, damp)
     eye = torch.eye(n, dtype=torch.float64)
     assert float((u.double().t() @ u.double() @ (a.double() + damp * eye) - eye).abs().max()) < 1e-4
     broken = a.clone()
-    broken[n - 5, n - 5] = -1.0  # not positive definite in the second half only
-    assert cholesky_lower(broken) is None
+    broken[5, 5] = -1.0  # not positive definite in the first half only (the second is factored first)
+    assert not upper_factor_(broken)
+    assert upper_inverse_cholesky(broken) is None

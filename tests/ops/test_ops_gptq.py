@@ -245,18 +245,36 @@ def test_default_damping_is_enough_for_rank_deficient_outlier_hessians():
 
 @pytest.mark.parametrize("n", [7, 256, 300, 700])
 def test_the_triangular_inverse_by_halves_is_the_inverse(n):
-    """Above its leaf size the CPU inverse goes by halves and products: the float64 inverse to float32
-    rounding, exactly lower-triangular, row-major whatever layout LAPACK handed over (the CPU sweep reads rows)."""
-    from hf_vlm_gptq.ops.gptq_matrices import lower_inverse
+    """Above its leaf size the CPU inverse goes by halves and products, in place: the float64 inverse to
+    float32 rounding, exactly upper-triangular and row-major (the CPU sweep reads rows)."""
+    from hf_vlm_gptq.ops.gptq_matrices import upper_inverse_
 
     h = correlated_hessian(n, seed=n)
-    lower64 = torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=h.dtype))
-    ref = torch.linalg.solve_triangular(lower64, torch.eye(n, dtype=torch.float64), upper=False)
-    lower = torch.linalg.cholesky_ex(lower64.float() @ lower64.float().t())[0]
-    got = lower_inverse(lower)
-    assert got.is_contiguous() and bool((got.triu(1) == 0).all())
+    upper64 = torch.linalg.cholesky(h + 0.01 * h.diagonal().mean() * torch.eye(n, dtype=h.dtype), upper=True)
+    ref = torch.linalg.solve_triangular(upper64, torch.eye(n, dtype=torch.float64), upper=True)
+    got = upper64.float().contiguous()
+    upper_inverse_(got)
+    assert got.is_contiguous() and bool((got.tril(-1) == 0).all())
     assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-4
-    assert torch.allclose(got.double() @ lower64, torch.eye(n, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(got.double() @ upper64, torch.eye(n, dtype=torch.float64), atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [300, 700])
+def test_the_factor_by_halves_and_the_symmetric_copy(n):
+    """``symmetric_copy`` is ``(h + h^T) / 2`` exactly (tile by tile); the in-place upper factor of a
+    symmetric matrix reproduces it to float32 rounding, with exact zeros below the diagonal."""
+    from hf_vlm_gptq.ops.gptq_matrices import symmetric_copy, upper_factor_
+
+    gen = torch.Generator().manual_seed(n)
+    raw = torch.randn(n, n, generator=gen)
+    sym = symmetric_copy(raw)
+    assert torch.equal(sym, (raw + raw.t()) * 0.5) and torch.equal(sym, sym.t())
+    h = symmetric_copy(correlated_hessian(n, seed=n + 1), torch.float32)
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    r = h.clone()
+    assert upper_factor_(r)
+    assert bool((r.tril(-1) == 0).all()) and bool((r.diagonal() > 0).all())
+    assert float((r.double() @ r.double().t() - h.double()).abs().max() / h.double().abs().max()) < 1e-5
 
 
 def test_upper_inverse_cholesky_applies_damping_without_touching_its_input():
