@@ -39,9 +39,25 @@ def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return perm, group_perm
 
 
+_STRIP = 256  # rows per strip of gptaq_correction on CPU
+
+
 def gptaq_correction(cross: torch.Tensor, u: torch.Tensor, alpha: float = GPTAQ_ALPHA) -> torch.Tensor:
-    """GPTAQ's ``P = alpha * triu(cross @ U^T, 1) @ U`` (strictly upper triangular; see the module docstring)."""
-    return dense.mm(torch.triu(dense.linear(cross, u), diagonal=1), u).mul_(alpha)
+    """GPTAQ's ``P = alpha * triu(cross @ U^T, 1) @ U`` (strictly upper triangular; see the module docstring).
+
+    On CPU a strip of rows ``I = [i, i + s)`` at a time, with the zeros of the triangles skipped: ``U`` is
+    upper triangular, so the strip's ``triu(cross @ U^T, 1)`` is ``cross[I] @ U[i:]^T`` (columns ``i`` on)
+    and ``P[I] = T[I, i:] @ U[i:]``; the operands are row slices of contiguous matrices (no copies), and the
+    arithmetic is half of the two full products."""
+    n = u.shape[0]
+    if u.device.type != "cpu" or n <= 2 * _STRIP:
+        return dense.mm(torch.triu(dense.linear(cross, u), diagonal=1), u).mul_(alpha)
+    u, cross = u.contiguous(), cross.contiguous()
+    p = torch.empty_like(u)
+    for i in range(0, n, _STRIP):
+        t = dense.linear(cross[i : i + _STRIP], u[i:]).triu_(1)  # [s, n - i]: global column > row
+        p[i : i + _STRIP] = dense.mm(t, u[i:]).mul_(alpha)
+    return p
 
 
 _LEAF = 256  # below this LAPACK's factorisation / a triangular solve against the identity; above, halves

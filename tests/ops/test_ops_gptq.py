@@ -277,6 +277,21 @@ def test_the_factor_by_halves_and_the_symmetric_copy(n):
     assert float((r.double() @ r.double().t() - h.double()).abs().max() / h.double().abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("n", [300, 700])
+def test_the_gptaq_correction_by_strips_is_the_two_products(n):
+    """Above two strips (700: a partial last one) the CPU correction skips the triangles' zeros: the same
+    ``alpha * triu(cross U^T, 1) U`` as float64, exactly zero on and below the diagonal."""
+    from hf_vlm_gptq.ops.gptq_matrices import gptaq_correction
+
+    h = correlated_hessian(n, seed=n + 2)
+    u = upper_inverse_cholesky(h, 0.01 * float(h.diagonal().mean()))
+    cross = 0.1 * torch.randn(n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64) @ h
+    ref = 0.25 * torch.triu(cross @ u.t(), 1) @ u
+    got = gptaq_correction(cross.float(), u.float(), 0.25)
+    assert bool((got.tril() == 0).all())
+    assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 def test_upper_inverse_cholesky_applies_damping_without_touching_its_input():
     h = correlated_hessian(40, seed=23)
     h0 = h.clone()
