@@ -140,15 +140,21 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _TRANSPOSE_ROWS = 64  # rows per chunk of a transposed copy (cache-sized: one whole-matrix transpose is slower)
-def transposed(pieces: list[torch.Tensor]) -> torch.Tensor:
-    """The rows of ``pieces`` (each ``[n_i, d]``) as one contiguous ``[d, sum n_i]``: their transpose."""
+def transposed(pieces: list[torch.Tensor], minus: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The rows of ``pieces`` (each ``[n_i, d]``) as one contiguous ``[d, sum n_i]``: their transpose; with
+    ``minus`` (pieces of the same shapes), the transpose of ``pieces - minus``, without an untransposed
+    difference in between."""
     d = pieces[0].shape[1]
     out = torch.empty(d, sum(p.shape[0] for p in pieces), dtype=pieces[0].dtype, device=pieces[0].device)
     at = 0
-    for piece in pieces:
+    for k, piece in enumerate(pieces):
         for i in range(0, piece.shape[0], _TRANSPOSE_ROWS):
             chunk = piece[i : i + _TRANSPOSE_ROWS]
-            out[:, at : at + chunk.shape[0]].copy_(chunk.t())
+            block = out[:, at : at + chunk.shape[0]]
+            if minus is None:
+                block.copy_(chunk.t())
+            else:
+                torch.sub(chunk.t(), minus[k][i : i + _TRANSPOSE_ROWS].t(), out=block)
             at += chunk.shape[0]
     return out
 

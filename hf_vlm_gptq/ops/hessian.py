@@ -325,16 +325,17 @@ class AsymmetricAccumulator(HessianAccumulator):
 
     def _flush(self) -> None:
         if self._pending:
-            xq, xf = _joined(self._pending), _joined(self._pending_float)
+            quant, floats = self._pending, self._pending_float
             self._pending, self._pending_float, self._pending_rows = [], [], 0
-            total = self._in_matrix + xq.shape[0]
+            total = self._in_matrix + sum(piece.shape[0] for piece in quant)
             self._cross.mul_(self._in_matrix / total)
-            if dense.takes(self._cross, xq):  # (x - x~)^T x~ from the two transposes (dense.py)
-                self._cross.add_(dense.linear(dense.transposed([xf - xq]), dense.transposed([xq])),
+            if dense.takes(self._cross, *quant):  # (x - x~)^T x~ from the two transposes (dense.py)
+                self._cross.add_(dense.linear(dense.transposed(floats, minus=quant), dense.transposed(quant)),
                                  alpha=2.0 / total)
             else:
-                self._cross.addmm_((xf - xq).t(), xq, alpha=2.0 / total)
+                xq = _joined(quant)
+                self._cross.addmm_((_joined(floats) - xq).t(), xq, alpha=2.0 / total)
             if self._with_hessian:
-                self._add_to_matrix([xq])
+                self._add_to_matrix(quant)
             else:
                 self._in_matrix = total

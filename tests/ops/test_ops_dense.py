@@ -127,6 +127,27 @@ def test_gram_matches_float64(engine, columns):
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_gptaq_cross_term_from_several_pieces_matches_float64(engine):
+    """GPTAQ's ``2/n sum w (x~ - x)^T x`` and ``H`` from pairs added in pieces (the transposed difference is
+    built piece by piece), one of them weighted, against float64."""
+    from hf_vlm_gptq.ops.hessian import AsymmetricAccumulator
+
+    gen = torch.Generator().manual_seed(5)
+    columns = 300
+    quant = [torch.randn(n, columns, generator=gen) for n in (70, 129, 3)]
+    floats = [q + 0.1 * torch.randn(q.shape, generator=gen) for q in quant]
+    weights = [None, torch.rand(129, generator=gen) + 0.5, None]
+    acc = AsymmetricAccumulator(columns)
+    for q, f, w in zip(quant, floats, weights):
+        acc.add_pair(q, f, weights=w)
+    scale = torch.cat([torch.ones(70), weights[1], torch.ones(3)]).double().sqrt()[:, None]
+    xq, xf = torch.cat(quant).double() * scale, torch.cat(floats).double() * scale
+    n = xq.shape[0]
+    assert _close(acc.cross, 2 / n * (xf - xq).t() @ xq)
+    assert _close(acc.hessian, 2 / n * xq.t() @ xq)
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
 def test_cholesky_by_halves_matches_float64(engine):
     gen = torch.Generator().manual_seed(1)
     n = 700
