@@ -48,7 +48,13 @@ from typing import Any
 import torch
 
 from . import dense
-from .gptq_matrices import GPTAQ_ALPHA, gptaq_correction, group_aware_order, symmetric_copy, upper_inverse_cholesky
+from .gptq_matrices import (
+    GPTAQ_ALPHA,
+    gptaq_correction,
+    group_aware_order,
+    symmetric_copy,
+    upper_inverse_cholesky,
+)
 from .gptq_sweep import _cpu_kernel, _gptq_columns
 from .result import (
     QuantResult,
