@@ -143,8 +143,10 @@ _DISTANCE_CHUNK_ELEMS = 1 << 17  # values per chunk of _row_distances (cache-siz
 
 
 def _row_distances(w: torch.Tensor, q_t: torch.Tensor) -> torch.Tensor:
-    """Per row, ``||w - q_t^T||^2`` in float64, a chunk of rows at a time: the chunk's slice of ``q_t`` read
-    transposed stays in cache, and no ``w``-sized difference is allocated."""
+    """Per row, ``||w - q_t^T||^2`` in float64; on CPU a chunk of rows at a time: the chunk's slice of ``q_t``
+    read transposed stays in cache, and no ``w``-sized difference is allocated."""
+    if w.device.type != "cpu":
+        return (w - q_t.t()).square().sum(1, dtype=torch.float64)
     out = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
     rows = max(1, _DISTANCE_CHUNK_ELEMS // max(1, w.shape[1]))
     for r0 in range(0, w.shape[0], rows):

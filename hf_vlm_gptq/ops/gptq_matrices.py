@@ -75,7 +75,11 @@ _SYM_TILE = 256  # rows / columns of the tiles symmetric_copy averages (a tile a
 def symmetric_copy(h: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``(h + h^T) / 2`` as a new contiguous matrix (in ``dtype``, default ``h``'s): float products need not
     give an exactly symmetric Hessian, and the factorisation reads one triangle. Tile by tile, so the transposed
-    reads stay in cache (one whole-matrix ``h + h.t()`` reads a column per element)."""
+    reads stay in cache (one whole-matrix ``h + h.t()`` reads a column per element); on a GPU in one op (the
+    tiles would be thousands of kernel launches)."""
+    if h.device.type != "cpu":
+        h = h.to(dtype=dtype or h.dtype)
+        return (h + h.t()).mul_(0.5)
     out = h.to(dtype=dtype or h.dtype, memory_format=torch.contiguous_format, copy=True)
     n = out.shape[0]
     tile = _SYM_TILE
