@@ -148,7 +148,7 @@ def test_gptaq_cross_term_from_several_pieces_matches_float64(engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
-def test_cholesky_by_halves_matches_float64(engine):
+def test_upper_factor_by_halves_matches_float64(engine):
     gen = torch.Generator().manual_seed(1)
     n = 700
     x = torch.randn(2 * n, n, generator=gen)
