@@ -64,9 +64,14 @@ _LEAF = 256  # below this LAPACK's factorisation / a triangular solve against th
 
 
 def flipped(x: torch.Tensor) -> torch.Tensor:
-    """``x.flip(0, 1)`` (a new matrix): for a contiguous matrix the reversed flat storage, a single fast pass
-    (torch's two-axis flip is several times slower on CPU)."""
-    return x.reshape(-1).flip(0).view(x.shape) if x.is_contiguous() else x.flip(0, 1)
+    """``x.flip(0, 1)`` (new storage): for a matrix contiguous in either order (LAPACK's factors are
+    column-major) the reversed flat storage, a single fast pass (torch's two-axis flip is several times slower
+    on CPU)."""
+    if x.is_contiguous():
+        return x.reshape(-1).flip(0).view(x.shape)
+    if x.t().is_contiguous():
+        return flipped(x.t()).t()
+    return x.flip(0, 1)
 
 
 _SYM_TILE = 256  # rows / columns of the tiles symmetric_copy averages (a tile and its mirror stay in cache)

@@ -261,12 +261,15 @@ def test_the_triangular_inverse_by_halves_is_the_inverse(n):
 
 @pytest.mark.parametrize("n", [300, 700])
 def test_the_factor_by_halves_and_the_symmetric_copy(n):
-    """``symmetric_copy`` is ``(h + h^T) / 2`` exactly (tile by tile); the in-place upper factor of a
-    symmetric matrix reproduces it to float32 rounding, with exact zeros below the diagonal."""
-    from hf_vlm_gptq.ops.gptq_matrices import symmetric_copy, upper_factor_
+    """``flipped`` is ``flip(0, 1)`` in every layout; ``symmetric_copy`` is ``(h + h^T) / 2`` exactly (tile by
+    tile); the in-place upper factor of a symmetric matrix reproduces it to float32 rounding, with exact zeros
+    below the diagonal."""
+    from hf_vlm_gptq.ops.gptq_matrices import flipped, symmetric_copy, upper_factor_
 
     gen = torch.Generator().manual_seed(n)
     raw = torch.randn(n, n, generator=gen)
+    for layout in (raw, raw.t(), raw[3:, 5:]):  # row-major, column-major (LAPACK's factors), a sub-block
+        assert torch.equal(flipped(layout), layout.flip(0, 1))
     sym = symmetric_copy(raw)
     assert torch.equal(sym, (raw + raw.t()) * 0.5) and torch.equal(sym, sym.t())
     h = symmetric_copy(correlated_hessian(n, seed=n + 1), torch.float32)
