@@ -116,7 +116,9 @@ if [ "$CONFIG" = 7b ]; then
   step memory 75 "$PY" -m bench.memory --config 7b --llm-layers 2 --vision-depth 2 --samples 128
 else
   step ops_kernels 60 "$PY" -m bench.ops --kernels --small
-  step quantize_speed 190 "$PY" -m bench.quantize_speed --config small --samples 8 --repeat 1 --skip-llmc
+  # the bench's 32 samples: at 8 the merger's 1024-input Hessians have ~650 rows (singular), and its loss
+  # ratio ours / reference (each on its own Hessian) is noise (1.03-1.04; on one shared Hessian 0.999-1.001)
+  step quantize_speed 190 "$PY" -m bench.quantize_speed --config small --repeat 1 --skip-llmc
   step inference_speed 95 "$PY" -m bench.inference_speed --config small --rounds 1
   step memory 100 "$PY" -m bench.memory --config small --llm-layers 2 --samples 4
 fi
