@@ -28,10 +28,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from bench.harness import REPO, Stopwatch, env_info, write_results
+from bench.harness import REPO, Stopwatch, env_info, scratch_dir, write_results
 
 HOG = "import time\nend = time.time() + {limit}\nwhile time.time() < end:\n    pass\n"
 MODES = {"quantize": ("library", "spin", "passive"), "decode-1": ("default", "spin", "passive"),
@@ -125,10 +124,14 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.samples, args.layer, args.calls, args.decode_seconds, args.kernel)
         return
+    with scratch_dir("bench_contention_") as root:
+        measure(args, build_model(root, args.full))
+
+
+def measure(args, model_dir: str) -> None:
+    """Every row quiet, then beside 1..N hogs; prints and writes the table."""
     cores = os.cpu_count() or 1
     hog_counts = [0] + [int(n) for n in args.hogs.split(",") if n]
-    root = Path(tempfile.mkdtemp(prefix="bench_contention_"))
-    model_dir = build_model(root, args.full)
     env = env_info()
     rows = []
     for work, modes in MODES.items():

@@ -1,4 +1,5 @@
-"""The bench scripts' one harness: the timer, the environment of a run, and the results writer.
+"""The bench scripts' one harness: the timer, the environment of a run, scratch folders, and the results
+writer.
 
 A run writes into its own folder, bench/runs/<time>/ (untracked), unless BENCH_RESULTS_DIR names another:
 BENCH_RESULTS_DIR=bench/results updates the tracked results the README quotes.
@@ -6,13 +7,17 @@ BENCH_RESULTS_DIR=bench/results updates the tracked results the README quotes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import platform
+import signal
 import statistics
+import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +210,25 @@ def env_markdown(env: dict[str, Any]) -> str:
         f"- load average {' '.join(env['loadavg'] or ['?'])}, CPU pressure (PSI avg10) "
         f"{env['cpu_pressure_avg10']} %, major page faults {env['major_page_faults']} (at the end of the run)",
     ])
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary folder for a bench's models and checkpoints, removed when the bench ends, however it ends
+    (an error, Ctrl-C, ``sys.exit``, a SIGTERM from ``timeout``): runs of a few hundred MB each must not pile
+    up in /tmp."""
+    def _exit_on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_term)
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as tmp:
+            yield Path(tmp)
+    finally:
+        if previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def write_results(stem: str, payload: dict[str, Any], markdown: str, *, device_suffix: bool = True,

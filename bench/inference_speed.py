@@ -31,7 +31,6 @@ import json
 import logging
 import resource
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -213,10 +212,15 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile:  # both models' forwards share one code object, so their graphs count against one limit
         torch._dynamo.config.recompile_limit = 32
+    with harness.scratch_dir("bench_infer_") as tmp:
+        measure(args, device, tmp)
+
+
+def measure(args, device: str, tmp: Path) -> None:
+    """Times the bf16 and the 4-bit model side by side and writes the results; checkpoints go to ``tmp``."""
     pressure_before = harness.wait_for_quiet()
     load_before = harness.loadavg()
     layers = [] if args.skip_layers else bench_layers(args.config, device)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
     built = build_models(args, tmp, device)
     inputs = {k: v.to(device) for k, v in built["inputs"].items()}
     e2e: dict[str, dict] = {}

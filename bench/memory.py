@@ -23,11 +23,9 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import weakref
-from pathlib import Path
 
-from bench.harness import REPO, RESULTS, Stopwatch, env_info, wait_for_quiet, write_results
+from bench.harness import REPO, RESULTS, Stopwatch, env_info, scratch_dir, wait_for_quiet, write_results
 from bench.memory_blocks import BlockProbe, extrapolate, render_blocks
 
 
@@ -144,11 +142,12 @@ def main_small(args) -> None:
     from hf_vlm_gptq.testing import build_tiny_qwen2vl
 
     layers = args.llm_layers or 8
-    path = build_tiny_qwen2vl(Path(tempfile.mkdtemp()) / "model", num_llm_layers=layers,
-                              hidden_size=args.hidden, vision_embed_dim=256, vision_depth=args.vision_depth or 4,
-                              text_config={"intermediate_size": 4 * args.hidden})
-    wait_for_quiet()
-    rows = [_run_child(args, mode, str(path)) for mode in ("load", "forward", "quantize", "blocks")]
+    with scratch_dir("bench_memory_") as tmp:
+        path = build_tiny_qwen2vl(tmp / "model", num_llm_layers=layers, hidden_size=args.hidden,
+                                  vision_embed_dim=256, vision_depth=args.vision_depth or 4,
+                                  text_config={"intermediate_size": 4 * args.hidden})
+        wait_for_quiet()
+        rows = [_run_child(args, mode, str(path)) for mode in ("load", "forward", "quantize", "blocks")]
     base = rows[0]
     env = env_info()
     lines = [f"# python -m bench.memory --config small ({env['date']}, {'cuda' if env['cuda'] else 'cpu'}, Qwen2-VL-style "

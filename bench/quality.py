@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import hf_vlm_gptq  # noqa: F401
-from bench.harness import Stopwatch, write_results
+from bench.harness import Stopwatch, scratch_dir, write_results
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.arch import ARCHITECTURES, spec_for_name
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
@@ -71,27 +70,27 @@ def rel_errors(model, reference: list[torch.Tensor], inputs: list[dict]) -> dict
 
 def run(archs: list[str], num_samples: int, quick: bool) -> list[dict]:
     rows = []
-    root = Path(tempfile.mkdtemp(prefix="bench_quality_"))
-    for arch in archs:
-        path = build(arch, root)
-        processor = AutoProcessor.from_pretrained(path)
-        float_model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-        held_out = build_model_inputs(builtin_samples(HELD_OUT, seed=777), processor, max_seq_len=1024)
-        with torch.no_grad():
-            reference = [float_model(**b).logits for b in held_out]
-        n_params = sum(p.numel() for p in float_model.parameters())
-        del float_model
-        settings = [(4, 128), (3, 128)] if not quick else [(4, 128)]
-        variants = [("split", {"visual_split": True, "llm_split": True})] if not quick else []
-        for bits, group in settings:
-            for part, flags in parts(arch).items():
+    with scratch_dir("bench_quality_") as root:
+        for arch in archs:
+            path = build(arch, root)
+            processor = AutoProcessor.from_pretrained(path)
+            float_model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+            held_out = build_model_inputs(builtin_samples(HELD_OUT, seed=777), processor, max_seq_len=1024)
+            with torch.no_grad():
+                reference = [float_model(**b).logits for b in held_out]
+            n_params = sum(p.numel() for p in float_model.parameters())
+            del float_model
+            settings = [(4, 128), (3, 128)] if not quick else [(4, 128)]
+            variants = [("split", {"visual_split": True, "llm_split": True})] if not quick else []
+            for bits, group in settings:
+                for part, flags in parts(arch).items():
+                    for method in ("rtn", "gptq"):
+                        rows.append(measure(arch, path, n_params, part, flags, method, bits, group, num_samples,
+                                            reference, held_out, {}))
+            for name, extra in variants:
                 for method in ("rtn", "gptq"):
-                    rows.append(measure(arch, path, n_params, part, flags, method, bits, group, num_samples,
-                                        reference, held_out, {}))
-        for name, extra in variants:
-            for method in ("rtn", "gptq"):
-                rows.append(measure(arch, path, n_params, f"all+{name}", parts(arch)["all"], method, 4, 128,
-                                    num_samples, reference, held_out, extra))
+                    rows.append(measure(arch, path, n_params, f"all+{name}", parts(arch)["all"], method, 4, 128,
+                                        num_samples, reference, held_out, extra))
     return rows
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.harness import REPO, write_results
+from bench.harness import REPO, scratch_dir, write_results
 
 
 def workload() -> None:
@@ -32,12 +32,12 @@ def workload() -> None:
     from hf_vlm_gptq.calib import builtin_samples
     from hf_vlm_gptq.testing import build_tiny_qwen2vl
 
-    path = build_tiny_qwen2vl(tempfile.mkdtemp(prefix="bench_qprof_"), seed=0, **SMALL)
     pictures = [s for s in builtin_samples(64, seed=0, with_video=False) if "image" in s][:32]
     config = VLMGPTQConfig(dataset=pictures, num_samples=32, w_groupsize=128, calibration_device="cpu",
                            quant_visual_clip=False, quant_cross_attention=False, **SAME_AS_REFERENCE)
-    AutoModelForImageTextToText.from_pretrained(path, quantization_config=config, dtype=torch.float32)
-    shutil.rmtree(path, ignore_errors=True)
+    with scratch_dir("bench_qprof_") as tmp:
+        path = build_tiny_qwen2vl(tmp / "model", seed=0, **SMALL)
+        AutoModelForImageTextToText.from_pretrained(path, quantization_config=config, dtype=torch.float32)
 
 
 # innermost frames of threads that only wait: a paused forward pass (stepped.py), and the thread that stepped

@@ -27,7 +27,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +34,15 @@ import torch
 
 import hf_vlm_gptq
 from bench._common import PartTimer, checksum, qwen2vl_config, random_qwen2vl, synthetic_batches
-from bench.harness import Stopwatch, cpu_pressure, env_info, loadavg, wait_for_quiet, write_results
+from bench.harness import (
+    Stopwatch,
+    cpu_pressure,
+    env_info,
+    loadavg,
+    scratch_dir,
+    wait_for_quiet,
+    write_results,
+)
 from bench.reference_gptq import reference_quantize
 from hf_vlm_gptq import VLMGPTQConfig
 from hf_vlm_gptq.api import quantize
@@ -62,10 +69,10 @@ def _cfg(args, **flags) -> VLMGPTQConfig:
 class Setup:
     """Builds the same model (and batches) for every method."""
 
-    def __init__(self, args) -> None:
+    def __init__(self, args, tmp: Path) -> None:
         self.args = args
         self.dtype = torch.float32 if args.config == "small" else torch.bfloat16
-        self.tmp = Path(tempfile.mkdtemp(prefix="bench_qspeed_"))
+        self.tmp = tmp
         if args.config == "small":
             from transformers import AutoProcessor
 
@@ -256,9 +263,16 @@ def main() -> None:
     args.samples = args.samples or (32 if args.config == "small" else 128)
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.repeat = args.repeat or (1 if args.device == "cuda" else 2)
+    with scratch_dir("bench_qspeed_") as tmp:
+        code = run_rounds(args, tmp, deadline)
+    sys.exit(code)
+
+
+def run_rounds(args, tmp: Path, deadline: float) -> int:
+    """The bench in ``tmp``; its exit status (1 where a part of ours lost to the reference)."""
     pressure_before = wait_for_quiet()
     load_before = loadavg()
-    setup = Setup(args)
+    setup = Setup(args, tmp)
     logger.info("built the model and %d batches", len(setup.batches))
 
     best: dict[str, dict] = {}
@@ -316,7 +330,7 @@ def main() -> None:
                "llmc": llmc, "ours_llm_only": ours_llm}
     path = write_results("quantize_speed", payload, table)
     logger.info("wrote %s", path)
-    sys.exit(0 if no_worse(parts)[0] else 1)
+    return 0 if no_worse(parts)[0] else 1
 
 
 if __name__ == "__main__":

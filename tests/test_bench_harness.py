@@ -1,0 +1,42 @@
+"""The bench harness's scratch folders: gone when a bench ends, however it ends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench.harness import REPO, scratch_dir
+
+
+def test_scratch_dir_is_removed_after_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with pytest.raises(RuntimeError, match="a bench failed"), scratch_dir("bench_x_") as root:
+        (root / "model").mkdir()
+        (root / "model" / "weights.bin").write_bytes(b"0" * 1024)
+        assert root.parent == tmp_path
+        raise RuntimeError("a bench failed")
+    assert not list(tmp_path.iterdir())
+
+
+def test_scratch_dir_is_removed_when_the_bench_is_terminated(tmp_path):
+    """`timeout` (bench/cuda_all.sh) ends a bench with SIGTERM: its folder goes too, and the exit status
+    still says it was terminated."""
+    child = textwrap.dedent("""
+        import os, signal, time
+        from bench.harness import scratch_dir
+        with scratch_dir("bench_x_") as root:
+            (root / "checkpoint.safetensors").write_bytes(b"0" * 4096)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        print("not reached")
+    """)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + 15, done.stderr
+    assert "not reached" not in done.stdout
+    assert not list(Path(tmp_path).iterdir())
