@@ -1,6 +1,7 @@
 """Quantization speed: our pipeline vs a plain eager GPTQ (bench/reference_gptq.py) vs llm-compressor, one run.
 
     python -m bench.quantize_speed --config small              # CPU: a mid-size Qwen2-VL-style model
+    python -m bench.quantize_speed --config small --dtype bfloat16   # the same model in bf16 (as checkpoints are)
     python -m bench.quantize_speed --config 7b --llm-layers 4 --vision-depth 4 --max-minutes 4   # CUDA
 
 Same model (same seed), same calibration batches, 4-bit, group 128, symmetric, MSE clip, act-order off,
@@ -14,7 +15,8 @@ subprocess on the same batches, beside an LLM-only run of ours. Per-layer proxy 
 `tr((W-Q) H (W-Q)^T)` are compared with the reference's; later layers see slightly different inputs on each
 side (each calibrates on its own quantized earlier layers), so the geometric mean of the per-layer ratios and
 the sums per part are the figures to read (exit status 1 when ours is worse). CPU: fastest of 2 rounds, the
-methods taking turns. Writes quantize_speed_<cpu|cuda>.{json,md} (bench.harness says where).
+methods taking turns. Writes quantize_speed_<cpu|cuda>.{json,md} (bench.harness says where;
+quantize_speed_<dtype>_<cpu|cuda> for a --dtype other than the config's default).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class Setup:
 
     def __init__(self, args, tmp: Path) -> None:
         self.args = args
-        self.dtype = torch.float32 if args.config == "small" else torch.bfloat16
+        self.dtype = getattr(torch, args.dtype)
         self.tmp = tmp
         if args.config == "small":
             from transformers import AutoProcessor
@@ -253,6 +255,8 @@ def main() -> None:
     parser.add_argument("--vision-depth", type=int, default=None, help="7b: fewer vision blocks (default: 32)")
     parser.add_argument("--max-minutes", type=float, default=30.0, help="stop the reference when time is up")
     parser.add_argument("--repeat", type=int, default=None, help="rounds (fastest kept); default 2 on CPU, 1 on CUDA")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="the model's dtype; default float32 (small), bfloat16 (7b)")
     parser.add_argument("--skip-llmc", action="store_true")
     parser.add_argument("--llmc-python", default=LLMC_PYTHON)
     parser.add_argument("--llmc-timeout", type=int, default=900)
@@ -261,6 +265,9 @@ def main() -> None:
     logger.setLevel(logging.INFO)
     deadline = time.perf_counter() + args.max_minutes * 60
     args.samples = args.samples or (32 if args.config == "small" else 128)
+    default_dtype = "float32" if args.config == "small" else "bfloat16"
+    args.dtype = args.dtype or default_dtype
+    args.stem = "quantize_speed" if args.dtype == default_dtype else f"quantize_speed_{args.dtype}"
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.repeat = args.repeat or (1 if args.device == "cuda" else 2)
     with scratch_dir("bench_qspeed_") as tmp:
@@ -314,7 +321,7 @@ def run_rounds(args, tmp: Path, deadline: float) -> int:
     parts = compare(records, ref)
 
     tokens = sum(b["input_ids"].shape[-1] for b in setup.batches) // len(setup.batches)
-    model_desc = (f"tiny Qwen2-VL {SMALL}" if args.config == "small" else
+    model_desc = (f"tiny Qwen2-VL {SMALL}, {args.dtype}" if args.config == "small" else
                   f"Qwen2-VL-{args.config.upper()} config, {setup.config.text_config.num_hidden_layers} LLM layers, "
                   f"{setup.config.vision_config.depth} vision blocks, random bf16 weights")
     meta = {"env": env_info(), "device": args.device, "model": model_desc, "tokens_per_sample": tokens,
@@ -328,7 +335,7 @@ def run_rounds(args, tmp: Path, deadline: float) -> int:
                  for path, rec in ref.records.items() if path in records}
     payload = {"meta": meta, "args": vars(args), "rows": rows, "parts": parts, "per_layer": per_layer,
                "llmc": llmc, "ours_llm_only": ours_llm}
-    path = write_results("quantize_speed", payload, table)
+    path = write_results(args.stem, payload, table)
     logger.info("wrote %s", path)
     return 0 if no_worse(parts)[0] else 1
 

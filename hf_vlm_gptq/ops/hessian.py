@@ -12,7 +12,8 @@ fp16 values are exact in fp32, so only the summation order differs from fp32 acc
 and fp32 rows keep the fp32 path: rows cast to fp32, one ``addmm_`` with ``alpha = 2 / n``. On CPU a wide
 matrix takes only its upper block triangle from products of column blocks (the same dot products as one
 ``addmm_``) and mirrors it into the lower one (:func:`add_xtx`); there the products run on the measured
-float32 engine (``dense.py``: oneDNN from the rows' transpose, or BLAS).
+float32 engine (``dense.py``: oneDNN from the rows' transpose, or BLAS). bf16 rows on CPUs with AVX512-BF16
+skip the cast too: ``cpu_gram.py``'s kernel multiplies them with float32 sums of exact products.
 
 Token weights (``weights=``, one per row, or one number for the whole batch; >= 0): ``H = X^T diag(w) X``
 up to the same ``2 / n`` (``n`` still counts rows), computed by scaling each row by ``sqrt(w_i)`` on the
@@ -33,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dense
+from . import cpu_gram, dense
 from .result import all_finite
 
 XtX = Callable[[torch.Tensor], torch.Tensor]
 _HALF = (torch.bfloat16, torch.float16)
-# rows x columns an accumulator collects before they go into the matrix in one product (16 MB in fp32): one
-# rescale and one large matmul instead of one of each per small batch
-_FLUSH_ELEMS = 1 << 22
+# bytes of rows an accumulator collects before they go into the matrix in one product (4M fp32 values, 8M
+# bf16 ones): one rescale and one large matmul instead of one of each per small batch
+_FLUSH_BYTES = 1 << 24
 # column block of the triangular update on CPU (narrower matrices: one addmm_); 128 below 1024 columns
 _TRIANGLE_BLOCK = 256
 _TRIANGLE_FROM = 384
@@ -76,6 +77,9 @@ def add_xtx(h: torch.Tensor, rows: torch.Tensor | list[torch.Tensor], alpha: flo
     so ``h`` stays exactly symmetric off the diagonal blocks; elsewhere one product."""
     pieces = [rows] if isinstance(rows, torch.Tensor) else list(rows)
     n = h.shape[0]
+    if cpu_gram.takes(pieces[0], h):  # bf16 rows on AVX512-BF16: no float32 copy (cpu_gram.py)
+        cpu_gram.add_gram(h, pieces, alpha)
+        return
     if dense.takes(h, *pieces):
         rows_t = dense.transposed(pieces)
         if n < _GRAM_FROM:
@@ -202,7 +206,7 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 class HessianAccumulator:
     """Accumulates ``2/n * X^T X`` over batches of layer inputs (fp32 unless told otherwise).
 
-    Batches are collected (up to ``_FLUSH_ELEMS`` values) and added to the matrix together, when the
+    Batches are collected (up to ``_FLUSH_BYTES`` of them) and added to the matrix together, when the
     collection is full and when :attr:`hessian` is read."""
 
     def __init__(
@@ -247,7 +251,7 @@ class HessianAccumulator:
         if n == 0:
             return
         rows = rows.to(device=self._h.device)
-        if weights is not None or half_xtx(rows, self._h.dtype) is None:
+        if weights is not None or (half_xtx(rows, self._h.dtype) is None and not cpu_gram.takes(rows, self._h)):
             rows = rows.to(self._h.dtype)
         if not all_finite(rows):
             raise ValueError("x contains non-finite values (inf or nan)")
@@ -257,7 +261,7 @@ class HessianAccumulator:
             self._flush()
         self._pending.append(rows)
         self._pending_rows += n
-        if self._pending_rows * self.columns >= _FLUSH_ELEMS:
+        if self._pending_rows * self.columns * rows.element_size() >= _FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
@@ -317,7 +321,7 @@ class AsymmetricAccumulator(HessianAccumulator):
         self._pending.append(xq)
         self._pending_float.append(xf)
         self._pending_rows += n
-        if self._pending_rows * self.columns >= _FLUSH_ELEMS:
+        if self._pending_rows * self.columns * xq.element_size() >= _FLUSH_BYTES:
             self._flush()
 
     def _add_rows(self, rows: torch.Tensor, weights: torch.Tensor | float | None = None) -> None:

@@ -1,0 +1,104 @@
+"""The bf16 Hessian kernel (ops/cpu_gram.py + csrc/gram_bf16_avx512bf16.c): bf16 rows go into the float32
+Hessian without a float32 copy, to float32 summation error of the float64 matrix, exactly symmetric; rows it
+does not take keep the float32 path; a kernel that fails its self-check is never used."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from hf_vlm_gptq.ops import HessianAccumulator, cpu_gram
+
+KERNEL = cpu_gram.checked_kernel(cpu_gram._check)
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"bf16 Hessian kernel unavailable: "
+                                                          f"{cpu_gram._state.get('reason')}")
+
+
+def _rows(n: int, columns: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(columns, generator=gen) * 3  # columns of different sizes, as activations have
+    return (torch.randn(n, columns, generator=gen) * scale).bfloat16()
+
+
+def _accumulate(batches: list[torch.Tensor], columns: int, **kwargs) -> torch.Tensor:
+    acc = HessianAccumulator(columns)
+    for b in batches:
+        acc.add_batch(b, **kwargs)
+    return acc.hessian
+
+
+@pytest.fixture
+def gram_calls(monkeypatch) -> list[int]:
+    """Rows each call of the kernel's wrapper received from the Hessian (not from the self-check's probes,
+    which name the kernel they test)."""
+    calls: list[int] = []
+    real = cpu_gram.add_gram
+
+    def spy(h, pieces, alpha, fn=None):
+        if fn is None:
+            calls.append(sum(p.shape[0] for p in pieces))
+        return real(h, pieces, alpha, fn)
+
+    monkeypatch.setattr(cpu_gram, "add_gram", spy)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("columns", [256, 272, 528, 2048])
+def test_bf16_rows_reach_the_hessian_through_the_kernel(columns, gram_calls):
+    """An odd row count, a partial last panel (272, 528), several flushes (2048 columns: 8M bf16 values
+    collected at most), batches of uneven sizes."""
+    sizes = [148, 1, 77, 2300, 1500, 9, 4000][: 7 if columns == 2048 else 4]
+    batches = [_rows(n, columns, seed=k) for k, n in enumerate(sizes)]
+    h = _accumulate(batches, columns)
+    x = torch.cat(batches).double()
+    expected = (2.0 / x.shape[0]) * (x.t() @ x)
+    bound = 2e-6 * (2.0 / x.shape[0]) * (x.abs().t() @ x.abs()) * max(1.0, x.shape[0] / 1000)
+    assert gram_calls and sum(gram_calls) >= x.shape[0]  # every row went through the kernel
+    assert bool(((h.double() - expected).abs() <= bound).all())
+    assert torch.equal(h, h.t())
+    # the same matrix as the float32 path of the same values, to float32 rounding
+    fp32 = _accumulate([b.float() for b in batches], columns)
+    assert torch.allclose(h, fp32, rtol=1e-5, atol=1e-5 * float(fp32.abs().max()))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("columns", "weights"), [(200, None), (128, None), (256, 0.5)])
+def test_rows_the_kernel_does_not_take_keep_the_float32_path(columns, weights, gram_calls):
+    """Widths that are not a multiple of 16 or below MIN_COLUMNS, and weighted rows (scaled in float32)."""
+    batches = [_rows(n, columns, seed=n) for n in (100, 61)]
+    h = _accumulate(batches, columns, weights=weights)
+    x = torch.cat(batches).double()
+    expected = (2.0 / x.shape[0]) * (weights or 1.0) * (x.t() @ x)
+    assert not gram_calls
+    assert torch.allclose(h.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_a_kernel_that_computes_wrong_is_never_used(monkeypatch, caplog, gram_calls):
+    calls = []
+
+    def wrong(xt, ldxt, d, n, h, ldh, alpha, threads):
+        calls.append(n)
+        return 0  # adds nothing
+
+    monkeypatch.setattr(cpu_gram, "_state", {"lib": wrong})
+    batches = [_rows(300, 256, seed=3)]
+    with caplog.at_level(logging.WARNING, logger="hf_vlm_gptq.ops.cpu_gram"):
+        h = _accumulate(batches, 256)
+    assert calls  # the self-check ran it ...
+    assert "bf16 Hessian kernel self-check failed" in caplog.text and "float32 path" in caplog.text
+    assert "self-check failed" in cpu_gram.unavailable_reason(cpu_gram._check)
+    assert not gram_calls  # ... and then nothing went through it
+    x = batches[0].double()
+    assert torch.allclose(h.double(), (2.0 / 300) * (x.t() @ x), rtol=1e-5, atol=1e-4)
+
+
+def test_without_the_kernel_bf16_rows_take_the_float32_path(monkeypatch, gram_calls):
+    monkeypatch.setattr(cpu_gram, "_state", {"reason": "HF_VLM_GPTQ_CPU_KERNEL=0", "ready": True})
+    batches = [_rows(64, 256, seed=4), _rows(33, 256, seed=5)]
+    h = _accumulate(batches, 256)
+    x = torch.cat(batches).double()
+    assert not gram_calls
+    assert torch.allclose(h.double(), (2.0 / x.shape[0]) * (x.t() @ x), rtol=1e-5, atol=1e-4)
