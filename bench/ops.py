@@ -5,6 +5,7 @@
     python -m bench.ops --kernels --small   # those rows on tiny shapes (CPU: Triton interpreter, a dry run)
     python -m bench.ops --dispatch # only the measured-dispatch rows (bench/ops_dispatch.py; 1-5 minutes)
     python -m bench.ops --dequant  # only the dequantization rows (~30 s)
+    python -m bench.ops --hessian  # only the CPU Hessian rows, bf16 kernel vs float32 path (bench/ops_hessian.py)
 
 Solve: a 4096x4096 and a 4096->11008 layer (weight [11008, 4096]), 4-bit, group 128, symmetric, Hessian
 from random correlated inputs. Ours is ``gptq_quantize`` end to end, including its exact proxy loss
@@ -269,6 +270,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="kernel rows on tiny shapes (a dry run)")
     parser.add_argument("--dispatch", action="store_true", help="only the measured-dispatch rows (CPU)")
     parser.add_argument("--dequant", action="store_true", help="only the dequantization rows (CPU)")
+    parser.add_argument("--hessian", action="store_true", help="only the Hessian rows (CPU, bench/ops_hessian.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.kernels:
@@ -276,6 +278,11 @@ def main() -> None:
         return
     if args.dispatch:
         run_dispatch()
+        return
+    if args.hessian:
+        from bench.ops_hessian import run as run_hessian
+
+        run_hessian()
         return
     if args.dequant:
         rows, load_before = bench_dequant(), loadavg()

@@ -201,7 +201,8 @@ def compare(ours: dict, ref: dict) -> dict[str, dict]:
 
 def render(args, rows: list[dict], parts: dict, llmc: dict, ours_llm: dict | None, meta: dict) -> str:
     """The markdown report."""
-    lines = [f"# python -m bench.quantize_speed --config {args.config} ({meta['env']['date']}, "
+    dtype = "" if args.stem == "quantize_speed" else f" --dtype {args.dtype}"
+    lines = [f"# python -m bench.quantize_speed --config {args.config}{dtype} ({meta['env']['date']}, "
              f"{meta['device']}, {args.samples} samples x ~{meta['tokens_per_sample']} tokens, w4 g{args.group}, "
              f"fastest of {args.repeat} rounds)", "",
              f"Model: {meta['model']}. loadavg before {meta['loadavg_before']}, after {meta['loadavg_after']}; CPU "

@@ -8,12 +8,13 @@ same matrix as one pass, up to float rounding.
 Half-precision rows on CUDA (bf16 / fp16 into the default fp32 accumulator) skip the fp32 copy:
 ``X^T X`` comes from one tensor-core ``torch.mm(x.t(), x, out_dtype=torch.float32)`` (products of bf16 /
 fp16 values are exact in fp32, so only the summation order differs from fp32 accumulation), then
-``H <- H * n_old / n + (2 / n) * X^T X``. That ``mm`` overload has no CPU kernel (torch 2.14), so CPU rows
-and fp32 rows keep the fp32 path: rows cast to fp32, one ``addmm_`` with ``alpha = 2 / n``. On CPU a wide
-matrix takes only its upper block triangle from products of column blocks (the same dot products as one
-``addmm_``) and mirrors it into the lower one (:func:`add_xtx`); there the products run on the measured
-float32 engine (``dense.py``: oneDNN from the rows' transpose, or BLAS). bf16 rows on CPUs with AVX512-BF16
-skip the cast too: ``cpu_gram.py``'s kernel multiplies them with float32 sums of exact products.
+``H <- H * n_old / n + (2 / n) * X^T X``. That ``mm`` overload has no CPU kernel (torch 2.14). On CPUs with
+AVX512-BF16, unweighted bf16 rows of a wide enough matrix skip the copy too: ``cpu_gram.py``'s kernel adds
+their ``X^T X`` (float32 sums of exact products) into the upper block triangle. Other rows take the fp32
+path: rows cast to fp32, one ``addmm_`` with ``alpha = 2 / n``; on CPU a wide matrix takes only its upper
+block triangle from products of column blocks (the same dot products as one ``addmm_``) and mirrors it into
+the lower one (:func:`add_xtx`), the products on the measured float32 engine (``dense.py``: oneDNN from the
+rows' transpose, or BLAS).
 
 Token weights (``weights=``, one per row, or one number for the whole batch; >= 0): ``H = X^T diag(w) X``
 up to the same ``2 / n`` (``n`` still counts rows), computed by scaling each row by ``sqrt(w_i)`` on the
@@ -74,7 +75,8 @@ def add_xtx(h: torch.Tensor, rows: torch.Tensor | list[torch.Tensor], alpha: flo
     list of such pieces, read as their concatenation). float32 CPU products go to the measured engine
     (``dense.py``: oneDNN, from the rows' transpose, or BLAS); on CPU a wide ``h`` takes only its upper block
     triangle (block row ``i``: one product ``rows[:, i]^T rows[:, i:]``) and the lower one is copied from it,
-    so ``h`` stays exactly symmetric off the diagonal blocks; elsewhere one product."""
+    so ``h`` stays exactly symmetric off the diagonal blocks; elsewhere one product. bf16 rows that
+    ``cpu_gram.takes`` go through its kernel (the same triangle and mirror, by 64-column panels)."""
     pieces = [rows] if isinstance(rows, torch.Tensor) else list(rows)
     n = h.shape[0]
     if cpu_gram.takes(pieces[0], h):  # bf16 rows on AVX512-BF16: no float32 copy (cpu_gram.py)

@@ -1,0 +1,105 @@
+"""Hessian accumulation on CPU: bf16 rows through the bf16 kernel (ops/cpu_gram.py) vs the float32 path.
+
+    python -m bench.ops_hessian     # ~30 s on 2 cores; writes ops_hessian_cpu.{json,md} (bench.harness)
+    python -m bench.ops --hessian   # the same
+
+``HessianAccumulator`` fed 4096 bf16 rows in batches of 148 (a calibration call's tokens) at widths 512
+(q/k/v, gate/up inputs of a small LLM), 1280 (a vision MLP), 2048 and 3584 (Qwen2-VL-7B's hidden size), the
+matrix read at the end. Variants, timed in turns (p10 and median of the rounds): bf16 rows through the
+kernel (the default where it is available), the same bf16 rows on the float32 path (the kernel switched off:
+what bf16 rows took before it), and float32 rows of the same values on the float32 path (what a float32
+model's rows take). The error column is the largest difference from the float64 matrix of the same values,
+relative to its largest entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from bench.harness import cpu_info, device_tag, loadavg, round_robin, write_results
+from hf_vlm_gptq.ops import HessianAccumulator, cpu_gram
+
+logger = logging.getLogger("bench.ops_hessian")
+WIDTHS = (512, 1280, 2048, 3584)
+ROWS, BATCH = 4096, 148
+
+
+@contextlib.contextmanager
+def kernel_off():
+    """The float32 path for bf16 rows too (as without the kernel)."""
+    real = cpu_gram.takes
+    cpu_gram.takes = lambda rows, h: False
+    try:
+        yield
+    finally:
+        cpu_gram.takes = real
+
+
+def _accumulate(batches: list[torch.Tensor], width: int) -> torch.Tensor:
+    acc = HessianAccumulator(width)
+    for b in batches:
+        acc.add_batch(b)
+    return acc.hessian
+
+
+def bench_width(width: int) -> dict:
+    gen = torch.Generator().manual_seed(width)
+    x = (torch.randn(ROWS, width, generator=gen) * torch.rand(width, generator=gen) * 3).bfloat16()
+    bf16 = list(x.split(BATCH))
+    fp32 = [b.float() for b in bf16]
+    exact = (2.0 / ROWS) * (x.double().t() @ x.double())
+
+    def off() -> torch.Tensor:
+        with kernel_off():
+            return _accumulate(bf16, width)
+
+    fns = {"kernel": lambda: _accumulate(bf16, width), "bf16 float32 path": off,
+           "fp32 float32 path": lambda: _accumulate(fp32, width)}
+    errors = {name: float((fn().double() - exact).abs().max() / exact.abs().max()) for name, fn in fns.items()}
+    times = round_robin(fns, device="cpu", min_time=4.0, warmup=1, min_rounds=5)
+    row = {"width": width, "rows": ROWS, "kernel_used": cpu_gram.takes(bf16[0], torch.empty(width, width))}
+    for name, t in times.items():
+        row[f"{name}_ms_p10"], row[f"{name}_ms_median"] = t.p10 * 1e3, t.median * 1e3
+        row[f"{name}_rel_err"] = errors[name]
+    row["speedup_vs_bf16_float32_path"] = times["bf16 float32 path"].p10 / times["kernel"].p10
+    row["speedup_vs_fp32_rows"] = times["fp32 float32 path"].p10 / times["kernel"].p10
+    logger.info("%s", row)
+    return row
+
+
+def render(rows: list[dict]) -> str:
+    lines = [f"HessianAccumulator, {ROWS} rows in batches of {BATCH}, ms (p10 / median of rounds in turns); "
+             "error = max |H - H_float64| / max |H_float64|", "",
+             "| width | bf16 rows, kernel | bf16 rows, float32 path | fp32 rows, float32 path | kernel speedup "
+             "(vs bf16 / fp32 path) | error kernel / float32 path |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[f'{n}_ms_p10']:.1f} / {r[f'{n}_ms_median']:.1f}"
+                 for n in ("kernel", "bf16 float32 path", "fp32 float32 path")]
+        lines.append(f"| {r['width']} | {' | '.join(cells)} | {r['speedup_vs_bf16_float32_path']:.2f}x / "
+                     f"{r['speedup_vs_fp32_rows']:.2f}x | {r['kernel_rel_err']:.1e} / "
+                     f"{r['bf16 float32 path_rel_err']:.1e} |")
+    if rows and not rows[0]["kernel_used"]:
+        lines.append(f"\nThe kernel is unavailable here ({cpu_gram.unavailable_reason(cpu_gram._check)}): the "
+                     "first column is the float32 path too.")
+    return "\n".join(lines)
+
+
+def run() -> None:
+    load_before = loadavg()
+    rows = [bench_width(w) for w in WIDTHS]
+    table = render(rows)
+    logger.info("%s", table)
+    cpu = cpu_info()
+    path = write_results("ops_hessian", {"rows": rows, "cpu": cpu, "loadavg_before": load_before,
+                                         "loadavg_after": loadavg()},
+                         f"# python -m bench.ops_hessian ({device_tag()}; CPU: {cpu['model']}, flags "
+                         f"{' '.join(cpu['flags'])}; loadavg before {load_before})\n\n{table}\n")
+    logger.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run()
