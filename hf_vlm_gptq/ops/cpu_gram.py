@@ -40,6 +40,7 @@ KERNEL = kernel_cache.KernelSource(
 PANEL = 64  # columns of one panel of the kernel (its diagonal blocks are written whole)
 MIN_COLUMNS = 256  # narrower matrices: the float32 path's one product costs about as much
 SERIAL_ELEMS = 1 << 16  # rows x columns below which one thread does it
+MAX_ROWS = 1 << 20  # rows per kernel call (its gather takes 32-bit offsets; a flush holds far fewer)
 _TOLERANCE = 1e-5  # of sum_k |x_ki| |x_kj|: float32 summation error over the probes' rows, with room
 
 # "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
@@ -50,10 +51,10 @@ checked_kernel, unavailable_reason = kernel_cache.module_kernel(KERNEL, __name__
 
 
 def takes(rows: torch.Tensor, h: torch.Tensor) -> bool:
-    """Whether ``rows`` (bf16, ``[N, n]``) go into the float32 CPU matrix ``h`` through the kernel (checked
-    and available, columns a multiple of 16 and at least :data:`MIN_COLUMNS`, nothing traced)."""
+    """Whether ``rows`` (bf16, ``[N, n]``) go into the contiguous float32 CPU matrix ``h`` through the kernel
+    (checked and available, columns a multiple of 16 and at least :data:`MIN_COLUMNS`, nothing traced)."""
     return (rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and h.dtype == torch.float32
-            and h.device.type == "cpu" and h.shape[0] % 16 == 0 and h.shape[0] >= MIN_COLUMNS
+            and h.device.type == "cpu" and h.is_contiguous() and h.shape[0] % 16 == 0 and h.shape[0] >= MIN_COLUMNS
             and not torch.compiler.is_compiling() and checked_kernel(_check) is not None)
 
 
@@ -61,18 +62,19 @@ def add_gram(h: torch.Tensor, pieces: list[torch.Tensor], alpha: float, fn=None)
     """In place, for a symmetric float32 ``h [n, n]``: ``h += alpha * X^T X``, ``X`` the concatenation of the
     bf16 ``pieces`` (each ``[N_i, n]``), through the kernel ``fn`` (default: the checked one)."""
     fn = fn or checked_kernel(_check)
-    n = h.shape[0]
-    rows = sum(p.shape[0] for p in pieces)
-    if rows % 2:  # the kernel takes rows in pairs; a zero row adds nothing
-        pieces = [*pieces, pieces[0].new_zeros(1, n)]
-        rows += 1
-    xt = torch.cat(pieces).t().contiguous()  # for bf16 rows faster than dense.transposed's chunks (5 vs 8 ms)
     if not h.is_contiguous():
         raise ValueError("h must be contiguous")
-    threads = 1 if rows * n < SERIAL_ELEMS else torch.get_num_threads()
-    rc = fn(xt.data_ptr(), xt.stride(0), n, rows, h.data_ptr(), h.stride(0), alpha, threads)
-    if rc != 0:
-        raise RuntimeError(f"{KERNEL.what} failed (code {rc}) for {rows} rows x {n} columns")
+    n = h.shape[0]
+    x = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    for start in range(0, x.shape[0], MAX_ROWS):
+        rows = x[start : start + MAX_ROWS]
+        if rows.shape[0] % 2:  # the kernel takes rows in pairs; a zero row adds nothing
+            rows = torch.cat([rows, rows.new_zeros(1, n)])
+        xt = rows.t().contiguous()  # for bf16 faster than dense.transposed's chunks (5 vs 8 ms at 2048 wide)
+        threads = 1 if rows.numel() < SERIAL_ELEMS else torch.get_num_threads()
+        rc = fn(xt.data_ptr(), xt.stride(0), n, xt.shape[1], h.data_ptr(), h.stride(0), alpha, threads)
+        if rc != 0:
+            raise RuntimeError(f"{KERNEL.what} failed (code {rc}) for {xt.shape[1]} rows x {n} columns")
     for i in range(0, n - PANEL, PANEL):
         h[i + PANEL :, i : i + PANEL].copy_(h[i : i + PANEL, i + PANEL :].t())
 

@@ -65,6 +65,19 @@ def test_bf16_rows_reach_the_hessian_through_the_kernel(columns, gram_calls):
 
 
 @needs_kernel
+def test_rows_beyond_one_kernel_call_go_in_chunks(monkeypatch, gram_calls):
+    """More rows than one call takes (MAX_ROWS, made small here): chunks, the odd last one padded."""
+    monkeypatch.setattr(cpu_gram, "MAX_ROWS", 101)
+    batches = [_rows(450, 256, seed=7)]
+    h = _accumulate(batches, 256)
+    x = batches[0].double()
+    expected = (2.0 / 450) * (x.t() @ x)
+    assert gram_calls == [450]
+    assert torch.allclose(h.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert torch.equal(h, h.t())
+
+
+@needs_kernel
 @pytest.mark.parametrize(("columns", "weights"), [(200, None), (128, None), (256, 0.5)])
 def test_rows_the_kernel_does_not_take_keep_the_float32_path(columns, weights, gram_calls):
     """Widths that are not a multiple of 16 or below MIN_COLUMNS, and weighted rows (scaled in float32)."""

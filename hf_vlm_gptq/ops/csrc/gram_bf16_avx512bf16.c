@@ -4,7 +4,7 @@
  *        count with a zero row), ldxt even
  *   h  : float32 [d, ldh]; for every column panel [n0, n0 + 64) the rows [0, min(n0 + 64, d)) are updated (the
  *        diagonal panel whole, so the caller mirrors the strict upper triangle into the lower one)
- * Requirements (checked by the Python caller): d % 16 == 0, AVX512F/BW/BF16.
+ * Requirements (checked by the Python caller): d % 16 == 0, ldxt < 2^26, AVX512F/BW/BF16.
  *
  * Every product of two bfloat16 numbers is exact in float32, and vdpbf16ps adds the two products of a pair into a
  * float32 accumulator, so the sums are float32 sums of exact products, as in a float32 matmul of the same values
@@ -68,11 +68,12 @@ typedef void (*micro_fn)(const uint16_t *, int64_t, const __m512i *, int, float 
 static const micro_fn MICRO[MR][4] = {ROW_TABLE(1), ROW_TABLE(2), ROW_TABLE(3), ROW_TABLE(4), ROW_TABLE(5),
                                       ROW_TABLE(6)};
 
-/* 0 on success; 1 bad arguments, 2 out of memory */
+/* 0 on success; 1 bad arguments (h untouched), 2 out of memory */
 int hvg_gram_bf16(const uint16_t *xt, int64_t ldxt, int64_t d, int64_t n, float *h, int64_t ldh, float alpha,
                   int threads) {
     if (d <= 0 || n < 0 || d % 16 != 0 || n % 2 != 0 || ldxt % 2 != 0 || ldxt < n || ldh < d || threads < 1)
         return 1;
+    if (ldxt / 2 > INT32_MAX / 64) return 1; /* the gather's 32-bit byte offsets: 15 rows of ldxt / 2 pairs */
     if (n == 0) return 0;
     const int64_t panels = (d + NP - 1) / NP;
     const int64_t pairs = n / 2;
