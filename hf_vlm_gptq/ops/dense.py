@@ -140,23 +140,27 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 _TRANSPOSE_ROWS = 64  # rows per chunk of a transposed copy (cache-sized: one whole-matrix transpose is slower)
-def transposed(pieces: list[torch.Tensor], minus: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The rows of ``pieces`` (each ``[n_i, d]``) as one contiguous ``[d, sum n_i]``: their transpose; with
-    ``minus`` (pieces of the same shapes), the transpose of ``pieces - minus``, without an untransposed
-    difference in between."""
+def transposed(pieces: list[torch.Tensor], minus: list[torch.Tensor] | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The rows of ``pieces`` (each ``[n_i, d]``) as one contiguous ``[d, sum n_i]`` in ``dtype`` (default: the
+    pieces'): their transpose; with ``minus`` (pieces of the same shapes), the transpose of ``pieces - minus``
+    computed in ``dtype``, without an untransposed difference or a whole cast copy in between."""
     d = pieces[0].shape[1]
-    out = torch.empty(d, sum(p.shape[0] for p in pieces), dtype=pieces[0].dtype, device=pieces[0].device)
+    dtype = dtype or pieces[0].dtype
+    out = torch.empty(d, sum(p.shape[0] for p in pieces), dtype=dtype, device=pieces[0].device)
     # the difference of a chunk in row order first: a subtraction into the transposed block runs on strided
     # operands, ~2x slower than this subtraction plus the copy at 512 columns
     diff = None if minus is None else out.new_empty(_TRANSPOSE_ROWS, d)
     at = 0
     for k, piece in enumerate(pieces):
         for i in range(0, piece.shape[0], _TRANSPOSE_ROWS):
-            chunk = piece[i : i + _TRANSPOSE_ROWS]
-            if diff is not None:
-                chunk = torch.sub(chunk, minus[k][i : i + _TRANSPOSE_ROWS], out=diff[: chunk.shape[0]])
-            out[:, at : at + chunk.shape[0]].copy_(chunk.t())
-            at += chunk.shape[0]
+            chunk, rows = piece[i : i + _TRANSPOSE_ROWS], min(_TRANSPOSE_ROWS, piece.shape[0] - i)
+            if diff is not None and chunk.dtype == dtype:
+                chunk = torch.sub(chunk, minus[k][i : i + _TRANSPOSE_ROWS], out=diff[:rows])
+            elif diff is not None:  # cast first, then subtract in dtype (exact for bf16 pieces into float32)
+                chunk = diff[:rows].copy_(chunk).sub_(minus[k][i : i + _TRANSPOSE_ROWS])
+            out[:, at : at + rows].copy_(chunk.t())
+            at += rows
     return out
 
 

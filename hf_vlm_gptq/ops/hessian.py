@@ -23,7 +23,9 @@ video, text tokens) and importance weights from a backward pass.
 
 ``AsymmetricAccumulator`` (GPTAQ, see ``gptq.py``) takes pairs of rows, the quantized model's ``x~`` and
 the float model's ``x`` for the same token: ``H = 2/n * sum w x~ x~^T`` and
-``cross = 2/n * sum w (x - x~) x~^T`` (``with_hessian=False``: only ``cross``).
+``cross = 2/n * sum w (x - x~) x~^T`` (``with_hessian=False``: only ``cross``). Unweighted bf16 rows that
+``cpu_gram`` takes stay bf16 until the flush: ``H`` from its kernel, as a plain accumulator's, and ``cross`` on
+the float32 path, cast chunk by chunk in the transposes.
 """
 
 from __future__ import annotations
@@ -310,16 +312,21 @@ class AsymmetricAccumulator(HessianAccumulator):
         if x_quant.shape != x_float.shape or x_quant.shape[-1] != self.columns:
             raise ValueError(f"x_quant and x_float must have the same shape ending in {self.columns}, got "
                              f"{tuple(x_quant.shape)} and {tuple(x_float.shape)}")
-        xq = x_quant.reshape(-1, self.columns).to(device=self._h.device, dtype=self._h.dtype)
-        xf = x_float.reshape(-1, self.columns).to(device=self._h.device, dtype=self._h.dtype)
+        xq = x_quant.detach().reshape(-1, self.columns).to(device=self._h.device)
+        xf = x_float.detach().reshape(-1, self.columns).to(device=self._h.device)
         n = xq.shape[0]
         if n == 0:
             return
+        # bf16 rows that cpu_gram takes stay bf16: H from its kernel, the cross term cast chunk by chunk
+        if weights is not None or xf.dtype != xq.dtype or not cpu_gram.takes(xq, self._h):
+            xq, xf = xq.to(self._h.dtype), xf.to(self._h.dtype)
         if not (all_finite(xq) and all_finite(xf)):
             raise ValueError("x contains non-finite values (inf or nan)")
         if weights is not None:
             scale = row_scales(weights, n, xq)
             xq, xf = xq * scale, xf * scale
+        if self._pending and self._pending[0].dtype != xq.dtype:
+            self._flush()
         self._pending.append(xq)
         self._pending_float.append(xf)
         self._pending_rows += n
@@ -335,12 +342,13 @@ class AsymmetricAccumulator(HessianAccumulator):
             self._pending, self._pending_float, self._pending_rows = [], [], 0
             total = self._in_matrix + sum(piece.shape[0] for piece in quant)
             self._cross.mul_(self._in_matrix / total)
-            if dense.takes(self._cross, *quant):  # (x - x~)^T x~ from the two transposes (dense.py)
-                self._cross.add_(dense.linear(dense.transposed(floats, minus=quant), dense.transposed(quant)),
-                                 alpha=2.0 / total)
+            dtype = self._cross.dtype
+            if dense.takes(self._cross):  # (x - x~)^T x~ from the two transposes (dense.py), cast on the way
+                self._cross.add_(dense.linear(dense.transposed(floats, minus=quant, dtype=dtype),
+                                              dense.transposed(quant, dtype=dtype)), alpha=2.0 / total)
             else:
-                xq = _joined(quant)
-                self._cross.addmm_((_joined(floats) - xq).t(), xq, alpha=2.0 / total)
+                xq = _joined(quant).to(dtype)
+                self._cross.addmm_((_joined(floats).to(dtype) - xq).t(), xq, alpha=2.0 / total)
             if self._with_hessian:
                 self._add_to_matrix(quant)
             else:

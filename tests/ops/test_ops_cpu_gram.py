@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from hf_vlm_gptq.ops import HessianAccumulator, cpu_gram
+from hf_vlm_gptq.ops import AsymmetricAccumulator, HessianAccumulator, cpu_gram
 
 KERNEL = cpu_gram.checked_kernel(cpu_gram._check)
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"bf16 Hessian kernel unavailable: "
@@ -75,6 +75,31 @@ def test_rows_beyond_one_kernel_call_go_in_chunks(monkeypatch, gram_calls):
     assert gram_calls == [450]
     assert torch.allclose(h.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert torch.equal(h, h.t())
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_hessian", [True, False])
+def test_gptaq_pairs_of_bf16_rows_take_the_kernel_for_their_hessian(with_hessian, gram_calls):
+    """GPTAQ's accumulator keeps bf16 pairs bf16: its H is the plain accumulator's, bit for bit, and its cross
+    term the float32 product of the same values (to float32 error of the float64 one); equal inputs, zero."""
+    quant = [_rows(n, 272, seed=10 + n) for n in (148, 1, 300)]
+    floats = [(q.float() + 0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(k))).bfloat16()
+              for k, q in enumerate(quant)]
+    acc = AsymmetricAccumulator(272, with_hessian=with_hessian)
+    for q, f in zip(quant, floats):
+        acc.add_pair(q, f)
+    q, f = torch.cat(quant).double(), torch.cat(floats).double()
+    expected = (2.0 / q.shape[0]) * ((f - q).t() @ q)
+    assert torch.allclose(acc.cross.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    if with_hessian:
+        assert torch.equal(acc.hessian, _accumulate(quant, 272))
+        assert gram_calls == [q.shape[0]] * 2  # this accumulator's, then the plain one's
+    else:
+        assert not gram_calls
+    same = AsymmetricAccumulator(272)
+    for piece in quant:
+        same.add_pair(piece, piece.clone())
+    assert not bool(same.cross.any())
 
 
 @needs_kernel

@@ -164,3 +164,16 @@ def test_upper_factor_by_halves_matches_float64(engine):
     broken[5, 5] = -1.0  # not positive definite in the first half only (the second is factored first)
     assert not upper_factor_(broken)
     assert upper_inverse_cholesky(broken) is None
+
+
+def test_transposed_casts_and_subtracts_in_the_asked_dtype():
+    """bf16 pieces into a float32 transpose: the difference taken after the cast (exact), not in bf16; pieces
+    longer than one chunk and of uneven lengths."""
+    gen = torch.Generator().manual_seed(3)
+    a = [torch.randn(n, 48, generator=gen).bfloat16() for n in (150, 7)]
+    b = [(p.float() + 0.01 * torch.randn(p.shape, generator=gen)).bfloat16() for p in a]
+    got = dense.transposed(a, minus=b, dtype=torch.float32)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, (torch.cat(a).float() - torch.cat(b).float()).t())
+    assert torch.equal(dense.transposed(b, dtype=torch.float32), torch.cat(b).float().t())
+    assert torch.equal(dense.transposed(a, minus=b), (torch.cat(a) - torch.cat(b)).t())  # same dtype: bf16
