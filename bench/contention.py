@@ -1,6 +1,7 @@
 """A busy machine: quantization and a quantized layer's decode, quiet and beside N CPU-bound processes.
 
     python -m bench.contention [--hogs 1,2,3] [--works quantize,decode-1,decode-256] [--full] [--layer 4096]
+    python -m bench.contention --works quantize --dtype bfloat16   # the model in bf16: the bf16 Hessian kernel
 
 Each measurement runs in a fresh child process (so OpenMP's wait policy, read when torch is imported, can
 differ between rows) while the bench itself starts N busy-loop processes (each stops by itself after a
@@ -8,7 +9,7 @@ time limit, and is killed when the row is done). Rows:
 
 - `quantize`: `from_pretrained(tiny Qwen2-VL, quantization_config=...)` on the built-in samples (default:
   LLM 2 layers of width 256, 2 vision blocks, 8 samples; `--full`: 4 layers of width 512, 16 samples, the
-  issue's size), in three modes: `library` (the default Python API: adaptive thread count, threads.py),
+  issue's size; float32 unless `--dtype bfloat16`), in three modes: `library` (the default Python API: adaptive thread count, threads.py),
   `spin` (adaptive threads off: torch's threads spinning at barriers, the old behaviour), `passive`
   (`OMP_WAIT_POLICY=PASSIVE`, what the `hf-vlm-gptq` command sets);
 - `decode-1`, `decode-256`: a 4-bit g128 QuantLinear (bf16) at 1 and 256 rows, `default` (one thread while
@@ -18,7 +19,8 @@ time limit, and is killed when the row is done). Rows:
 
 For each row: wall and CPU seconds, and the slowdown against the fair share: with N other processes on C
 cores a run is entitled to C/(N+1) cores, so the expected wall time is the quiet CPU time divided by
-min(cores used when quiet, C/(N+1)). Writes contention_cpu.{json,md} (bench.harness says where).
+min(cores used when quiet, C/(N+1)). Writes contention_cpu.{json,md} (contention_<kernel>_ / contention_<dtype>_
+for a non-default --kernel / --dtype; bench.harness says where).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ MODES = {"quantize": ("library", "spin", "passive"), "decode-1": ("default", "sp
 
 
 def child(work: str, model_dir: str, samples: int, layer: int, calls: int, decode_seconds: float,
-          kernel: str) -> None:
+          kernel: str, dtype: str) -> None:
     """Run one workload in this process and print {"wall": s, "cpu": s, "calls": n} as the last line (decode:
     ``calls`` calls, or as many as take about ``decode_seconds`` when it is 0)."""
     import torch
@@ -51,7 +53,7 @@ def child(work: str, model_dir: str, samples: int, layer: int, calls: int, decod
 
         cfg = VLMGPTQConfig(num_samples=samples, w_groupsize=128, calibration_device="cpu")
         with Stopwatch() as watch:
-            AutoModelForImageTextToText.from_pretrained(model_dir, quantization_config=cfg, dtype=torch.float32)
+            AutoModelForImageTextToText.from_pretrained(model_dir, quantization_config=cfg, dtype=getattr(torch, dtype))
     else:
         from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
 
@@ -85,7 +87,8 @@ def run_row(work: str, mode: str, hogs: int, args, model_dir: str, limit: float,
     try:
         out = subprocess.run([sys.executable, "-m", __spec__.name, "--child", work, "--model", model_dir,
                               "--samples", str(args.samples), "--layer", str(args.layer), "--calls", str(calls),
-                              "--decode-seconds", str(args.decode_seconds), "--kernel", args.kernel],
+                              "--decode-seconds", str(args.decode_seconds), "--kernel", args.kernel,
+                              "--dtype", args.dtype],
                              env=env, capture_output=True, text=True, timeout=limit, cwd=REPO)
     finally:
         for proc in busy:
@@ -115,6 +118,8 @@ def main() -> None:
     parser.add_argument("--decode-seconds", type=float, default=2.0, help="length of a quiet decode row")
     parser.add_argument("--kernel", default="auto", help="the decoded layer's backend (e.g. int4: what AVX2-only "
                         "CPUs take at small batches)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the quantized model's dtype (the decode rows are bf16 either way)")
     parser.add_argument("--calls", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -122,7 +127,8 @@ def main() -> None:
     if args.samples is None:
         args.samples = 16 if args.full else 8
     if args.child:
-        child(args.child, args.model, args.samples, args.layer, args.calls, args.decode_seconds, args.kernel)
+        child(args.child, args.model, args.samples, args.layer, args.calls, args.decode_seconds, args.kernel,
+              args.dtype)
         return
     with scratch_dir("bench_contention_") as root:
         measure(args, build_model(root, args.full))
@@ -156,13 +162,18 @@ def measure(args, model_dir: str) -> None:
     lines += [f"| {r['work']} | {r['mode']} | {r['hogs']} | {r['calls'] or ''} | {r['wall_s']} | {r['cpu_s']} | "
               f"{r['fair_wall_s']} | {r['vs_fair_share']} |" for r in rows]
     size = "LLM 4 x 512, 16 samples" if args.full else "LLM 2 x 256, 8 samples"
-    md = (f"# python -m bench.contention ({env['date']}, {cores} cores, loadavg at start {env['loadavg']}, "
+    flags = "".join(f" --{name} {value}" for name, value, default in (
+        ("works", args.works, ",".join(MODES)), ("hogs", args.hogs, "1,2,3"), ("kernel", args.kernel, "auto"),
+        ("dtype", args.dtype, "float32")) if value != default) + (" --full" if args.full else "")
+    md = (f"# python -m bench.contention{flags} ({env['date']}, {cores} cores, loadavg at start {env['loadavg']}, "
           f"CPU pressure {env['cpu_pressure_avg10']}%)\n\nquantize: tiny Qwen2-VL ({size}, 2 vision blocks, "
-          f"fp32, w4 g128); decode: {args.layer}x{args.layer} 4-bit g128 QuantLinear, bf16, kernel={args.kernel!r}. "
+          f"{args.dtype}, w4 g128); decode: {args.layer}x{args.layer} 4-bit g128 QuantLinear, bf16, kernel={args.kernel!r}. "
           f"Goal: wall / fair share <= 1.5.\n\n" + "\n".join(lines) + "\n")
     print("\n" + md)
-    stem = "contention" if args.kernel == "auto" else f"contention_{args.kernel}"
-    write_results(stem, {"env": env, "rows": rows, "full": args.full, "layer": args.layer, "kernel": args.kernel}, md)
+    stem = "contention" + ("" if args.kernel == "auto" else f"_{args.kernel}") + \
+        ("" if args.dtype == "float32" else f"_{args.dtype}")
+    write_results(stem, {"env": env, "rows": rows, "full": args.full, "layer": args.layer, "kernel": args.kernel,
+                         "dtype": args.dtype}, md)
 
 
 if __name__ == "__main__":
