@@ -1,5 +1,6 @@
 """Building, caching and loading the C kernels of the CPU paths (``cpu_fused.py``, ``cpu_avx2.py``, ``cpu_clip.py``,
-``cpu_gptq.py``, ``cpu_dequant.py``; :func:`module_kernel` gives the last three their look-up functions).
+``cpu_gptq.py``, ``cpu_dequant.py``, ``cpu_gram.py``; :func:`module_kernel` gives the last four their look-up
+functions).
 
 A kernel (:class:`KernelSource`) is built with the system C compiler (``$CC``, else ``cc`` / ``gcc``) into a
 cache folder (``$HF_VLM_GPTQ_CACHE``, else ``$XDG_CACHE_HOME/hf_vlm_gptq``, else ``~/.cache/hf_vlm_gptq``),
