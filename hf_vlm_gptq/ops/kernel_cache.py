@@ -17,7 +17,9 @@ kills the process with SIGBUS inside ``dlopen``, before Python can catch anythin
 * a library that loads but lacks the kernel's symbol makes the kernel unavailable in this process (said
   why, other paths used) and is removed, so the next process rebuilds it.
 
-:func:`checked_kernel` looks for a kernel once per process and runs its self-check before anything uses it.
+:func:`checked_kernel` looks for a kernel once per process and runs its self-check before anything uses it;
+:func:`load_fastest` takes the faster of several builds of one source for different CPU flags (each its own
+cache entry, ``KernelSource.name``), as measured on the host.
 Without Linux on x86-64 with the kernel's CPU flags, or a compiler, or with ``HF_VLM_GPTQ_CPU_KERNEL=0``, a
 kernel is unavailable and its state says why.
 """
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,11 @@ class KernelSource:
     required_cpu_flags: tuple[str, ...]
     what: str
     libs: tuple[str, ...] = ()  # linker inputs, after the source (``-lm``)
+    name: str = ""  # of its cache entries (default: the source's stem); builds of one source for two CPUs differ
+
+    @property
+    def entry_name(self) -> str:
+        return self.name or self.source.stem
 
 
 def cache_dir() -> Path:
@@ -111,7 +118,7 @@ def build_inputs(cc: str, src: KernelSource) -> dict:
 
 def entry_paths(key: str, src: KernelSource) -> tuple[Path, Path]:
     """(library, record) of the cache entry of ``key``."""
-    stem = cache_dir() / f"{src.source.stem}-{key[:16]}"
+    stem = cache_dir() / f"{src.entry_name}-{key[:16]}"
     return stem.with_suffix(".so"), stem.with_suffix(".json")
 
 
@@ -225,7 +232,7 @@ def _compile(cc: str, library: Path, record: Path, inputs: dict, src: KernelSour
 def _remove_stale(library: Path, src: KernelSource) -> None:
     """Builds of older sources / compilers, and temporaries of killed builds (called under the lock)."""
     now = time.time()
-    for path in library.parent.glob(f"{src.source.stem}-*"):
+    for path in library.parent.glob(f"{src.entry_name}-*"):
         if path.stem == library.stem:
             continue
         if path.suffix == ".tmp":
@@ -297,18 +304,46 @@ def load_kernel(src: KernelSource, state: dict) -> None:
     state["lib"] = fn
 
 
-def module_kernel(src: KernelSource, module: str) -> tuple[Callable, Callable]:
+def load_fastest(builds: Sequence[KernelSource], state: dict, fastest: Callable[[dict], str]) -> None:
+    """:func:`load_kernel` for builds of one kernel for different CPU flags: ``state["lib"]`` becomes the one
+    ``fastest({name: fn})`` names among those this CPU can load (measured on this host, not assumed from its
+    flags), ``state["build"]`` its name; else ``state["reason"]`` is the first build's reason."""
+    found: dict[str, Callable] = {}
+    reasons: list[str] = []
+    for src in builds:
+        one: dict = {}
+        load_kernel(src, one)
+        if "lib" in one:
+            found[src.entry_name] = one["lib"]
+        else:
+            reasons.append(one["reason"])
+    if not found:
+        state["reason"] = reasons[0]
+        return
+    name = next(iter(found)) if len(found) == 1 else fastest(found)
+    state["lib"], state["build"] = found[name], name
+
+
+def module_kernel(src: KernelSource, module: str, others: Sequence[KernelSource] = (),
+                  fastest: Callable[[dict], str] | None = None) -> tuple[Callable, Callable]:
     """``(checked_kernel, unavailable_reason)`` for the kernel ``src`` of the module named ``module``, which keeps
     its look-up state in its ``_state`` dict (read on every call, so a test can swap it):
     ``checked_kernel(check)`` is the kernel once built, loaded and passed ``check(fn)`` (None, else why: it is
     then not used in this process), looked for once per process, or None when unavailable;
-    ``unavailable_reason(check)`` says why it cannot run (None when it can)."""
+    ``unavailable_reason(check)`` says why it cannot run (None when it can). With ``others`` (builds of the
+    same kernel for other CPU flags), the one ``fastest`` picks (:func:`load_fastest`)."""
 
     def state() -> dict:
         return sys.modules[module]._state
 
+    def load() -> None:
+        if others:
+            load_fastest([src, *others], state(), fastest)
+        else:
+            load_kernel(src, state())
+
     def checked(check: Callable[[Callable], str | None]) -> Callable | None:
-        return checked_kernel(state(), lambda: load_kernel(src, state()), check)
+        return checked_kernel(state(), load, check)
 
     def unavailable_reason(check: Callable[[Callable], str | None]) -> str | None:
         return None if checked(check) is not None else state()["reason"]

@@ -1,9 +1,11 @@
-"""The clip-search kernel (ops/cpu_clip.py + csrc/clip_search_avx2.c): the same grid as the torch search,
-used only after its self-check, never when it disagrees, and the torch search where it is unavailable."""
+"""The clip-search kernel (ops/cpu_clip.py + csrc/clip_search.c, an AVX2 and an AVX-512 build): the same grid as
+the torch search, used only after its self-check, never when it disagrees, and the torch search where it is
+unavailable."""
 
 from __future__ import annotations
 
 import ctypes
+import time
 
 import pytest
 import torch
@@ -50,6 +52,54 @@ def test_the_kernel_picks_a_least_error_grid(bits, sym, full_range, shape):
     got = errors.gather(0, picked.unsqueeze(0)).squeeze(0)
     assert bool((got <= errors.min(0).values * (1 + 1e-5)).all())
     assert torch.equal(zero[same], ref_zero[same])
+
+
+def test_the_faster_build_is_measured_not_assumed(monkeypatch):
+    """Where the CPU runs both builds, the one the probe times faster serves (here the AVX2 one, made faster);
+    where it runs one, that one, without a probe; the builds keep separate cache entries."""
+    slow_then_fast = {"clip_search_avx512": 0.02, "clip_search_avx2": 0.0}
+
+    def fake(name):
+        def fn(*args):
+            time.sleep(slow_then_fast[name])
+            return 0
+        return fn
+
+    fns = {name: fake(name) for name in slow_then_fast}
+    assert cpu_clip.fastest(fns) == "clip_search_avx2"
+    state: dict = {}
+    monkeypatch.setattr(KC, "load_kernel", lambda src, one: one.update(lib=fns[src.entry_name]))
+    KC.load_fastest([cpu_clip.AVX2, cpu_clip.AVX512], state, cpu_clip.fastest)
+    assert state["build"] == "clip_search_avx2" and state["lib"] is fns["clip_search_avx2"]
+    monkeypatch.setattr(KC, "load_kernel", lambda src, one: (one.update(lib=fns[src.entry_name]) if src is cpu_clip.AVX2
+                                                             else one.update(reason="this CPU lacks avx512f")))
+    state = {}
+    KC.load_fastest([cpu_clip.AVX2, cpu_clip.AVX512], state, lambda found: pytest.fail("no probe for one build"))
+    assert state["build"] == "clip_search_avx2"
+    assert cpu_clip.AVX2.entry_name != cpu_clip.AVX512.entry_name
+
+
+@needs_kernel
+def test_both_builds_pass_the_check_and_pick_alike():
+    """Each build this CPU can run (the AVX2 one on an AVX-512 CPU too) passes the self-check and picks the
+    same candidates as the other on a layer's groups."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(512, 128, generator=gen) * torch.rand(512, 1, generator=gen).add_(0.05)
+    xmin = torch.minimum(w.amin(dim=1), torch.zeros(()))
+    xmax = torch.maximum(w.amax(dim=1), torch.zeros(()))
+    scales, zeros = G.clip_candidates(xmin, xmax, 4, True, False)
+    picks = {}
+    for build in (cpu_clip.AVX2, cpu_clip.AVX512):
+        state: dict = {}
+        KC.load_kernel(build, state)
+        if "lib" not in state:
+            assert "lacks" in state["reason"], state["reason"]  # only a CPU without its flags may skip it
+            continue
+        assert G._clip_kernel_check(state["lib"]) is None
+        picks[build.name] = cpu_clip.call(state["lib"], w, scales, zeros, 15, G.CLIP_NORM)
+    assert cpu_clip.AVX2.name in picks
+    for picked in picks.values():
+        assert float((picked == picks[cpu_clip.AVX2.name]).float().mean()) > 0.99
 
 
 @needs_kernel

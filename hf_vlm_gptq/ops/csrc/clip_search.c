@@ -1,4 +1,5 @@
-/* The MSE clip search of ops/grid.py for float32 rows on x86-64 with AVX2 + FMA (ops/cpu_clip.py).
+/* The MSE clip search of ops/grid.py for float32 rows on x86-64, built for AVX2 + FMA or for AVX-512
+ * (ops/cpu_clip.py).
  *
  * For row r of x [rows, cols] and candidate k of [steps] (scale s = scales[k * rows + r], zero point
  * z = zeros[k * rows + r]):  err = s^norm * sum_j |clamp(round(x / s), -z, maxq - z) - x / s|^norm,
@@ -11,7 +12,8 @@
  *
  * |e|^norm is computed as 2^(norm * log2 e) with two polynomials (log2(1 + t) on [0, 1): degree 8, error
  * 1.3e-7; 2^f on [0, 1): degree 6, relative error 6e-9; Chebyshev fits), about 3e-7 relative in all, in
- * a loop the compiler vectorises; e below 1e-30 counts as 0. So the sums differ from torch's by that much:
+ * loops the compiler vectorises (without `omp simd`, which kept gcc 12 from vectorising the four-candidate loop
+ * at 512 bits); e below 1e-30 counts as 0. So the sums differ from torch's by that much:
  * candidates whose errors agree to about 1e-6 may be told apart the other way (the self-check allows 1e-5).
  */
 #include <float.h>
@@ -51,7 +53,6 @@ static inline float pow_abs(float e, float norm) {
 static inline void row_error(const float *xr, int64_t cols, float inv, float lo, float hi, float norm, float *sum,
                              float *clamped) {
     float acc = 0.0f, cut = 0.0f;
-#pragma omp simd reduction(+ : acc, cut)
     for (int64_t j = 0; j < cols; j++) {
         const float t = xr[j] * inv, r = nearbyintf(t);
         const float q = r < lo ? lo : (r > hi ? hi : r);
@@ -67,7 +68,6 @@ static inline void row_error(const float *xr, int64_t cols, float inv, float lo,
 static inline void row_errors4(const float *xr, int64_t cols, const float *inv, const float *lo, const float *hi,
                                float norm, float *sum, float *clamped_last) {
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, c3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, c3)
     for (int64_t j = 0; j < cols; j++) {
         const float x = xr[j];
         const float t0 = x * inv[0], t1 = x * inv[1], t2 = x * inv[2], t3 = x * inv[3];
