@@ -9,9 +9,9 @@ time limit, and is killed when the row is done). Rows:
 
 - `quantize`: `from_pretrained(tiny Qwen2-VL, quantization_config=...)` on the built-in samples (default:
   LLM 2 layers of width 256, 2 vision blocks, 8 samples; `--full`: 4 layers of width 512, 16 samples, the
-  issue's size; float32 unless `--dtype bfloat16`), in three modes: `library` (the default Python API: adaptive thread count, threads.py),
-  `spin` (adaptive threads off: torch's threads spinning at barriers, the old behaviour), `passive`
-  (`OMP_WAIT_POLICY=PASSIVE`, what the `hf-vlm-gptq` command sets);
+  issue's size; float32 unless `--dtype bfloat16`), in three modes: `library` (the default Python API:
+  adaptive thread count, threads.py), `spin` (adaptive threads off: torch's threads spinning at barriers, the
+  old behaviour), `passive` (`OMP_WAIT_POLICY=PASSIVE`, what the `hf-vlm-gptq` command sets);
 - `decode-1`, `decode-256`: a 4-bit g128 QuantLinear (bf16) at 1 and 256 rows, `default` (one thread while
   CPU pressure is seen, threads.CPU_PRESSURE), `spin` (that switched off: the old behaviour) and `passive`; the
   quiet row calls it for about `--decode-seconds` (the call count it found is then used beside the hogs:

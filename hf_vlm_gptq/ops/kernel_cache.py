@@ -304,10 +304,11 @@ def load_kernel(src: KernelSource, state: dict) -> None:
     state["lib"] = fn
 
 
-def load_fastest(builds: Sequence[KernelSource], state: dict, fastest: Callable[[dict], str]) -> None:
+def load_fastest(builds: Sequence[KernelSource], state: dict, fastest: Callable[[dict], str] | None) -> None:
     """:func:`load_kernel` for builds of one kernel for different CPU flags: ``state["lib"]`` becomes the one
     ``fastest({name: fn})`` names among those this CPU can load (measured on this host, not assumed from its
-    flags), ``state["build"]`` its name; else ``state["reason"]`` is the first build's reason."""
+    flags; with one, that one, unmeasured), ``state["build"]`` its name; else ``state["reason"]`` is the first
+    build's reason."""
     found: dict[str, Callable] = {}
     reasons: list[str] = []
     for src in builds:
@@ -336,14 +337,8 @@ def module_kernel(src: KernelSource, module: str, others: Sequence[KernelSource]
     def state() -> dict:
         return sys.modules[module]._state
 
-    def load() -> None:
-        if others:
-            load_fastest([src, *others], state(), fastest)
-        else:
-            load_kernel(src, state())
-
     def checked(check: Callable[[Callable], str | None]) -> Callable | None:
-        return checked_kernel(state(), load, check)
+        return checked_kernel(state(), lambda: load_fastest([src, *others], state(), fastest), check)
 
     def unavailable_reason(check: Callable[[Callable], str | None]) -> str | None:
         return None if checked(check) is not None else state()["reason"]
