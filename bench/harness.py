@@ -2,7 +2,8 @@
 writer.
 
 A run writes into its own folder, bench/runs/<time>/ (untracked), unless BENCH_RESULTS_DIR names another:
-BENCH_RESULTS_DIR=bench/results updates the tracked results the README quotes.
+BENCH_RESULTS_DIR=bench/results updates the tracked results the README quotes. BENCH_RESULTS_TAG=<tag> puts
+the tag into every file name (``ops_<tag>_cpu.md``): a run on another kind of CPU beside the usual one.
 """
 
 from __future__ import annotations
@@ -233,13 +234,15 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 def write_results(stem: str, payload: dict[str, Any], markdown: str, *, device_suffix: bool = True,
                   path: Path | None = None) -> Path:
-    """`<RESULTS>/<stem>_<cpu|cuda>.{json,md}` (no suffix with ``device_suffix=False``; ``path``: that
-    markdown file and the .json beside it); returns the markdown path.
+    """`<RESULTS>/<stem>[_<$BENCH_RESULTS_TAG>]_<cpu|cuda>.{json,md}` (no suffix with ``device_suffix=False``;
+    ``path``: that markdown file and the .json beside it); returns the markdown path.
 
     The JSON is ``payload`` with an ``environment`` entry (`env_info` now), the markdown ``markdown`` with
     the same environment appended.
     """
     if path is None:
+        if os.environ.get("BENCH_RESULTS_TAG"):
+            stem = f"{stem}_{os.environ['BENCH_RESULTS_TAG']}"
         path = RESULTS / (f"{stem}_{device_tag()}.md" if device_suffix else f"{stem}.md")
     path.parent.mkdir(parents=True, exist_ok=True)
     env = env_info()

@@ -18,7 +18,8 @@ vs dequantize + matmul.
 
 Matmul: a 4096x4096 layer, batch (rows) 1 / 4 / 16 / 64 / 256 / 1024, bf16 activations: dense bf16
 ``nn.Linear``, our default path ("auto": torch's int4 kernel up to a few rows, then the fused 4-bit GEMM on
-CPUs that have it), auto with a dense cache, and each path forced. The variants are timed
+CPUs that have it, the AMX kernel from a few rows on CPUs with AMX), auto with a dense cache, and each path
+forced. The variants are timed
 round-robin, call by call, and the 10th percentile is reported: the host is shared with other jobs, and
 interleaving plus a low percentile keeps their load from landing on one variant only.
 
@@ -98,15 +99,15 @@ def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
         if kind == "dense_bf16":
             return nn.Linear(n, n, bias=False, dtype=torch.bfloat16, device=device)
         module = QuantLinear.from_result(results[i], None, torch.bfloat16).to(device)
-        module.kernel = {"int4_kernel": "int4", "fused_kernel": "fused", "dequant_uncached": "dequant"}.get(
-            kind, "auto"
-        )
+        module.kernel = {"int4_kernel": "int4", "fused_kernel": "fused", "amx_kernel": "amx",
+                         "dequant_uncached": "dequant"}.get(kind, "auto")
         module.cache_dequantized = kind == "auto_cached"  # "auto" is the default policy: no dense cache
         return module
 
-    kinds = ["dense_bf16", "auto", "auto_cached", "int4_kernel", "fused_kernel", "dequant_uncached"]
-    if BACKENDS["fused"].unavailable_reason(LayerShape(BITS, GROUP, n, n), torch.bfloat16, torch.device(device)):
-        kinds.remove("fused_kernel")
+    kinds = ["dense_bf16", "auto", "auto_cached", "int4_kernel", "fused_kernel", "amx_kernel", "dequant_uncached"]
+    for kind, backend in (("fused_kernel", "fused"), ("amx_kernel", "amx")):
+        if BACKENDS[backend].unavailable_reason(LayerShape(BITS, GROUP, n, n), torch.bfloat16, torch.device(device)):
+            kinds.remove(kind)
     stacks = {kind: [make(kind, i) for i in range(layers)] for kind in kinds}
     rows = []
     with torch.inference_mode():
@@ -139,7 +140,7 @@ def bench_matmul(device: str, n: int = 4096, layers: int = 8) -> list[dict]:
 
 def bench_bits(device: str, n: int = 4096) -> list[dict]:
     """Other bit widths (one layer, hot): 2 and 8 bits have no torch kernel; on CPU the fused kernel's GEMM
-    path serves them, elsewhere dequantize + matmul."""
+    path (or the AMX kernel, where the CPU has AMX) serves them, elsewhere dequantize + matmul."""
     rows = []
     dense = nn.Linear(n, n, bias=False, dtype=torch.bfloat16, device=device)
     with torch.inference_mode():
@@ -248,8 +249,8 @@ def render(solves: list[dict], matmuls: list[dict]) -> str:
         "called repeatedly; stream: 8 layers in turn (weights come from memory, as in a model)",
         "",
         "| device | batch | regime | dense bf16 | auto (default, no cache) | auto + dense cache | int4 kernel | "
-        "fused kernel | dequant+matmul | speedup default | speedup cached |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "fused kernel | AMX kernel | dequant+matmul | speedup default | speedup cached |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(m: dict, key: str) -> str:
@@ -259,6 +260,7 @@ def render(solves: list[dict], matmuls: list[dict]) -> str:
         lines.append(
             f"| {m['device']} | {m['batch']} | {m['regime']} | {m['dense_bf16_ms']:.3f} | {m['auto_ms']:.3f} | "
             f"{m['auto_cached_ms']:.3f} | {cell(m, 'int4_kernel_ms')} | {cell(m, 'fused_kernel_ms')} | "
+            f"{cell(m, 'amx_kernel_ms')} | "
             f"{m['dequant_uncached_ms']:.3f} | {m['speedup_auto']:.2f}x | {m['speedup_auto_cached']:.2f}x |"
         )
     return "\n".join(lines)
@@ -309,9 +311,9 @@ def main() -> None:
         "loadavg_after": loadavg(),  # 2 cores: anything well above 2 means other jobs shared the run
         "cpu_int4_max_batch": MAX_BATCH["cpu"]["int4"],
         "cuda_int4_max_batch": MAX_BATCH["cuda"]["int4"],
-        "cpu_fused_kernel": BACKENDS["fused"].unavailable_reason(LayerShape(BITS, GROUP, 4096, 4096), torch.bfloat16,
-                                                                 torch.device("cpu"))
-        or "available",
+        **{f"cpu_{name}_kernel": BACKENDS[name].unavailable_reason(LayerShape(BITS, GROUP, 4096, 4096),
+                                                                   torch.bfloat16, torch.device("cpu")) or "available"
+           for name in ("fused", "amx")},
         "wall_s": round(wall.seconds, 1),
     }
     payload = {"meta": meta, "solve": solves, "matmul": matmuls, "other_bits": other_bits, "dequant": dequant}

@@ -1,4 +1,4 @@
-"""The bench harness's scratch folders: gone when a bench ends, however it ends."""
+"""The bench harness: scratch folders gone when a bench ends, however it ends; result file names."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import harness
 from bench.harness import REPO, scratch_dir
 
 
@@ -40,3 +41,13 @@ def test_scratch_dir_is_removed_when_the_bench_is_terminated(tmp_path):
     assert done.returncode == 128 + 15, done.stderr
     assert "not reached" not in done.stdout
     assert not list(Path(tmp_path).iterdir())
+
+
+def test_a_results_tag_goes_into_the_file_names(tmp_path, monkeypatch):
+    """BENCH_RESULTS_TAG: a run on another kind of CPU is written beside the usual files, not over them."""
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    plain = harness.write_results("ops", {"x": 1}, "# plain")
+    monkeypatch.setenv("BENCH_RESULTS_TAG", "amx")
+    tagged = harness.write_results("ops", {"x": 2}, "# tagged")
+    assert plain.name == f"ops_{harness.device_tag()}.md" and tagged.name == f"ops_amx_{harness.device_tag()}.md"
+    assert plain.read_text().startswith("# plain") and tagged.with_suffix(".json").exists()

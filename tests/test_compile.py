@@ -58,7 +58,7 @@ def _stand_in_kernel(calls):
 def stand_in_fused(monkeypatch):
     calls: list[int] = []
     monkeypatch.setattr(CF, "_state", {"lib": object(), "ready": True})
-    monkeypatch.setattr(CF, "_call", _stand_in_kernel(calls))
+    monkeypatch.setattr(CF, "call_bf16_kernel", _stand_in_kernel(calls))
     return calls
 
 

@@ -196,26 +196,29 @@ def test_push_to_hub_uploads_the_packed_checkpoint(quantized, eval_inputs, tmp_p
 def test_bfloat16_reload_uses_fast_paths_that_agree_with_the_reference(saved, eval_inputs, monkeypatch):
     """Reloaded in bf16 (how users run it), the default kernel choice gives the logits of the reference path
     (dequantize + dense op everywhere) within bf16 rounding, and greedy generation works."""
-    from hf_vlm_gptq.ops import cpu_fused
+    from hf_vlm_gptq.ops import cpu_amx, cpu_fused
 
-    through_fused = []  # the kernel data of every call of the fused CPU kernel
-    real = cpu_fused.fused_matmul
-    monkeypatch.setattr(cpu_fused, "fused_matmul", lambda x2, w, *a: through_fused.append(w) or real(x2, w, *a))
+    through_fast = []  # the kernel data of every call of the bf16 CPU kernels (fused, AMX)
+    for kernel_module, name in ((cpu_fused, "fused_matmul"), (cpu_amx, "amx_matmul")):
+        real = getattr(kernel_module, name)
+        monkeypatch.setattr(kernel_module, name,
+                            lambda x2, w, *a, real=real: through_fast.append(w) or real(x2, w, *a))
     model = AutoModelForImageTextToText.from_pretrained(saved, dtype=torch.bfloat16).eval()
     packed = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv))]
     probe = torch.empty(0, dtype=torch.bfloat16)
-    fast = {}  # kernel data (built once per layer, then cached) -> the layer's path
+    fast = {}  # kernel data (built once per layer and kernel, then cached) -> the layer's path
     for name, m in model.named_modules():
         if isinstance(m, (QuantLinear, QuantConv)):
-            data = m._prepare("fused", probe.new_empty(0, m.in_features))
-            if isinstance(data, FusedWeights):
-                fast[id(data)] = name
+            for kernel in ("fused", "amx"):
+                data = m._prepare(kernel, probe.new_empty(0, m.in_features))
+                if isinstance(data, FusedWeights):
+                    fast[id(data)] = name
     if cpu_fused.kernel_unavailable_reason() is None:
         assert f"{LLM}.0.mlp.down_proj" in fast.values()  # a host with the kernel serves the LLM's layers
     inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in eval_inputs[0].items()}
     fast_logits = logits(model, inputs).float()
-    # the image prompt runs every packed layer, and every layer the fused kernel can serve went through it
-    assert {fast.get(id(w), "another layer") for w in through_fused} == set(fast.values())
+    # the image prompt runs every packed layer, and every layer a bf16 kernel can serve went through one
+    assert {fast.get(id(w), "another layer") for w in through_fast} == set(fast.values())
     for m in packed:
         m.kernel = "dequant"
     ref_logits = logits(model, inputs).float()

@@ -34,6 +34,7 @@ from .selfcheck import self_check
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "lowbit_gemm_avx512bf16.c"
+HEADERS = (SOURCE.with_name("lowbit_dequant.h"),)  # the exact dequantization, shared with cpu_amx.py
 FUSED_BITS = KERNEL_BITS
 CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16", "-mfma", "-mf16c",
           "-fopenmp", "-shared", "-fPIC")
@@ -50,7 +51,8 @@ _state: dict = {}
 
 def kernel_source() -> kernel_cache.KernelSource:
     """This module's kernel, read from the module constants at call time (the tests build it with -O0)."""
-    return kernel_cache.KernelSource(SOURCE, tuple(CFLAGS), SYMBOL, ARGTYPES, tuple(REQUIRED_CPU_FLAGS), WHAT)
+    return kernel_cache.KernelSource(SOURCE, tuple(CFLAGS), SYMBOL, ARGTYPES, tuple(REQUIRED_CPU_FLAGS), WHAT,
+                                     headers=HEADERS)
 
 
 def _load() -> None:
@@ -59,7 +61,7 @@ def _load() -> None:
 
 def _self_check(fn) -> str | None:
     """Run the kernel on the probe layers against dequantize + matmul; None when it agrees, else why (logged)."""
-    return self_check("fused CPU kernel", kernel_probes(lambda x, w, bias: _call(fn, x, w, bias)),
+    return self_check("fused CPU kernel", kernel_probes(lambda x, w, bias: call_bf16_kernel(fn, x, w, bias)),
                       "not used in this process", logger)
 
 
@@ -74,7 +76,7 @@ def kernel_unavailable_reason() -> str | None:
 
 
 def _run(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    return run_kernel(_kernel, _state, lambda fn, *args: _call(fn, *args), "fused CPU kernel", x2, w, bias)
+    return run_kernel(_kernel, _state, call_bf16_kernel, "fused CPU kernel", x2, w, bias)
 
 
 def fused_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +102,10 @@ def _fused_matmul_fake(x2, bias, qweight, scales, zeros, g_idx, regular_group, b
     return x2.new_empty(x2.shape[0], zeros.shape[1], dtype=torch.bfloat16)
 
 
-def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
+def call_bf16_kernel(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
+                     what: str = "fused CPU kernel") -> torch.Tensor:
+    """``x2 @ W^T (+ bias)`` through a loaded kernel ``fn`` of this module's C signature (``ARGTYPES``; the AMX
+    kernel of ``cpu_amx.py`` has it too): inputs checked, output allocated, the kernel's error code raised."""
     if x2.dtype != torch.bfloat16 or x2.dim() != 2 or x2.shape[1] != w.in_features or x2.device.type != "cpu":
         raise ValueError(f"x must be bfloat16 [rows, {w.in_features}] on the CPU, got {x2.dtype} {tuple(x2.shape)}")
     x2 = x2.contiguous()
@@ -117,5 +122,5 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> t
         w.bits,
     )
     if rc != 0:
-        raise RuntimeError(f"fused CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")
+        raise RuntimeError(f"{what} failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")
     return y

@@ -1,11 +1,11 @@
-"""Building, caching and loading the C kernels of the CPU paths (``cpu_fused.py``, ``cpu_avx2.py``, ``cpu_clip.py``,
-``cpu_gptq.py``, ``cpu_dequant.py``, ``cpu_gram.py``; :func:`module_kernel` gives the last four their look-up
-functions).
+"""Building, caching and loading the C kernels of the CPU paths (``cpu_fused.py``, ``cpu_amx.py``, ``cpu_avx2.py``,
+``cpu_clip.py``, ``cpu_gptq.py``, ``cpu_dequant.py``, ``cpu_gram.py``; :func:`module_kernel` gives the last four their
+look-up functions).
 
 A kernel (:class:`KernelSource`) is built with the system C compiler (``$CC``, else ``cc`` / ``gcc``) into a
 cache folder (``$HF_VLM_GPTQ_CACHE``, else ``$XDG_CACHE_HOME/hf_vlm_gptq``, else ``~/.cache/hf_vlm_gptq``),
-named by a hash of its source, flags and compiler. The cache is never trusted blindly (a truncated library
-kills the process with SIGBUS inside ``dlopen``, before Python can catch anything):
+named by a hash of its source (with the headers it includes), flags and compiler. The cache is never trusted
+blindly (a truncated library kills the process with SIGBUS inside ``dlopen``, before Python can catch anything):
 
 * each ``<name>.so`` has a record ``<name>.json`` beside it: the hash of source + flags + compiler (the
   cache key, in full) and the size and SHA-256 of the library itself;
@@ -67,6 +67,7 @@ class KernelSource:
     what: str
     libs: tuple[str, ...] = ()  # linker inputs, after the source (``-lm``)
     name: str = ""  # of its cache entries (default: the source's stem); builds of one source for two CPUs differ
+    headers: tuple[Path, ...] = ()  # files the source includes: part of the cache key
 
     @property
     def entry_name(self) -> str:
@@ -113,6 +114,8 @@ def build_inputs(cc: str, src: KernelSource) -> dict:
     entry and is recorded beside it."""
     inputs = {"source_sha256": sha256(src.source.read_bytes()), "cflags": list(src.cflags) + list(src.libs),
               "compiler": compiler_id(cc), "compiler_path": os.path.realpath(cc)}
+    if src.headers:
+        inputs["headers_sha256"] = [sha256(header.read_bytes()) for header in src.headers]
     return {"key": sha256(json.dumps(inputs, sort_keys=True).encode()), **inputs}
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vlm_gptq.ops import QuantLinear, cpu_kernel, rtn_quantize
+from hf_vlm_gptq.ops import QuantLinear, cpu_amx, cpu_kernel, rtn_quantize
 from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops import kernel_cache as KC
 
@@ -223,6 +223,20 @@ def test_a_build_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatc
     assert renamed[0].startswith(library.name) and renamed[1].startswith(library.with_suffix(".json").name)
 
 
+def test_an_edited_header_makes_another_cache_entry(tmp_path):
+    """The bf16 kernels include csrc/lowbit_dequant.h: an edit there must rebuild them, not reuse the old build."""
+    source, header = tmp_path / "k.c", tmp_path / "k.h"
+    source.write_text('#include "k.h"\nint hvg_probe(void) { return VALUE; }\n')
+    header.write_text("#define VALUE 1\n")
+    src = KC.KernelSource(source, ("-O0", "-shared", "-fPIC"), "hvg_probe", (), (), "probe kernel",
+                          headers=(header,))
+    first = KC.build_inputs(KC.compiler(), src)["key"]
+    header.write_text("#define VALUE 2\n")
+    assert KC.build_inputs(KC.compiler(), src)["key"] != first
+    assert CF.kernel_source().headers == CF.HEADERS
+    assert [h.name for h in CF.HEADERS] == ["lowbit_dequant.h"] and all(h.exists() for h in CF.HEADERS)
+
+
 # --- point 11: the self-check --------------------------------------------------------------------------
 
 
@@ -273,7 +287,9 @@ def test_a_kernel_that_agrees_passes_its_self_check_once(monkeypatch):
 
     runs = []
     monkeypatch.setattr(CF, "_state", {"lib": lambda: runs.append(1)})
-    monkeypatch.setattr(CF, "_call", emulated)
+    monkeypatch.setattr(CF, "call_bf16_kernel", emulated)
+    monkeypatch.setattr(cpu_amx, "_state", {"reason": "set aside: this test counts the fused kernel's calls",
+                                            "ready": True})
     layer = _layer()
     for rows in (1, 3, 16):
         x = torch.randn(rows, 256).to(torch.bfloat16)

@@ -32,3 +32,11 @@ def correlated_hessian(n: int, seed: int, rows: int | None = None, outliers: boo
 
 def weight(out: int, n: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(out, n, generator=gen(seed), dtype=torch.float64).to(dtype)
+
+
+def set_amx_kernel_aside(monkeypatch) -> None:
+    """Make the AMX kernel (ops/cpu_amx.py) unavailable for one test, as on a CPU without AMX: tests of the
+    other CPU kernels' dispatch facts hold on AMX hosts too."""
+    from hf_vlm_gptq.ops import cpu_amx
+
+    monkeypatch.setattr(cpu_amx, "_state", {"reason": "set aside by this test (a CPU without AMX)", "ready": True})

@@ -14,7 +14,7 @@ from hf_vlm_gptq.ops.selfcheck import matmul_probes, self_check
 
 
 def test_every_backend_answers_to_its_kernel_mode():
-    assert B.KERNEL_MODES == ("auto", "int4", "fused", "dequant", "triton", "avx2")
+    assert B.KERNEL_MODES == ("auto", "int4", "fused", "dequant", "triton", "avx2", "amx")
     for name, backend in B.BACKENDS.items():
         assert isinstance(backend, B.Backend) and backend.name == name and backend.variants
 

@@ -102,8 +102,8 @@ def test_dispatch_picks_it_where_the_tables_say_on_this_host(cached):
     has_fused = CF.kernel_unavailable_reason() is None
     for rows in (1, 3, 4, 6, 7, 16, 300):
         backend, _ = choose(m, torch.randn(rows, 256).bfloat16(), "auto")
-        if has_fused:  # the AVX512 kernel comes first in the order; AVX2 is never int4's alternative there
-            assert backend.name in ("int4", "fused")
+        if has_fused:  # the AVX512 / AMX kernels come first in the order; AVX2 is never int4's alternative there
+            assert backend.name in ("int4", "amx", "fused")
         else:
             assert backend.name == ("int4" if rows <= most_int4 else "avx2" if rows >= least else "dequant")
         assert choose(m32, torch.randn(rows, 256), "auto")[0].name == ("avx2" if rows >= least else "dequant")

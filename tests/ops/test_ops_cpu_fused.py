@@ -15,7 +15,7 @@ from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops import kernel_cache as KC
 from hf_vlm_gptq.ops.cpu_kernel import build_fused
 
-from .helpers import correlated_hessian
+from .helpers import correlated_hessian, set_amx_kernel_aside
 
 REASON = CF.kernel_unavailable_reason()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"fused CPU kernel unavailable: {REASON}")
@@ -38,6 +38,9 @@ def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym
 
 @pytest.fixture
 def count_fused(monkeypatch):
+    """The rows of every fused-kernel call, on this host as if it had no AMX (the AMX kernel comes first
+    in ``auto``'s order where it exists: tests/ops/test_ops_cpu_amx.py)."""
+    set_amx_kernel_aside(monkeypatch)
     calls = []
     real = CF.fused_matmul
 

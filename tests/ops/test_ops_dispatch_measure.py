@@ -226,7 +226,7 @@ def test_a_backend_this_host_lacks_is_measured_through_a_stand_in(monkeypatch):
     dense = module.dequantize_weight(torch.bfloat16)
     calls = []
     monkeypatch.setattr(CF, "_state", {"lib": object(), "ready": True})
-    monkeypatch.setattr(CF, "_call", lambda fn, x2, w, bias: calls.append(x2.shape[0]) or x2 @ dense.T)
+    monkeypatch.setattr(CF, "call_bf16_kernel", lambda fn, x2, w, bias: calls.append(x2.shape[0]) or x2 @ dense.T)
     order = [B.BACKENDS[n] for n in B.DISPATCH["cpu"]]
     measured = M.measured_for(module, torch.randn(1, 128).to(torch.bfloat16), order)
     assert "fused" in measured.times and set(calls) == set(M.BATCHES)

@@ -292,7 +292,14 @@ def test_the_gptaq_correction_by_strips_is_the_two_products(n):
     ref = 0.25 * torch.triu(cross @ u.t(), 1) @ u
     got = gptaq_correction(cross.float(), u.float(), 0.25)
     assert bool((got.tril() == 0).all())
-    assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    # as close to float64 as the two float32 products on this host (1e-5 of the largest entry at 700 on one
+    # Intel host, half that on an AMD one): the strips add no error of their own
+    plain = 0.25 * torch.triu(cross.float() @ u.float().t(), 1) @ u.float()
+
+    def error(t: torch.Tensor) -> float:
+        return float((t.double() - ref).abs().max() / ref.abs().max())
+
+    assert error(got) <= 2 * error(plain) + 1e-7 and error(got) < 1e-4
 
 
 def test_upper_inverse_cholesky_applies_damping_without_touching_its_input():

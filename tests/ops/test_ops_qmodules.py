@@ -15,7 +15,7 @@ from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops.backends import int4 as I4
 from hf_vlm_gptq.ops.packing import contiguous_groups
 
-from .helpers import correlated_hessian
+from .helpers import correlated_hessian, set_amx_kernel_aside
 
 
 def _result(
@@ -119,7 +119,9 @@ def test_dequant_path_matches_reference(bits, dtype, cached):
 @pytest.fixture(params=["fused kernel", "no fused kernel", "no CPU kernel"])
 def fused_available(request, monkeypatch) -> bool:
     """Run a test with the fused CPU kernel as this host has it, and as on a CPU without it (with the AVX2
-    kernel as this host has it, or without that one either)."""
+    kernel as this host has it, or without that one either); never the AMX kernel (its own tests say where it
+    serves)."""
+    set_amx_kernel_aside(monkeypatch)
     if request.param == "no CPU kernel":
         monkeypatch.setattr(A, "kernel_unavailable_reason", lambda: "simulated CPU without AVX2")
     if request.param != "fused kernel":

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .amx import AmxBackend
 from .avx2 import Avx2Backend
 from .base import Backend, Layer, LayerShape
 from .dequant import DequantBackend
@@ -36,14 +37,15 @@ from .triton import TritonBackend
 __all__ = ["BACKENDS", "DISPATCH", "KERNEL_MODES", "MAX_BATCH", "MIN_BATCH", "Backend", "Layer", "LayerShape", "choose"]
 
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (Int4Backend(), FusedBackend(), DequantBackend(), TritonBackend(), Avx2Backend())
+    b.name: b
+    for b in (Int4Backend(), FusedBackend(), DequantBackend(), TritonBackend(), Avx2Backend(), AmxBackend())
 }
 KERNEL_MODES = ("auto", *BACKENDS)
 
 # The order "auto" tries per device type (other devices: dequantize + matmul only).
 DISPATCH: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "int4", "dequant"),
-    "cpu": ("int4", "fused", "avx2", "dequant"),
+    "cpu": ("int4", "amx", "fused", "avx2", "dequant"),
 }
 FALLBACK_ORDER = ("dequant",)
 
@@ -60,8 +62,10 @@ MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
 }
 # Smallest batch where a backend beats its alternative (same columns; absent: from one row on). The AVX2
 # kernel dequantizes the whole weight on every call, so a dense cache beats it at a few rows (measured on
-# this project's 2-core AVX2-only AMD EPYC host: bench/results/cpu_avx2_cpu.md).
-MIN_BATCH: dict[str, dict[str, dict[str, int]]] = {"cpu": {"avx2": {"cached": 4}}}
+# this project's 2-core AVX2-only AMD EPYC host: bench/results/cpu_avx2_cpu.md). The AMX kernel
+# has 1-row paths too, but the fused kernel's is faster at one row; from two rows on, and at every batch
+# against the fused kernel's GEMM, the AMX kernel is (2-core Intel Xeon with AMX: bench/results/ops_amx_cpu.md).
+MIN_BATCH: dict[str, dict[str, dict[str, int]]] = {"cpu": {"avx2": {"cached": 4}, "amx": {"fused_small_batch": 2}}}
 
 
 def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:

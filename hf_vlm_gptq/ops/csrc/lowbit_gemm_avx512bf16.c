@@ -32,54 +32,7 @@
 #define MC_MAX 1020 /* rows per task (multiple of MR): the weight is dequantized once per MC_MAX rows */
 #endif
 
-static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
-
-/* buf[p * nv + v] = 32 bfloat16: W[n0 + 16 v + i, k0 + 2 p + j] at position 2 i + j */
-static void dequant_chunk(const int32_t *qweight, int64_t N, const uint16_t *scales, const uint8_t *zeros,
-                          const int32_t *g_idx, int64_t k0, int64_t k1, int64_t n0, int nv, int bits,
-                          __m512bh *buf) {
-    const int per_word_log2 = bits == 2 ? 4 : bits == 4 ? 3 : 2; /* 16, 8 or 4 codes per int32 */
-    static const short order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i interleave = _mm512_loadu_si512((const void *)order);
-    const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-    __m512 s_even[4], s_odd[4];
-    __m512i z_even[4], z_odd[4];
-    int32_t g_even = -1, g_odd = -1;
-    for (int64_t k = k0; k < k1; k += 2) {
-        const int32_t ge = g_idx[k], go = g_idx[k + 1];
-        if (ge != g_even) {
-            for (int v = 0; v < nv; v++) {
-                const int64_t at = (int64_t)ge * N + n0 + 16 * v;
-                s_even[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
-                z_even[v] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)));
-            }
-            g_even = ge;
-        }
-        if (go != g_odd) {
-            for (int v = 0; v < nv; v++) {
-                const int64_t at = (int64_t)go * N + n0 + 16 * v;
-                s_odd[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
-                z_odd[v] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)));
-            }
-            g_odd = go;
-        }
-        const int at_bit = (int)(k & ((1 << per_word_log2) - 1)) * bits; /* k even: k + 1 is in the same word */
-        const __m128i shift_even = _mm_cvtsi32_si128(at_bit);
-        const __m128i shift_odd = _mm_cvtsi32_si128(at_bit + bits);
-        const int32_t *row = qweight + (k >> per_word_log2) * N + n0;
-        __m512bh *out = buf + ((k - k0) >> 1) * nv;
-        for (int v = 0; v < nv; v++) {
-            const __m512i w = _mm512_loadu_si512((const void *)(row + 16 * v));
-            const __m512i ce = _mm512_and_si512(_mm512_srl_epi32(w, shift_even), mask);
-            const __m512i co = _mm512_and_si512(_mm512_srl_epi32(w, shift_odd), mask);
-            const __m512 fe = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ce, z_even[v])), s_even[v]);
-            const __m512 fo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(co, z_odd[v])), s_odd[v]);
-            const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(fo, fe); /* fe -> low 16, fo -> high 16 */
-            out[v] = as_bh(_mm512_permutexvar_epi16(interleave, halves));
-        }
-    }
-}
+#include "lowbit_dequant.h"
 
 /* c[i * NP + 16 j + l] (+)= sum_p x[i, 2p..2p+1] . buf pairs, for R rows and V vectors */
 #define DEFINE_MICRO(R, V)                                                                                     \
@@ -111,29 +64,6 @@ typedef void (*micro_fn)(const uint16_t *, int64_t, const __m512bh *, int, float
 static const micro_fn MICRO[MR][4] = {ROW_TABLE(1), ROW_TABLE(2), ROW_TABLE(3), ROW_TABLE(4), ROW_TABLE(5),
                                       ROW_TABLE(6)};
 
-static inline float bf16_to_float(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* y[i, n0 + 16 v + l] = bf16(c[i * ldc + 16 v + l] + bias[n0 + 16 v + l]) */
-static void store_rows(const float *c, int64_t ldc, int64_t rows, int nv, const uint16_t *bias, int64_t n0,
-                       uint16_t *y, int64_t N) {
-    for (int64_t i = 0; i < rows; i++) {
-        for (int v = 0; v < nv; v++) {
-            __m512 acc = _mm512_loadu_ps(c + i * ldc + 16 * v);
-            if (bias) {
-                float b[16];
-                for (int l = 0; l < 16; l++) b[l] = bf16_to_float(bias[n0 + 16 * v + l]);
-                acc = _mm512_add_ps(acc, _mm512_loadu_ps(b));
-            }
-            _mm256_storeu_si256((__m256i *)(y + i * N + n0 + 16 * v), (__m256i)_mm512_cvtneps_pbh(acc));
-        }
-    }
-}
-
 /* ---- up to GEMV_MAX_ROWS rows, groups of group_size consecutive columns (a multiple of 8) or one group ----
  * Nothing is dequantized: a code q becomes the bfloat16 number 128 + q by bit operations alone
  * (0x4300 | q; 128 has an exponent whose ulp is 1), so per group
@@ -146,23 +76,13 @@ static void store_rows(const float *c, int64_t ldc, int64_t rows, int nv, const 
 #define GEMV_ACC_FLOATS 4096 /* per-group sums kept per pass, all rows: 16 KB, in L1 (multiple of 64) */
 #endif
 
-static inline __m512i codes_as_bf16(__m512i words, __m512i select) {
-    /* select (per byte): bit offsets so that each dword gets [q(2j), -, q(2j+1), -]; then keep the low
-     * nibbles of bytes 0 and 2 and set the high bytes to 0x43: (r & 0x000F000F) | 0x43004300 */
-    const __m512i r = _mm512_multishift_epi64_epi8(select, words);
-    return _mm512_ternarylogic_epi32(r, _mm512_set1_epi32(0x000F000F), _mm512_set1_epi32(0x43004300), 0xEA);
-}
-
 /* out[i * ldo + n0 + 16 v + l] += group g's share of row i of x @ W^T, for R rows and V vectors */
 #define DEFINE_GEMV(R, V)                                                                                      \
     static void gemv_##R##_##V(const uint16_t *x, int64_t K, const int32_t *qweight, const uint16_t *scales,  \
                                const uint8_t *zeros, int64_t N, int64_t gs, const float *xsum, int64_t G,     \
                                int64_t g, int64_t n0, float *out, int64_t ldo) {                              \
         __m512i select[4];                                                                                    \
-        for (int j = 0; j < 4; j++) {                                                                         \
-            const int64_t o = 8 * j;                                                                          \
-            select[j] = _mm512_set1_epi64((o) | (o + 4) << 16 | (o + 32) << 32 | (o + 36) << 48);            \
-        }                                                                                                     \
+        for (int j = 0; j < 4; j++) select[j] = codes_select(j);                                               \
         const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;                        \
         __m512 acc[R][V];                                                                                     \
         for (int i = 0; i < R; i++)                                                                           \
@@ -254,10 +174,7 @@ static int gemv(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight,
                          const uint8_t *zeros, int64_t N, int64_t gs, const float *xsum, int64_t G, int64_t g0, \
                          int64_t g1, int64_t c0, int64_t c1, float *gacc, float *total) {                      \
         __m512i select[4];                                                                                    \
-        for (int j = 0; j < 4; j++) {                                                                         \
-            const int64_t o = 8 * j;                                                                          \
-            select[j] = _mm512_set1_epi64((o) | (o + 4) << 16 | (o + 32) << 32 | (o + 36) << 48);            \
-        }                                                                                                     \
+        for (int j = 0; j < 4; j++) select[j] = codes_select(j);                                               \
         const int64_t chunk = GEMV_ACC_FLOATS / R / 16 * 16; /* columns per pass: gacc stays in L1 */       \
         for (int64_t g = g0; g < g1; g++) {                                                                   \
             const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;                    \
@@ -394,7 +311,7 @@ int hvg_lowbit_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const int32_t 
             const int nv = (int)((N - n0) / 16 < 4 ? (N - n0) / 16 : 4);
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
                 const int64_t k1 = (k0 + KC < K) ? k0 + KC : K;
-                dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, bits, buf);
+                dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, bits, buf, nv);
                 for (int64_t r0 = 0; r0 < rows; r0 += MR) {
                     const int r = (int)(rows - r0 < MR ? rows - r0 : MR);
                     MICRO[r - 1][nv - 1](x + (m0 + r0) * K + k0, K, buf, (int)((k1 - k0) / 2),

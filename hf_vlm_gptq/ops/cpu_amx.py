@@ -1,0 +1,106 @@
+"""A low-bit GEMM on AMX tiles (Intel Sapphire Rapids and later), compiled on first use (``csrc/lowbit_gemm_amx.c``).
+
+On CPUs with AMX, torch's dense bf16 matmul runs AMX tiles (oneDNN), several times faster than the
+``vdpbf16ps`` GEMM of ``cpu_fused.py`` from a few rows on. This kernel dequantizes the weight exactly as the
+reference does (``csrc/lowbit_dequant.h``, shared with that kernel: the reference's bf16 weights, bit for bit)
+into the layout of AMX's second operand, 256 output columns and 512 input columns at a time, and multiplies
+every row block of x (copied once into zero-padded 16 x 32 tiles) against it with ``tdpbf16ps``: exact bf16
+products summed in float32, as in a dense bf16 matmul. It reads the checkpoint buffers as they are
+(:class:`~.cpu_kernel.FusedWeights`), for 2, 4 and 8 bits, act-order, any row count and any even input width.
+Up to :data:`SMALL_BATCH_ROWS` rows, 4-bit layers whose groups are consecutive columns (a multiple of 32, or
+one group) skip the dequantization, which is most of the work there: the codes become the bf16 numbers
+``128 + q`` and the scale and zero point are applied once per group in float32, as the fused kernel's 1-4
+row paths do (the weights are then not rounded to bf16 on the way).
+``backends/amx.py`` serves the packed modules with it; README (Performance) has its speed.
+
+Building, caching and the switch ``HF_VLM_GPTQ_CPU_KERNEL=0`` are those of the other CPU kernels
+(``kernel_cache.py``). The kernel asks Linux once per process for the AMX tile state (``arch_prctl``; a kernel
+that refuses it makes every call fail with code 3, so the self-check fails and says so). Before the first layer
+uses it, it is checked once per process against dequantize + matmul on the probe layers of ``cpu_kernel`` plus
+layers with ragged edges (input width not a multiple of 32, a half panel, rows past two tiles); a kernel that
+disagrees is logged and not used in this process. Without Linux on x86-64 with AMX-TILE / AMX-BF16 and
+AVX512-BF16, or a compiler that builds AMX code, :func:`kernel_unavailable_reason` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import cpu_fused, kernel_cache
+from .cpu_fused import call_bf16_kernel
+from .cpu_kernel import KERNEL_BITS, FusedWeights, kernel_probes, run_kernel
+from .cpu_kernel import PROBES as _SHARED_PROBES
+from .selfcheck import self_check
+
+logger = logging.getLogger(__name__)
+
+SOURCE = cpu_fused.SOURCE.with_name("lowbit_gemm_amx.c")
+SMALL_BATCH_ROWS = 32  # up to this many rows, 4-bit layers of consecutive groups take the kernel's code path
+KERNEL = kernel_cache.KernelSource(
+    source=SOURCE,
+    cflags=(*cpu_fused.CFLAGS, "-mamx-tile", "-mamx-bf16", f"-DSMALL_ROWS={SMALL_BATCH_ROWS}"),
+    symbol="hvg_lowbit_gemm_amx",
+    argtypes=cpu_fused.ARGTYPES,
+    required_cpu_flags=(*cpu_fused.REQUIRED_CPU_FLAGS, "amx_tile", "amx_bf16"),
+    what="AMX low-bit CPU kernel",
+    headers=cpu_fused.HEADERS,
+)
+AMX_BITS = KERNEL_BITS
+# the shared probes, plus: input widths not a multiple of 32, a panel of 80 columns (five tiles), 2 x 16 rows
+# and beyond, 1176 inputs (a patch embedding's width)
+PROBES = (*_SHARED_PROBES, (4, 100, 48, 32, True, (13, 40)), (2, 1176, 80, 128, False, (5, 70)),
+          (8, 264, 272, 64, False, (33,)))
+
+# "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
+_state: dict = {}
+
+
+def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    return call_bf16_kernel(fn, x2, w, bias, KERNEL.what)
+
+
+def _load() -> None:
+    kernel_cache.load_kernel(KERNEL, _state)
+
+
+def _self_check(fn) -> str | None:
+    probes = kernel_probes(lambda x, w, bias: _call(fn, x, w, bias), layers=PROBES)
+    return self_check(KERNEL.what, probes, "not used in this process", logger)
+
+
+def _kernel():
+    return kernel_cache.checked_kernel(_state, _load, _self_check)
+
+
+def kernel_unavailable_reason() -> str | None:
+    """Why the AMX kernel cannot run in this process (None when it can): looked for, built and self-checked
+    on the first call."""
+    return None if _kernel() is not None else _state["reason"]
+
+
+def _run(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    return run_kernel(_kernel, _state, _call, KERNEL.what, x2, w, bias)
+
+
+def amx_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2[M, in] @ W^T (+ bias)`` in bfloat16 through the AMX kernel (see :func:`kernel_unavailable_reason`).
+
+    Under ``torch.compile`` it is the custom op ``hf_vlm_gptq::fused_matmul_amx`` (traced once through its fake
+    implementation); eager calls go to the kernel directly. Forward only (like ``cpu_fused``)."""
+    if torch.compiler.is_compiling():
+        return amx_matmul_op(x2, bias, *w.op_fields())
+    return _run(x2, w, bias)
+
+
+@torch.library.custom_op("hf_vlm_gptq::fused_matmul_amx", mutates_args=())
+def amx_matmul_op(x2: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
+                  zeros: torch.Tensor, g_idx: torch.Tensor, regular_group: int, bits: int) -> torch.Tensor:
+    """The AMX kernel as a torch op (the :class:`FusedWeights` fields as arguments)."""
+    return _run(x2, FusedWeights(qweight, scales, zeros, g_idx, regular_group, bits), bias)
+
+
+@amx_matmul_op.register_fake
+def _amx_matmul_fake(x2, bias, qweight, scales, zeros, g_idx, regular_group, bits):
+    return x2.new_empty(x2.shape[0], zeros.shape[1], dtype=torch.bfloat16)

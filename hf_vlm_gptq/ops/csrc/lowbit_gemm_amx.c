@@ -1,0 +1,276 @@
+/* y[M, N] = x[M, K] @ W^T (+ bias) for a 2-, 4- or 8-bit GPTQ weight on AMX tiles (tdpbf16ps).
+ *
+ * Same arguments and weight formula as lowbit_gemm_avx512bf16.c (see there); requirements checked by the
+ * Python caller: N % 16 == 0, K even, AMX-TILE/AMX-BF16 and AVX512F/BW/VBMI/BF16.
+ *
+ * The weight is dequantized exactly as the reference does it (lowbit_dequant.h: integer code - zero, one
+ * float32 multiply, one round-to-nearest-even to bfloat16) into the pair-interleaved layout that is also the
+ * layout of tdpbf16ps's second operand, one panel of up to NP columns and KC input columns at a time, and every
+ * row block of x is multiplied against it in 16 x 16 float32 tiles. A tile product is 16 x 16 x 32
+ * multiply-adds of exact bf16 products summed in float32, as in a float32 matmul of the same values.
+ *
+ * x is first copied into whole tiles (16 rows x 32 columns, zero padded at the edges), so rows and input
+ * columns need no multiple; the weight's padding pairs are zero.
+ */
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "lowbit_dequant.h"
+
+#ifndef KC
+#define KC 512 /* input columns dequantized per chunk (multiple of 32): 512 KB of bf16 for NP columns, in L2 */
+#endif
+#ifndef MC_MAX
+#define MC_MAX 1024 /* rows per task (multiple of 32): the weight is dequantized once per MC_MAX rows */
+#endif
+#ifndef NP
+#define NP 512 /* most output columns per panel (multiple of 32): each x tile serves NP / 16 products */
+#endif
+#define TR 16 /* rows of a tile */
+#define TK 32 /* bf16 columns of an x tile (64 bytes a row) */
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Tiles 0-3: the 2 x 2 float32 accumulators (rows i, columns j: tile 2 i + j); 4-5: x; 6-7: the weight. */
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static void configure_tiles(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = TR;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* xp[(mt * ks_n + ks) * TR * TK + r * TK + c] = x[16 mt + r, 32 ks + c], zero outside x */
+static void pack_x(const uint16_t *x, int64_t M, int64_t K, int64_t mt_n, int64_t ks_n, uint16_t *xp,
+                   int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t mt = 0; mt < mt_n; mt++) {
+        for (int64_t ks = 0; ks < ks_n; ks++) {
+            uint16_t *tile = xp + (mt * ks_n + ks) * TR * TK;
+            const int64_t k0 = ks * TK, width = K - k0 < TK ? K - k0 : TK;
+            for (int r = 0; r < TR; r++) {
+                const int64_t m = mt * TR + r;
+                if (m < M) {
+                    memcpy(tile + r * TK, x + m * K + k0, sizeof(uint16_t) * width);
+                    if (width < TK) memset(tile + r * TK + width, 0, sizeof(uint16_t) * (TK - width));
+                } else {
+                    memset(tile + r * TK, 0, sizeof(uint16_t) * TK);
+                }
+            }
+        }
+    }
+}
+
+/* tiles 2 i + j += x tile i (a0, a1; mi used) times weight tile j (b0, b1, rows b_stride bytes apart; nj used) */
+static inline __attribute__((always_inline)) void tile_step(const uint16_t *a0, const uint16_t *a1, const void *b0,
+                                                            const void *b1, int64_t b_stride, int mi, int nj) {
+    _tile_loadd(4, a0, TK * sizeof(uint16_t));
+    _tile_loadd(6, b0, b_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if (nj > 1) {
+        _tile_loadd(7, b1, b_stride);
+        _tile_dpbf16ps(1, 4, 7);
+    }
+    if (mi > 1) {
+        _tile_loadd(5, a1, TK * sizeof(uint16_t));
+        _tile_dpbf16ps(2, 5, 6);
+        if (nj > 1) _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+/* The 2 x 2 tiles at c (row stride ldc floats) (+)= the products of two x tile rows a0, a1 (mi of them used)
+ * and two weight tile columns b, b + 1 (nj used; nv vectors per pair row), over steps of 32 input columns */
+static void tile_block(const uint16_t *a0, const uint16_t *a1, int64_t steps, const __m512bh *b, int nv, int mi,
+                       int nj, float *c, int64_t ldc, int first) {
+    const int64_t b_stride = (int64_t)nv * 64, c_stride = ldc * sizeof(float);
+    if (first) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    } else {
+        _tile_loadd(0, c, c_stride);
+        _tile_loadd(1, c + 16, c_stride);
+        _tile_loadd(2, c + TR * ldc, c_stride);
+        _tile_loadd(3, c + TR * ldc + 16, c_stride);
+    }
+    for (int64_t s = 0; s < steps; s++) {
+        const __m512bh *bs = b + s * TR * nv; /* 16 pair rows per step */
+        tile_step(a0 + s * TR * TK, a1 + s * TR * TK, bs, bs + 1, b_stride, mi, nj);
+    }
+    _tile_stored(0, c, c_stride);
+    _tile_stored(1, c + 16, c_stride);
+    _tile_stored(2, c + TR * ldc, c_stride);
+    _tile_stored(3, c + TR * ldc + 16, c_stride);
+}
+
+/* ---- up to SMALL_ROWS rows, 4 bits, groups of consecutive columns (a multiple of 32, or one group) ----
+ * Below a few tiles of rows the exact dequantization is most of the work. Here nothing is dequantized: the
+ * codes become the bfloat16 numbers 128 + q (codes_as_bf16: two instructions per 32 codes) and per group
+ *   sum_k x_k W[n, k] = s * (sum_k x_k (128 + q_k) - (128 + z) * sum_k x_k)
+ * with the first sum from the tiles (exact products, float32 sums) and the rest in float32 once per group,
+ * as the AVX-512 kernel's 1-4 row paths do (its weights are not rounded to bfloat16 on the way). Each
+ * thread takes panels of 32 output columns; x tiles come from pack_x (rows and columns zero-padded). */
+#define SP 32 /* output columns per panel: two tiles */
+#ifndef SMALL_ROWS
+#define SMALL_ROWS 32 /* at most two x tiles; cpu_amx.py passes its SMALL_BATCH_ROWS */
+#endif
+#if SMALL_ROWS > 2 * TR
+#error "small_batch keeps two x tiles of rows: SMALL_ROWS must be at most 32"
+#endif
+
+static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
+                       const uint8_t *zeros, int64_t N, int64_t gs, const uint16_t *bias, uint16_t *y, int nthreads,
+                       const uint16_t *xp, int64_t ks_n) {
+    const int64_t G = (K + gs - 1) / gs, word_rows = (K + 7) / 8, panels = (N + 31) / 32;
+    const int mi = M > TR ? 2 : 1;
+    float *xsum = malloc(sizeof(float) * M * G);
+    if (!xsum) return 2;
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t g = 0; g < G; g++) {
+            float t = 0.0f;
+            for (int64_t k = g * gs; k < K && k < (g + 1) * gs; k++) t += bf16_to_float(x[i * K + k]);
+            xsum[i * G + g] = t;
+        }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *total = aligned_alloc(64, 2 * TR * SP * sizeof(float));
+        float *cg = aligned_alloc(64, 2 * TR * SP * sizeof(float));
+        __m512i *b = aligned_alloc(64, 2 * TR * sizeof(__m512i)); /* two weight tiles of 16 pair rows */
+        if (!total || !cg || !b) failed = 1;
+        __m512i select[4];
+        for (int j = 0; j < 4; j++) select[j] = codes_select(j);
+        configure_tiles();
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            if (!total || !cg || !b) continue;
+            const int64_t n0 = 32 * p;
+            const int nj = N - n0 >= 32 ? 2 : 1;
+            memset(total, 0, 2 * TR * SP * sizeof(float));
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t k0 = k_start; k0 < k_end; k0 += TK) {
+                    for (int t = 0; t < nj; t++)
+                        for (int q = 0; q < 4; q++) { /* word row k0 / 8 + q: pair rows 4 q .. 4 q + 3 */
+                            const int64_t r = k0 / 8 + q;
+                            const __m512i w = r < word_rows
+                                                  ? _mm512_loadu_si512((const void *)(qweight + r * N + n0 + 16 * t))
+                                                  : _mm512_setzero_si512();
+                            for (int j = 0; j < 4; j++) b[t * TR + 4 * q + j] = codes_as_bf16(w, select[j]);
+                        }
+                    const uint16_t *a0 = xp + (k0 / TK) * TR * TK, *a1 = a0 + ks_n * TR * TK;
+                    tile_step(a0, a1, b, b + TR, 64, mi, nj);
+                }
+                _tile_stored(0, cg, SP * sizeof(float));
+                _tile_stored(1, cg + 16, SP * sizeof(float));
+                _tile_stored(2, cg + TR * SP, SP * sizeof(float));
+                _tile_stored(3, cg + TR * SP + 16, SP * sizeof(float));
+                for (int t = 0; t < nj; t++) {
+                    const int64_t at = g * N + n0 + 16 * t;
+                    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
+                    const __m512 zc = _mm512_add_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)))),
+                        _mm512_set1_ps(128.0f));
+                    for (int64_t i = 0; i < M; i++) {
+                        const __m512 d = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum[i * G + g]),
+                                                          _mm512_loadu_ps(cg + i * SP + 16 * t));
+                        float *o = total + i * SP + 16 * t;
+                        _mm512_storeu_ps(o, _mm512_fmadd_ps(s, d, _mm512_loadu_ps(o)));
+                    }
+                }
+            }
+            store_rows(total, SP, M, nj, bias, n0, y, N);
+        }
+        _tile_release();
+        free(total);
+        free(cg);
+        free(b);
+    }
+    free(xsum);
+    return failed ? 2 : 0;
+}
+
+/* regular_group: as in the AVX-512 kernel (the group size when g_idx[k] == k / group size, K for one group,
+ * else 0); with 4 bits, up to SMALL_ROWS rows and groups a multiple of 32 (or one) it selects small_batch.
+ * Returns 0 on success, 1 on bad arguments, 2 when a work buffer could not be allocated, 3 when the
+ * operating system refuses this process the AMX tile state. */
+int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
+                        const uint8_t *zeros, const int32_t *g_idx, int64_t N, const uint16_t *bias, uint16_t *y,
+                        int nthreads, int64_t regular_group, int bits) {
+    if (M <= 0 || K <= 0 || N <= 0 || (K & 1) || (N & 15) || nthreads <= 0) return 1;
+    if (bits != 2 && bits != 4 && bits != 8) return 1;
+    static volatile int amx_permitted = 0; /* the permission is per process: asked once (a race asks twice) */
+    if (!amx_permitted) {
+        if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 3;
+        amx_permitted = 1;
+    }
+    const int64_t mt_n = (M + TR - 1) / TR, ks_n = (K + TK - 1) / TK;
+    uint16_t *xp = aligned_alloc(64, (size_t)(mt_n * ks_n * TR * TK * sizeof(uint16_t)));
+    if (!xp) return 2;
+    pack_x(x, M, K, mt_n, ks_n, xp, nthreads);
+    if (bits == 4 && M <= SMALL_ROWS && regular_group > 0 && (regular_group % TK == 0 || regular_group >= K)) {
+        const int rc = small_batch(x, M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads, xp, ks_n);
+        free(xp);
+        return rc;
+    }
+    const int64_t m_tasks = (M + MC_MAX - 1) / MC_MAX;
+    int64_t mc = (M + m_tasks - 1) / m_tasks;
+    mc = (mc + 2 * TR - 1) / (2 * TR) * (2 * TR); /* rows per task, balanced, a multiple of two tiles */
+    int64_t np = NP; /* narrower panels until every thread has two tasks */
+    while (np > 32 && m_tasks * ((N + np - 1) / np) < 2 * nthreads) np /= 2;
+    const int64_t panels = (N + np - 1) / np, tasks = m_tasks * panels;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        __m512bh *buf = aligned_alloc(64, (KC / 2) * (np / 16) * sizeof(__m512bh));
+        float *acc = aligned_alloc(64, mc * np * sizeof(float)); /* mc: a multiple of two tiles */
+        if (!buf || !acc) failed = 1;
+        configure_tiles();
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!buf || !acc) continue;
+            const int64_t m0 = (t / panels) * mc, n0 = (t % panels) * np;
+            const int64_t rows = (M - m0 < mc) ? M - m0 : mc, tiles = (rows + TR - 1) / TR;
+            const int nv = (int)((N - n0) / 16 < np / 16 ? (N - n0) / 16 : np / 16);
+            for (int64_t k0 = 0; k0 < K; k0 += KC) {
+                const int64_t k1 = (k0 + KC < K) ? k0 + KC : K, steps = (k1 - k0 + TK - 1) / TK;
+                for (int v = 0; v < nv; v += 4) /* 64 columns per call */
+                    dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0 + 16 * v, nv - v < 4 ? nv - v : 4, bits,
+                                  buf + v, nv);
+                const int64_t pairs = (k1 - k0) / 2, padded = steps * TR;
+                if (padded > pairs) memset(buf + pairs * nv, 0, (size_t)((padded - pairs) * nv) * sizeof(__m512bh));
+                for (int64_t i = 0; i < tiles; i += 2) {
+                    const uint16_t *a0 = xp + ((m0 / TR + i) * ks_n + k0 / TK) * TR * TK, *a1 = a0 + ks_n * TR * TK;
+                    for (int j = 0; j < nv; j += 2)
+                        tile_block(a0, a1, steps, buf + j, nv, tiles - i < 2 ? 1 : 2, nv - j < 2 ? 1 : 2,
+                                   acc + i * TR * np + 16 * j, np, k0 == 0);
+                }
+            }
+            store_rows(acc, np, rows, nv, bias, n0, y + m0 * N, N);
+        }
+        _tile_release();
+        free(buf);
+        free(acc);
+    }
+    free(xp);
+    return failed ? 2 : 0;
+}

@@ -1,0 +1,185 @@
+"""The AMX low-bit CPU GEMM (ops/cpu_amx.py + csrc/lowbit_gemm_amx.c): the reference's bf16 weights times x
+within float32 summation on every shape class and ragged edge, its place in ``auto``, and, on every host,
+what a CPU without AMX is told and that the self-check refuses a wrong kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize
+from hf_vlm_gptq.ops import cpu_amx as AMX
+from hf_vlm_gptq.ops import cpu_fused as CF
+from hf_vlm_gptq.ops import kernel_cache as KC
+from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, MIN_BATCH, choose
+
+from .helpers import correlated_hessian
+
+REASON = AMX.kernel_unavailable_reason()
+needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX CPU kernel unavailable: {REASON}")
+
+
+def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym: bool = True, bits: int = 4,
+            kernel: str = "amx") -> QuantLinear:
+    g = torch.Generator().manual_seed(out_f * 31 + in_f + bits)
+    w = torch.randn(out_f, in_f, generator=g)
+    if act_order:
+        res = gptq_quantize(w, correlated_hessian(in_f, seed=2).float(), bits=bits, group_size=group_size,
+                            sym=sym, act_order=True)
+    else:
+        res = rtn_quantize(w, bits=bits, group_size=group_size, sym=sym)
+    m = QuantLinear.from_result(res, torch.randn(out_f, generator=g), torch.bfloat16)
+    m.kernel = kernel
+    return m
+
+
+def _small_batch_path(m: QuantLinear, rows: int) -> bool:
+    w = m._prepare("amx", torch.empty(0, m.in_features, dtype=torch.bfloat16))
+    regular = w.regular_group > 0 and (w.regular_group % 32 == 0 or w.regular_group >= w.in_features)
+    return w.bits == 4 and regular and rows <= AMX.SMALL_BATCH_ROWS
+
+
+def _assert_reference_product(m: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
+    """y is x times the reference's bf16 weights (+ bias) summed in float32 and rounded once to bf16: within
+    2^-8 of the exact product of those weights, plus float32 summation error. A kernel that left the weights
+    unrounded (off by up to 2^-9 each) or summed in bf16 would miss this bound. The small-batch path is held
+    to the unrounded weights (float32 is exact for them) the same way."""
+    rounded = torch.float32 if _small_batch_path(m, x.shape[0]) else torch.bfloat16
+    w16 = m.dequantize_weight(rounded).double()
+    exact16 = F.linear(x.double(), w16, m.bias.to(torch.bfloat16).double())
+    bound = exact16.abs() * 2**-8 + 1e-5 * (x.double().abs() @ w16.abs().T)
+    assert bool(((y.double() - exact16).abs() <= bound).all())
+
+
+@pytest.fixture
+def count_amx(monkeypatch):
+    calls = []
+    real = AMX.amx_matmul
+    monkeypatch.setattr(AMX, "amx_matmul", lambda x2, *a: calls.append(x2.shape[0]) or real(x2, *a))
+    return calls
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "group_size", "act_order", "sym", "bits"),
+    [
+        (64, 256, 128, False, True, 4),
+        (48, 1176, 128, False, False, 4),  # 1176 inputs: not a multiple of 32 (a padded last tile)
+        (112, 1176, 128, True, True, 4),  # act-order: groups scattered over the columns
+        (32, 98, -1, False, True, 4),  # per-channel, a partial last int32 word
+        (80, 96, 32, True, False, 2),  # five column tiles: a half pair at the panel's end
+        (272, 264, 64, False, True, 8),  # a second panel of 16 columns
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 5, 17, 33, 70])
+def test_matches_the_reference_weights_within_float32_summation(out_f, in_f, group_size, act_order, sym, bits,
+                                                                rows):
+    m = _module(out_f, in_f, group_size, act_order, sym, bits)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    _assert_reference_product(m, x, m(x))
+
+
+@needs_amx
+def test_more_rows_than_one_task_and_any_thread_count_give_the_same_result():
+    """1030 rows: two row blocks; 1, 2 and 5 threads: other panel widths (narrowed until each thread has two
+    tasks). Each output is one tile's float32 sums in a fixed order, so not a bit changes."""
+    m = _module(1024, 512, 128)
+    x = torch.randn(1030, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    threads, outputs = torch.get_num_threads(), []
+    try:
+        for count in (1, 2, 5):
+            torch.set_num_threads(count)
+            outputs.append(m(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+    _assert_reference_product(m, x, outputs[0])
+
+
+@needs_amx
+@pytest.mark.parametrize("act_order", [False, True])
+def test_auto_takes_it_past_the_fused_kernels_small_batch_rows(count_amx, act_order):
+    """The fixed table (tests run with HF_VLM_GPTQ_DISPATCH=table): the fused kernel's small-batch paths (4-bit,
+    consecutive groups) keep the rows below MIN_BATCH's floor; act-order layers have no such path, and torch's
+    int4 kernel keeps its few rows there; every other bf16 batch goes to the AMX kernel; float32 never does."""
+    m = _module(64, 256, 64, act_order=act_order, kernel="auto")
+    batches = (1, 2, 4, 5, 300)
+    for rows in batches:
+        m(torch.randn(rows, 256).to(torch.bfloat16))
+    m(torch.randn(300, 256))
+    floor = MIN_BATCH["cpu"]["amx"]["fused_small_batch"]
+    int4_rows = MAX_BATCH["cpu"]["int4"]["fused"]
+    expected = [r for r in batches if (r > int4_rows if act_order else r >= floor)]
+    assert count_amx == expected and 1 < floor <= 4 and expected[-1] == 300
+
+
+@needs_amx
+def test_patch_embed_goes_through_it(count_amx):
+    conv = nn.Conv3d(3, 32, (2, 14, 14), stride=(2, 14, 14), bias=True)
+    res = rtn_quantize(conv.weight.detach().reshape(32, -1), bits=4, group_size=128)  # 1176 columns
+    q = QuantConv.from_result(res, conv, dtype=torch.bfloat16)
+    x = torch.randn(40, 3, 2, 14, 14).to(torch.bfloat16)
+    y = q(x)
+    ref = F.conv3d(x, q.weight, conv.bias.detach().to(torch.bfloat16), stride=(2, 14, 14))
+    assert count_amx == [40]
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+@needs_amx
+def test_the_torch_op_is_the_kernel():
+    """``hf_vlm_gptq::fused_matmul_amx`` (what ``torch.compile`` traces) gives the eager call's bits, and its
+    fake implementation the right shape and dtype."""
+    m = _module(48, 96, 32)
+    w = m._prepare("amx", torch.empty(0, 96, dtype=torch.bfloat16))
+    x = torch.randn(7, 96).to(torch.bfloat16)
+    bias = m.bias.to(torch.bfloat16)
+    assert torch.equal(torch.ops.hf_vlm_gptq.fused_matmul_amx(x, bias, *w.op_fields()), AMX.amx_matmul(x, w, bias))
+    torch.library.opcheck(AMX.amx_matmul_op, (x, bias, *w.op_fields()), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(not set(AMX.KERNEL.required_cpu_flags) <= KC.cpu_flags() or KC.compiler() is None,
+                    reason="not an AMX host with a C compiler")
+def test_on_an_amx_host_the_kernel_builds_and_passes_its_self_check():
+    """Where the CPU has AMX, a kernel that fails its probes would skip the tests above: it must not."""
+    assert REASON is None
+
+
+def test_a_cpu_without_amx_is_told_which_flags_are_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(AMX, "_state", {})
+    monkeypatch.setenv("HF_VLM_GPTQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(KC, "cpu_flags", lambda: set(CF.REQUIRED_CPU_FLAGS))  # AVX512-BF16, no AMX
+    reason = AMX.kernel_unavailable_reason()
+    assert "amx_tile" in reason and "amx_bf16" in reason
+    m = _module(64, 256, 128, kernel="auto")
+    x = torch.randn(64, 256).to(torch.bfloat16)
+    assert choose(m, x, "auto")[0].name != "amx"
+    m.kernel = "amx"
+    with pytest.raises(ValueError, match=r"kernel='amx' is unavailable.*amx_tile"):
+        m(x)
+    assert BACKENDS["amx"].unavailable_reason(m, torch.float32, torch.device("cpu")).startswith("input dtype")
+    assert not list(tmp_path.glob(f"{AMX.SOURCE.stem}*"))  # no AMX build was tried
+
+
+def _first_group_weight(w) -> torch.Tensor:
+    """The weight of the kernel data ``w`` as a kernel would compute it that read group 0's scales and zero
+    points for every input column (float32 [out, in])."""
+    per_word = 32 // w.bits
+    k = torch.arange(w.in_features)
+    codes = (w.qweight[k // per_word] >> (w.bits * (k % per_word))[:, None]) & ((1 << w.bits) - 1)
+    return ((codes.float() - w.zeros[0].float()) * w.scales[0].float()).T
+
+
+def test_the_self_check_refuses_a_kernel_that_reads_the_wrong_group(monkeypatch):
+    """The probes hold the kernel to the reference: one that applies the first group's scales everywhere is
+    refused, naming the probe layer that caught it. Needs no AMX: the kernel call is a stand-in."""
+    seen = []
+
+    def wrong_group(fn, x2, w, bias, what):
+        seen.append(tuple(x2.shape))
+        return F.linear(x2.float(), _first_group_weight(w), bias.float()).to(torch.bfloat16)
+
+    monkeypatch.setattr(AMX, "call_bf16_kernel", wrong_group)
+    reason = AMX._self_check(None)
+    assert reason is not None and "error" in reason and "group" in reason and seen
