@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText
 
 import hf_vlm_gptq  # noqa: F401  (registers the quantizer)
 from hf_vlm_gptq import VLMGPTQConfig
-from hf_vlm_gptq.ops import QuantLinear, qbase, rtn_quantize
+from hf_vlm_gptq.ops import QuantLinear, cpu_amx, qbase, rtn_quantize
 from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops.cpu_kernel import FusedWeights
 from hf_vlm_gptq.ops.packing import unpack_codes
@@ -56,8 +56,10 @@ def _stand_in_kernel(calls):
 
 @pytest.fixture
 def stand_in_fused(monkeypatch):
+    """The fused kernel replaced by a torch stand-in (any host), the AMX kernel set aside (as without AMX)."""
     calls: list[int] = []
     monkeypatch.setattr(CF, "_state", {"lib": object(), "ready": True})
+    monkeypatch.setattr(cpu_amx, "_state", {"reason": "set aside: these tests follow the fused kernel", "ready": True})
     monkeypatch.setattr(CF, "call_bf16_kernel", _stand_in_kernel(calls))
     return calls
 
@@ -101,6 +103,17 @@ def test_compiled_decode_bfloat16(quantized_dir, fresh_dynamo):
 def test_compiled_decode_through_the_fused_kernel(quantized_dir, fresh_dynamo, stand_in_fused):
     compiled, eager = _compiled_decode_matches_eager(quantized_dir, torch.bfloat16, fresh_dynamo)
     assert stand_in_fused  # every packed layer went through the fused kernel's path
+    assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
+
+
+@pytest.mark.skipif(cpu_amx.kernel_unavailable_reason() is not None, reason="needs the AMX kernel (a CPU with AMX)")
+def test_compiled_decode_through_the_amx_kernel(quantized_dir, fresh_dynamo, monkeypatch):
+    """On a CPU with AMX the compiled model's packed layers run the AMX kernel's op (hf_vlm_gptq::fused_matmul_amx)."""
+    rows = []
+    real = cpu_amx._call
+    monkeypatch.setattr(cpu_amx, "_call", lambda fn, x2, *a: rows.append(x2.shape[0]) or real(fn, x2, *a))
+    compiled, eager = _compiled_decode_matches_eager(quantized_dir, torch.bfloat16, fresh_dynamo)
+    assert 1 in rows  # the decode steps (one row) went through the kernel
     assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
 
 

@@ -36,7 +36,7 @@ def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym
 
 
 def _small_batch_path(m: QuantLinear, rows: int) -> bool:
-    w = m._prepare("amx", torch.empty(0, m.in_features, dtype=torch.bfloat16))
+    w = m._prepare("amx", torch.empty(0, m.in_features, dtype=torch.bfloat16)).fused
     regular = w.regular_group > 0 and (w.regular_group % 32 == 0 or w.regular_group >= w.in_features)
     return w.bits == 4 and regular and rows <= AMX.SMALL_BATCH_ROWS
 
@@ -100,19 +100,19 @@ def test_more_rows_than_one_task_and_any_thread_count_give_the_same_result():
 
 @needs_amx
 @pytest.mark.parametrize("act_order", [False, True])
-def test_auto_takes_it_past_the_fused_kernels_small_batch_rows(count_amx, act_order):
-    """The fixed table (tests run with HF_VLM_GPTQ_DISPATCH=table): the fused kernel's small-batch paths (4-bit,
-    consecutive groups) keep the rows below MIN_BATCH's floor; act-order layers have no such path, and torch's
-    int4 kernel keeps its few rows there; every other bf16 batch goes to the AMX kernel; float32 never does."""
+def test_auto_takes_every_bf16_batch(count_amx, act_order):
+    """The fixed table (tests run with HF_VLM_GPTQ_DISPATCH=table): the AMX kernel comes first in the CPU
+    order with no batch limit, and torch's int4 kernel keeps no rows against it, act-order layers included
+    (they take a copy sorted by group); float32 never goes to it."""
     m = _module(64, 256, 64, act_order=act_order, kernel="auto")
     batches = (1, 2, 4, 5, 300)
     for rows in batches:
         m(torch.randn(rows, 256).to(torch.bfloat16))
     m(torch.randn(300, 256))
-    floor = MIN_BATCH["cpu"]["amx"]["fused_small_batch"]
-    int4_rows = MAX_BATCH["cpu"]["int4"]["fused"]
-    expected = [r for r in batches if (r > int4_rows if act_order else r >= floor)]
-    assert count_amx == expected and 1 < floor <= 4 and expected[-1] == 300
+    assert "amx" not in MIN_BATCH["cpu"] and MAX_BATCH["cpu"]["int4"]["amx"] == 0
+    assert count_amx == list(batches)
+    sorted_copy = m._prepare("amx", torch.empty(0, 256, dtype=torch.bfloat16)).input_order is not None
+    assert sorted_copy == act_order
 
 
 @needs_amx
@@ -132,7 +132,7 @@ def test_the_torch_op_is_the_kernel():
     """``hf_vlm_gptq::fused_matmul_amx`` (what ``torch.compile`` traces) gives the eager call's bits, and its
     fake implementation the right shape and dtype."""
     m = _module(48, 96, 32)
-    w = m._prepare("amx", torch.empty(0, 96, dtype=torch.bfloat16))
+    w = m._prepare("amx", torch.empty(0, 96, dtype=torch.bfloat16)).fused
     x = torch.randn(7, 96).to(torch.bfloat16)
     bias = m.bias.to(torch.bfloat16)
     assert torch.equal(torch.ops.hf_vlm_gptq.fused_matmul_amx(x, bias, *w.op_fields()), AMX.amx_matmul(x, w, bias))
@@ -183,3 +183,31 @@ def test_the_self_check_refuses_a_kernel_that_reads_the_wrong_group(monkeypatch)
     monkeypatch.setattr(AMX, "call_bf16_kernel", wrong_group)
     reason = AMX._self_check(None)
     assert reason is not None and "error" in reason and "group" in reason and seen
+
+
+def _weight(w) -> torch.Tensor:
+    """The float32 weight [out, in] the kernel data ``w`` stands for."""
+    from hf_vlm_gptq.ops.packing import unpack_codes
+
+    g = w.g_idx.long()
+    codes = unpack_codes(w.qweight, w.bits, w.in_features).float()
+    return (codes - w.zeros.float().T[:, g]) * w.scales.float().T[:, g]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_act_order_layers_get_a_copy_sorted_by_group(bits):
+    """The AMX backend's layout for act-order layers: the same weight with its input columns in group order
+    (consecutive groups, so the kernel's regular paths serve), and x's columns gathered the same way; other
+    layers keep the checkpoint's buffers. Pure torch: runs on every host."""
+    from hf_vlm_gptq.ops.backends.amx import sorted_by_group
+    from hf_vlm_gptq.ops.cpu_kernel import fused_weights_of
+
+    m = _module(48, 200, 32, act_order=True, bits=bits)
+    w = fused_weights_of(m, "test")
+    copy = sorted_by_group(w, m.group_size)
+    assert w.regular_group == 0 and copy.fused.regular_group == 32
+    assert torch.equal(_weight(copy.fused), _weight(w)[:, copy.input_order])
+    assert torch.equal(torch.sort(copy.input_order).values, torch.arange(200))
+    plain = fused_weights_of(_module(48, 200, 32, bits=bits), "test")
+    kept = sorted_by_group(plain, 32)
+    assert kept.input_order is None and kept.fused is plain

@@ -51,21 +51,22 @@ FALLBACK_ORDER = ("dequant",)
 
 # Largest batch (rows of x) where a backend beats its alternative, per device type; the columns are the
 # alternative's variants ("cached" / "uncached": dequantize + matmul with / without the module's dense cache;
-# "fused" / "fused_small_batch": the fused CPU kernel without / with its 1-4 row paths). How each number was
+# "fused" / "fused_small_batch": the fused CPU kernel without / with its 1-4 row paths; "amx": the AMX
+# kernel, which beats torch's int4 kernel at every batch, act-order included). How each number was
 # found: bench/results/kernel_thresholds.md (CPU: measured with bench/ops.py, the "avx2" column with
 # bench/cpu_avx2.py on an AVX2-only CPU; CUDA: estimates to be tuned with bench/cuda_all.sh). The AVX2
 # kernel has no row: it beats dequantize + matmul at every batch and a dense cache from MIN_BATCH on.
 # On CPU these tables are the fallback of the measured dispatch (measure.py).
 MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
-    "cpu": {"int4": {"cached": 10, "uncached": 192, "fused": 4, "fused_small_batch": 0, "avx2": 8}},
+    "cpu": {"int4": {"cached": 10, "uncached": 192, "amx": 0, "fused": 4, "fused_small_batch": 0, "avx2": 8}},
     "cuda": {"triton": {"cached": 32, "uncached": 4096}, "int4": {"cached": 4, "uncached": 32}},
 }
 # Smallest batch where a backend beats its alternative (same columns; absent: from one row on). The AVX2
 # kernel dequantizes the whole weight on every call, so a dense cache beats it at a few rows (measured on
-# this project's 2-core AVX2-only AMD EPYC host: bench/results/cpu_avx2_cpu.md). The AMX kernel
-# has 1-row paths too, but the fused kernel's is faster at one row; from two rows on, and at every batch
-# against the fused kernel's GEMM, the AMX kernel is (2-core Intel Xeon with AMX: bench/results/ops_amx_cpu.md).
-MIN_BATCH: dict[str, dict[str, dict[str, int]]] = {"cpu": {"avx2": {"cached": 4}, "amx": {"fused_small_batch": 2}}}
+# this project's 2-core AVX2-only AMD EPYC host: bench/results/cpu_avx2_cpu.md). The AMX kernel has no
+# row: on a 2-core Intel Xeon with AMX it beats the fused kernel from one row on, and dense bf16 at every
+# batch (bench/results/ops_amx_cpu.md).
+MIN_BATCH: dict[str, dict[str, dict[str, int]]] = {"cpu": {"avx2": {"cached": 4}}}
 
 
 def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:

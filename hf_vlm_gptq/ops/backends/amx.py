@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import cpu_amx as AMX
-from ..cpu_kernel import FusedWeights, fused_weights_of
+from ..cpu_kernel import FusedWeights, build_fused, fused_weights_of
+from ..packing import pack_rows, unpack_codes
 from .base import Backend, Layer
+
+
+@dataclass
+class AmxWeights:
+    """The kernel's data for one layer; for act-order layers (groups scattered over the input columns) a copy
+    whose input columns are sorted by group (the groups then consecutive, so the kernel's regular paths
+    serve), with ``input_order`` the columns of x in that order (None: the checkpoint's own layout)."""
+
+    fused: FusedWeights
+    input_order: torch.Tensor | None = None
+
+
+def sorted_by_group(w: FusedWeights, group_size: int) -> AmxWeights:
+    """``w`` with its input columns sorted by group (stable: within a group, the checkpoint's order): the
+    codes repacked in that order, the same scales and zero points. Exact: the same products, summed in
+    another order. Layers whose groups are already consecutive come back as they are."""
+    if w.regular_group > 0:
+        return AmxWeights(w)
+    order = torch.argsort(w.g_idx, stable=True)
+    codes = unpack_codes(w.qweight, w.bits, w.in_features)[:, order]  # [out, in]
+    qweight = pack_rows(codes.t(), w.bits)
+    return AmxWeights(build_fused(qweight, w.scales, w.zeros, w.g_idx[order], group_size, w.bits), order)
 
 
 class AmxBackend(Backend):
     """Reads ``qweight`` / fp16 ``scales`` / ``g_idx`` as stored (the same :class:`~..cpu_kernel.FusedWeights`
-    as the AVX512 kernel); bfloat16 inputs, 2/4/8 bits, act-order, on CPUs with AMX-BF16."""
+    as the AVX512 kernel), act-order layers through a group-sorted copy of ``qweight``
+    (:func:`sorted_by_group`); bfloat16 inputs, 2/4/8 bits, on CPUs with AMX-BF16."""
 
     name = "amx"
     variants = ("amx",)
@@ -33,9 +58,12 @@ class AmxBackend(Backend):
             return f"in_features={layer.in_features} is odd"
         return AMX.kernel_unavailable_reason()
 
-    def prepare(self, module: Any, x2: torch.Tensor) -> FusedWeights | str:
-        return fused_weights_of(module, "AMX kernel")
+    def prepare(self, module: Any, x2: torch.Tensor) -> AmxWeights | str:
+        weights = fused_weights_of(module, "AMX kernel")
+        return weights if isinstance(weights, str) else sorted_by_group(weights, module.group_size)
 
-    def matmul(self, module: Any, x2: torch.Tensor, weights: FusedWeights,
+    def matmul(self, module: Any, x2: torch.Tensor, weights: AmxWeights,
                bias: torch.Tensor | None) -> torch.Tensor:
-        return AMX.amx_matmul(x2, weights, bias)
+        if weights.input_order is not None:
+            x2 = x2.index_select(1, weights.input_order)
+        return AMX.amx_matmul(x2, weights.fused, bias)

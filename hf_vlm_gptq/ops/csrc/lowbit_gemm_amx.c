@@ -149,21 +149,24 @@ static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *q
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        float *total = aligned_alloc(64, 2 * TR * SP * sizeof(float));
+        /* my contiguous range of panels, walked group by group: every word row of qweight is read as one
+         * run over my columns, front to back (as the hardware prefetchers like it when the weights come
+         * from memory); the float32 sums of my columns wait in total[M][width] */
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        const int64_t p0 = panels * me / team, p1 = panels * (me + 1) / team;
+        const int64_t c0 = SP * p0, c1 = SP * p1 < N ? SP * p1 : N, width = c1 - c0;
+        float *total = width > 0 ? calloc((size_t)(M * width), sizeof(float)) : NULL;
         float *cg = aligned_alloc(64, 2 * TR * SP * sizeof(float));
         __m512i *b = aligned_alloc(64, 2 * TR * sizeof(__m512i)); /* two weight tiles of 16 pair rows */
-        if (!total || !cg || !b) failed = 1;
+        if ((width > 0 && !total) || !cg || !b) failed = 1;
         __m512i select[4];
         for (int j = 0; j < 4; j++) select[j] = codes_select(j);
         configure_tiles();
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++) {
-            if (!total || !cg || !b) continue;
-            const int64_t n0 = 32 * p;
-            const int nj = N - n0 >= 32 ? 2 : 1;
-            memset(total, 0, 2 * TR * SP * sizeof(float));
-            for (int64_t g = 0; g < G; g++) {
-                const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;
+        for (int64_t g = 0; g < G && !failed; g++) {
+            const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;
+            for (int64_t p = p0; p < p1; p++) {
+                const int64_t n0 = SP * p;
+                const int nj = N - n0 >= SP ? 2 : 1;
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
@@ -193,13 +196,17 @@ static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *q
                     for (int64_t i = 0; i < M; i++) {
                         const __m512 d = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum[i * G + g]),
                                                           _mm512_loadu_ps(cg + i * SP + 16 * t));
-                        float *o = total + i * SP + 16 * t;
+                        float *o = total + i * width + (n0 - c0) + 16 * t;
                         _mm512_storeu_ps(o, _mm512_fmadd_ps(s, d, _mm512_loadu_ps(o)));
                     }
                 }
             }
-            store_rows(total, SP, M, nj, bias, n0, y, N);
         }
+        if (total && !failed)
+            for (int64_t n0 = c0; n0 < c1; n0 += 64) {
+                const int nv = (int)((c1 - n0) / 16 < 4 ? (c1 - n0) / 16 : 4);
+                store_rows(total + (n0 - c0), width, M, nv, bias, n0, y, N);
+            }
         _tile_release();
         free(total);
         free(cg);
