@@ -37,7 +37,7 @@ from .selfcheck import self_check
 logger = logging.getLogger(__name__)
 
 SOURCE = cpu_fused.SOURCE.with_name("lowbit_gemm_amx.c")
-SMALL_BATCH_ROWS = 32  # up to this many rows, 4-bit layers of consecutive groups take the kernel's code path
+SMALL_BATCH_ROWS = 48  # up to this many rows, 4-bit layers of consecutive groups take the kernel's code path
 KERNEL = kernel_cache.KernelSource(
     source=SOURCE,
     cflags=(*cpu_fused.CFLAGS, "-mamx-tile", "-mamx-bf16", f"-DSMALL_ROWS={SMALL_BATCH_ROWS}"),

@@ -73,12 +73,30 @@ def count_amx(monkeypatch):
         (272, 264, 64, False, True, 8),  # a second panel of 16 columns
     ],
 )
-@pytest.mark.parametrize("rows", [1, 5, 17, 33, 70])
+@pytest.mark.parametrize("rows", [1, 5, 17, 33, 48, 70])
 def test_matches_the_reference_weights_within_float32_summation(out_f, in_f, group_size, act_order, sym, bits,
                                                                 rows):
     m = _module(out_f, in_f, group_size, act_order, sym, bits)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     _assert_reference_product(m, x, m(x))
+
+
+@needs_amx
+def test_a_build_whose_small_batch_path_takes_four_row_tiles(monkeypatch, tmp_path):
+    """SMALL_BATCH_ROWS up to 64 is a supported build (four x tiles, one column tile at a time): it passes the
+    self-check and gives the unrounded weights' product at 64 rows."""
+    import dataclasses
+
+    flags = (*(f for f in AMX.KERNEL.cflags if not f.startswith("-DSMALL_ROWS=")), "-DSMALL_ROWS=64")
+    monkeypatch.setattr(AMX, "KERNEL", dataclasses.replace(AMX.KERNEL, cflags=flags))
+    monkeypatch.setattr(AMX, "SMALL_BATCH_ROWS", 64)
+    monkeypatch.setattr(AMX, "_state", {})
+    monkeypatch.setenv("HF_VLM_GPTQ_CACHE", str(tmp_path))
+    assert AMX.kernel_unavailable_reason() is None
+    m = _module(80, 1176, 128, sym=False)
+    for rows in (49, 64):
+        x = torch.randn(rows, 1176, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        _assert_reference_product(m, x, m(x))
 
 
 @needs_amx

@@ -16,7 +16,8 @@ static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
  * reference's. */
 static inline __attribute__((always_inline)) void dequant_body(
     const int32_t *qweight, int64_t N, const uint16_t *scales, const uint8_t *zeros, const int32_t *g_idx,
-    int64_t k0, int64_t k1, int64_t n0, const int nv, int bits, __m512bh *buf, int64_t ld) {
+    int64_t k0, int64_t k1, int64_t n0, const int nv, int bits, __m512bh *buf, int64_t ld, int64_t ahead,
+    int64_t K) {
     const int per_word_log2 = bits == 2 ? 4 : bits == 4 ? 3 : 2; /* 16, 8 or 4 codes per int32 */
     static const short order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -51,6 +52,9 @@ static inline __attribute__((always_inline)) void dequant_body(
         const __m128i shift_odd = _mm_cvtsi32_si128(at_bit + bits);
         const int32_t *row = qweight + (k >> per_word_log2) * N + n0;
         __m512bh *out = buf + ((k - k0) >> 1) * ld;
+        if (ahead && at_bit == 0 && k + ahead < K) /* the same columns of a word row `ahead` inputs on */
+            for (int v = 0; v < nv; v++)
+                _mm_prefetch((const char *)(qweight + ((k + ahead) >> per_word_log2) * N + n0 + 16 * v), _MM_HINT_T1);
         for (int v = 0; v < nv; v++) {
             const __m512i w = _mm512_loadu_si512((const void *)(row + 16 * v));
             /* (w >> shift) & mask | magic: one ternary-logic op after the shift */
@@ -64,14 +68,15 @@ static inline __attribute__((always_inline)) void dequant_body(
     }
 }
 
-/* dequant_body, with the four-vector case (whole 64-column panels) compiled on its own */
+/* dequant_body, with the four-vector case (whole 64-column panels) compiled on its own; ahead > 0: the
+ * words of input ahead (of K inputs) are prefetched into L2 on the way (the next chunk, read from memory) */
 static void dequant_chunk(const int32_t *qweight, int64_t N, const uint16_t *scales, const uint8_t *zeros,
                           const int32_t *g_idx, int64_t k0, int64_t k1, int64_t n0, int nv, int bits,
-                          __m512bh *buf, int64_t ld) {
+                          __m512bh *buf, int64_t ld, int64_t ahead, int64_t K) {
     if (nv == 4)
-        dequant_body(qweight, N, scales, zeros, g_idx, k0, k1, n0, 4, bits, buf, ld);
+        dequant_body(qweight, N, scales, zeros, g_idx, k0, k1, n0, 4, bits, buf, ld, ahead, K);
     else
-        dequant_body(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, bits, buf, ld);
+        dequant_body(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, bits, buf, ld, ahead, K);
 }
 
 /* 4 bits: 16 packed words (one per output column) -> pair j of their 8 codes as the bfloat16 numbers 128 + q,

@@ -27,6 +27,9 @@
 #ifndef MC_MAX
 #define MC_MAX 1024 /* rows per task (multiple of 32): the weight is dequantized once per MC_MAX rows */
 #endif
+#ifndef PREFETCH_K
+#define PREFETCH_K 64 /* the dequantization prefetches the words this many inputs ahead (0: none) */
+#endif
 #ifndef NP
 #define NP 512 /* most output columns per panel (multiple of 32): each x tile serves NP / 16 products */
 #endif
@@ -123,21 +126,60 @@ static void tile_block(const uint16_t *a0, const uint16_t *a1, int64_t steps, co
  * codes become the bfloat16 numbers 128 + q (codes_as_bf16: two instructions per 32 codes) and per group
  *   sum_k x_k W[n, k] = s * (sum_k x_k (128 + q_k) - (128 + z) * sum_k x_k)
  * with the first sum from the tiles (exact products, float32 sums) and the rest in float32 once per group,
- * as the AVX-512 kernel's 1-4 row paths do (its weights are not rounded to bfloat16 on the way). Each
- * thread takes panels of 32 output columns; x tiles come from pack_x (rows and columns zero-padded). */
+ * as the AVX-512 kernel's 1-4 row paths do (its weights are not rounded to bfloat16 on the way). Panels of
+ * 32 output columns: up to two x tiles of rows, both column tiles at once (2 x 2 accumulators); up to four,
+ * one column tile at a time (4 x 1). x tiles come from pack_x (rows and columns zero-padded). */
 #define SP 32 /* output columns per panel: two tiles */
 #ifndef SMALL_ROWS
-#define SMALL_ROWS 32 /* at most two x tiles; cpu_amx.py passes its SMALL_BATCH_ROWS */
+#define SMALL_ROWS 48 /* at most four x tiles; cpu_amx.py passes its SMALL_BATCH_ROWS */
 #endif
-#if SMALL_ROWS > 2 * TR
-#error "small_batch keeps two x tiles of rows: SMALL_ROWS must be at most 32"
+#ifndef SMALL_PREFETCH_ROWS
+#define SMALL_PREFETCH_ROWS 8 /* word rows ahead whose words are prefetched (0: none) */
 #endif
+#if SMALL_ROWS > 4 * TR
+#error "small_batch keeps four x tiles of rows: SMALL_ROWS must be at most 64"
+#endif
+
+/* tiles 0..mt-1 += x tile i (a + i * a_next) times the weight tile b (16 pair rows of 64 bytes) */
+static inline __attribute__((always_inline)) void rows_step(const uint16_t *a, int64_t a_next, const void *b,
+                                                            int mt) {
+    _tile_loadd(6, b, 64);
+    _tile_loadd(4, a, TK * sizeof(uint16_t));
+    _tile_dpbf16ps(0, 4, 6);
+    if (mt > 1) {
+        _tile_loadd(5, a + a_next, TK * sizeof(uint16_t));
+        _tile_dpbf16ps(1, 5, 6);
+    }
+    if (mt > 2) {
+        _tile_loadd(4, a + 2 * a_next, TK * sizeof(uint16_t));
+        _tile_dpbf16ps(2, 4, 6);
+    }
+    if (mt > 3) {
+        _tile_loadd(5, a + 3 * a_next, TK * sizeof(uint16_t));
+        _tile_dpbf16ps(3, 5, 6);
+    }
+}
+
+/* total[i * width + n - c0] += s[n] * (cg[i * SP + n - n0] - (128 + z[n]) * xsum[i, g]) for one column tile */
+static void group_fixup(const float *cg, int64_t M, const uint16_t *scales, const uint8_t *zeros, int64_t at,
+                        const float *xsum, int64_t G, int64_t g, float *total, int64_t width) {
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
+    const __m512 zc = _mm512_add_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)))),
+        _mm512_set1_ps(128.0f));
+    for (int64_t i = 0; i < M; i++) {
+        const __m512 d = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum[i * G + g]), _mm512_loadu_ps(cg + i * SP));
+        float *o = total + i * width;
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(s, d, _mm512_loadu_ps(o)));
+    }
+}
 
 static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
                        const uint8_t *zeros, int64_t N, int64_t gs, const uint16_t *bias, uint16_t *y, int nthreads,
                        const uint16_t *xp, int64_t ks_n) {
-    const int64_t G = (K + gs - 1) / gs, word_rows = (K + 7) / 8, panels = (N + 31) / 32;
-    const int mi = M > TR ? 2 : 1;
+    const int64_t G = (K + gs - 1) / gs, word_rows = (K + 7) / 8, panels = (N + SP - 1) / SP;
+    const int64_t group_steps = ((gs < K ? gs : K) + TK - 1) / TK, a_next = ks_n * TR * TK;
+    const int mt = (int)((M + TR - 1) / TR);
     float *xsum = malloc(sizeof(float) * M * G);
     if (!xsum) return 2;
     for (int64_t i = 0; i < M; i++)
@@ -156,50 +198,61 @@ static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *q
         const int64_t p0 = panels * me / team, p1 = panels * (me + 1) / team;
         const int64_t c0 = SP * p0, c1 = SP * p1 < N ? SP * p1 : N, width = c1 - c0;
         float *total = width > 0 ? calloc((size_t)(M * width), sizeof(float)) : NULL;
-        float *cg = aligned_alloc(64, 2 * TR * SP * sizeof(float));
-        __m512i *b = aligned_alloc(64, 2 * TR * sizeof(__m512i)); /* two weight tiles of 16 pair rows */
+        float *cg = aligned_alloc(64, 4 * TR * SP * sizeof(float));
+        /* the group's weight tiles: b[(step * 2 + column tile) * 16 + pair row] */
+        __m512i *b = aligned_alloc(64, (size_t)(group_steps * 2 * TR) * sizeof(__m512i));
         if ((width > 0 && !total) || !cg || !b) failed = 1;
         __m512i select[4];
         for (int j = 0; j < 4; j++) select[j] = codes_select(j);
         configure_tiles();
         for (int64_t g = 0; g < G && !failed; g++) {
             const int64_t k_start = g * gs, k_end = (k_start + gs < K) ? k_start + gs : K;
+            const int64_t steps = (k_end - k_start + TK - 1) / TK;
             for (int64_t p = p0; p < p1; p++) {
                 const int64_t n0 = SP * p;
                 const int nj = N - n0 >= SP ? 2 : 1;
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t k0 = k_start; k0 < k_end; k0 += TK) {
+                for (int64_t st = 0; st < steps; st++)
                     for (int t = 0; t < nj; t++)
-                        for (int q = 0; q < 4; q++) { /* word row k0 / 8 + q: pair rows 4 q .. 4 q + 3 */
-                            const int64_t r = k0 / 8 + q;
+                        for (int q = 0; q < 4; q++) { /* word row (k_start + 32 st) / 8 + q: pair rows 4 q.. */
+                            const int64_t r = (k_start + TK * st) / 8 + q;
+                            if (SMALL_PREFETCH_ROWS && r + SMALL_PREFETCH_ROWS < word_rows)
+                                _mm_prefetch((const char *)(qweight + (r + SMALL_PREFETCH_ROWS) * N + n0 + 16 * t),
+                                             _MM_HINT_T1);
                             const __m512i w = r < word_rows
                                                   ? _mm512_loadu_si512((const void *)(qweight + r * N + n0 + 16 * t))
                                                   : _mm512_setzero_si512();
-                            for (int j = 0; j < 4; j++) b[t * TR + 4 * q + j] = codes_as_bf16(w, select[j]);
+                            for (int j = 0; j < 4; j++) b[(st * 2 + t) * TR + 4 * q + j] = codes_as_bf16(w, select[j]);
                         }
-                    const uint16_t *a0 = xp + (k0 / TK) * TR * TK, *a1 = a0 + ks_n * TR * TK;
-                    tile_step(a0, a1, b, b + TR, 64, mi, nj);
-                }
-                _tile_stored(0, cg, SP * sizeof(float));
-                _tile_stored(1, cg + 16, SP * sizeof(float));
-                _tile_stored(2, cg + TR * SP, SP * sizeof(float));
-                _tile_stored(3, cg + TR * SP + 16, SP * sizeof(float));
-                for (int t = 0; t < nj; t++) {
-                    const int64_t at = g * N + n0 + 16 * t;
-                    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
-                    const __m512 zc = _mm512_add_ps(
-                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)))),
-                        _mm512_set1_ps(128.0f));
-                    for (int64_t i = 0; i < M; i++) {
-                        const __m512 d = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum[i * G + g]),
-                                                          _mm512_loadu_ps(cg + i * SP + 16 * t));
-                        float *o = total + i * width + (n0 - c0) + 16 * t;
-                        _mm512_storeu_ps(o, _mm512_fmadd_ps(s, d, _mm512_loadu_ps(o)));
+                const uint16_t *a = xp + (k_start / TK) * TR * TK;
+                if (mt <= 2) { /* tile 2 i + j: x tile i, column tile j */
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int64_t st = 0; st < steps; st++)
+                        tile_step(a + st * TR * TK, a + a_next + st * TR * TK, b + st * 2 * TR, b + (st * 2 + 1) * TR,
+                                  64, mt, nj);
+                    _tile_stored(0, cg, SP * sizeof(float));
+                    _tile_stored(1, cg + 16, SP * sizeof(float));
+                    _tile_stored(2, cg + TR * SP, SP * sizeof(float));
+                    _tile_stored(3, cg + TR * SP + 16, SP * sizeof(float));
+                } else { /* tile i: x tile i, one column tile t at a time */
+                    for (int t = 0; t < nj; t++) {
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        _tile_zero(2);
+                        _tile_zero(3);
+                        for (int64_t st = 0; st < steps; st++)
+                            rows_step(a + st * TR * TK, a_next, b + (st * 2 + t) * TR, mt);
+                        _tile_stored(0, cg + 16 * t, SP * sizeof(float));
+                        _tile_stored(1, cg + TR * SP + 16 * t, SP * sizeof(float));
+                        _tile_stored(2, cg + 2 * TR * SP + 16 * t, SP * sizeof(float));
+                        _tile_stored(3, cg + 3 * TR * SP + 16 * t, SP * sizeof(float));
                     }
                 }
+                for (int t = 0; t < nj; t++)
+                    group_fixup(cg + 16 * t, M, scales, zeros, g * N + n0 + 16 * t, xsum, G, g,
+                                total + (n0 - c0) + 16 * t, width);
             }
         }
         if (total && !failed)
@@ -262,7 +315,7 @@ int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *
                 const int64_t k1 = (k0 + KC < K) ? k0 + KC : K, steps = (k1 - k0 + TK - 1) / TK;
                 for (int v = 0; v < nv; v += 4) /* 64 columns per call */
                     dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0 + 16 * v, nv - v < 4 ? nv - v : 4, bits,
-                                  buf + v, nv);
+                                  buf + v, nv, PREFETCH_K, K);
                 const int64_t pairs = (k1 - k0) / 2, padded = steps * TR;
                 if (padded > pairs) memset(buf + pairs * nv, 0, (size_t)((padded - pairs) * nv) * sizeof(__m512bh));
                 for (int64_t i = 0; i < tiles; i += 2) {

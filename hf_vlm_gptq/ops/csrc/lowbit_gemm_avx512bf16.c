@@ -311,7 +311,7 @@ int hvg_lowbit_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, const int32_t 
             const int nv = (int)((N - n0) / 16 < 4 ? (N - n0) / 16 : 4);
             for (int64_t k0 = 0; k0 < K; k0 += KC) {
                 const int64_t k1 = (k0 + KC < K) ? k0 + KC : K;
-                dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, bits, buf, nv);
+                dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0, nv, bits, buf, nv, 0, K);
                 for (int64_t r0 = 0; r0 < rows; r0 += MR) {
                     const int r = (int)(rows - r0 < MR ? rows - r0 : MR);
                     MICRO[r - 1][nv - 1](x + (m0 + r0) * K + k0, K, buf, (int)((k1 - k0) / 2),
