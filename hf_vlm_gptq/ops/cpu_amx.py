@@ -7,10 +7,10 @@ into the layout of AMX's second operand, 256 output columns and 512 input column
 every row block of x (copied once into zero-padded 16 x 32 tiles) against it with ``tdpbf16ps``: exact bf16
 products summed in float32, as in a dense bf16 matmul. It reads the checkpoint buffers as they are
 (:class:`~.cpu_kernel.FusedWeights`), for 2, 4 and 8 bits, act-order, any row count and any even input width.
-Up to :data:`SMALL_BATCH_ROWS` rows, 4-bit layers whose groups are consecutive columns (a multiple of 32, or
-one group) skip the dequantization, which is most of the work there: the codes become the bf16 numbers
-``128 + q`` and the scale and zero point are applied once per group in float32, as the fused kernel's 1-4
-row paths do (the weights are then not rounded to bf16 on the way).
+Up to :data:`SMALL_BATCH_ROWS` rows (48 at 4 bits, 32 at 8), layers whose groups are consecutive columns (a
+multiple of 32, or one group) skip the dequantization, which is most of the work there: the codes become
+exact bf16 numbers (``128 + q`` at 4 bits, ``q`` at 8) and the scale and zero point are applied once per group
+in float32, as the fused kernel's 1-4 row paths do (the weights are then not rounded to bf16 on the way).
 ``backends/amx.py`` serves the packed modules with it; README (Performance) has its speed.
 
 Building, caching and the switch ``HF_VLM_GPTQ_CPU_KERNEL=0`` are those of the other CPU kernels
@@ -37,10 +37,12 @@ from .selfcheck import self_check
 logger = logging.getLogger(__name__)
 
 SOURCE = cpu_fused.SOURCE.with_name("lowbit_gemm_amx.c")
-SMALL_BATCH_ROWS = 48  # up to this many rows, 4-bit layers of consecutive groups take the kernel's code path
+# up to this many rows (per bit width), layers of consecutive groups take the kernel's code path
+SMALL_BATCH_ROWS = {4: 48, 8: 32}
 KERNEL = kernel_cache.KernelSource(
     source=SOURCE,
-    cflags=(*cpu_fused.CFLAGS, "-mamx-tile", "-mamx-bf16", f"-DSMALL_ROWS={SMALL_BATCH_ROWS}"),
+    cflags=(*cpu_fused.CFLAGS, "-mamx-tile", "-mamx-bf16", f"-DSMALL_ROWS={SMALL_BATCH_ROWS[4]}",
+            f"-DSMALL_ROWS8={SMALL_BATCH_ROWS[8]}"),
     symbol="hvg_lowbit_gemm_amx",
     argtypes=cpu_fused.ARGTYPES,
     required_cpu_flags=(*cpu_fused.REQUIRED_CPU_FLAGS, "amx_tile", "amx_bf16"),

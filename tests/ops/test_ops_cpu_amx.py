@@ -38,7 +38,7 @@ def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym
 def _small_batch_path(m: QuantLinear, rows: int) -> bool:
     w = m._prepare("amx", torch.empty(0, m.in_features, dtype=torch.bfloat16)).fused
     regular = w.regular_group > 0 and (w.regular_group % 32 == 0 or w.regular_group >= w.in_features)
-    return w.bits == 4 and regular and rows <= AMX.SMALL_BATCH_ROWS
+    return regular and rows <= AMX.SMALL_BATCH_ROWS.get(w.bits, 0)
 
 
 def _assert_reference_product(m: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -84,19 +84,21 @@ def test_matches_the_reference_weights_within_float32_summation(out_f, in_f, gro
 @needs_amx
 def test_a_build_whose_small_batch_path_takes_four_row_tiles(monkeypatch, tmp_path):
     """SMALL_BATCH_ROWS up to 64 is a supported build (four x tiles, one column tile at a time): it passes the
-    self-check and gives the unrounded weights' product at 64 rows."""
+    self-check and gives the unrounded weights' product at 49 and 64 rows, 4 and 8 bits."""
     import dataclasses
 
-    flags = (*(f for f in AMX.KERNEL.cflags if not f.startswith("-DSMALL_ROWS=")), "-DSMALL_ROWS=64")
+    flags = (*(f for f in AMX.KERNEL.cflags if not f.startswith("-DSMALL_ROWS")), "-DSMALL_ROWS=64",
+             "-DSMALL_ROWS8=64")
     monkeypatch.setattr(AMX, "KERNEL", dataclasses.replace(AMX.KERNEL, cflags=flags))
-    monkeypatch.setattr(AMX, "SMALL_BATCH_ROWS", 64)
+    monkeypatch.setattr(AMX, "SMALL_BATCH_ROWS", {4: 64, 8: 64})
     monkeypatch.setattr(AMX, "_state", {})
     monkeypatch.setenv("HF_VLM_GPTQ_CACHE", str(tmp_path))
     assert AMX.kernel_unavailable_reason() is None
-    m = _module(80, 1176, 128, sym=False)
-    for rows in (49, 64):
-        x = torch.randn(rows, 1176, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-        _assert_reference_product(m, x, m(x))
+    for bits in (4, 8):
+        m = _module(80, 1176, 128, sym=False, bits=bits)
+        for rows in (49, 64):
+            x = torch.randn(rows, 1176, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+            _assert_reference_product(m, x, m(x))
 
 
 @needs_amx

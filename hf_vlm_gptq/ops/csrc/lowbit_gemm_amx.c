@@ -121,24 +121,39 @@ static void tile_block(const uint16_t *a0, const uint16_t *a1, int64_t steps, co
     _tile_stored(3, c + TR * ldc + 16, c_stride);
 }
 
-/* ---- up to SMALL_ROWS rows, 4 bits, groups of consecutive columns (a multiple of 32, or one group) ----
+/* ---- up to SMALL_ROWS rows, 4 or 8 bits, groups of consecutive columns (a multiple of 32, or one group) ----
  * Below a few tiles of rows the exact dequantization is most of the work. Here nothing is dequantized: the
- * codes become the bfloat16 numbers 128 + q (codes_as_bf16: two instructions per 32 codes) and per group
- *   sum_k x_k W[n, k] = s * (sum_k x_k (128 + q_k) - (128 + z) * sum_k x_k)
+ * codes become bfloat16 numbers c = bias + q, exactly (4 bits: bias 128, codes_as_bf16, two instructions per
+ * 32 codes; 8 bits: bias 0, q <= 255 has 8 significant bits) and per group
+ *   sum_k x_k W[n, k] = s * (sum_k x_k c_k - (bias + z) * sum_k x_k)
  * with the first sum from the tiles (exact products, float32 sums) and the rest in float32 once per group,
  * as the AVX-512 kernel's 1-4 row paths do (its weights are not rounded to bfloat16 on the way). Panels of
  * 32 output columns: up to two x tiles of rows, both column tiles at once (2 x 2 accumulators); up to four,
  * one column tile at a time (4 x 1). x tiles come from pack_x (rows and columns zero-padded). */
 #define SP 32 /* output columns per panel: two tiles */
 #ifndef SMALL_ROWS
-#define SMALL_ROWS 48 /* at most four x tiles; cpu_amx.py passes its SMALL_BATCH_ROWS */
+#define SMALL_ROWS 48 /* 4 bits, at most four x tiles; cpu_amx.py passes its SMALL_BATCH_ROWS[4] */
+#endif
+#ifndef SMALL_ROWS8
+#define SMALL_ROWS8 32 /* 8 bits (their codes cost more), at most four x tiles; SMALL_BATCH_ROWS[8] */
 #endif
 #ifndef SMALL_PREFETCH_ROWS
 #define SMALL_PREFETCH_ROWS 8 /* word rows ahead whose words are prefetched (0: none) */
 #endif
-#if SMALL_ROWS > 4 * TR
-#error "small_batch keeps four x tiles of rows: SMALL_ROWS must be at most 64"
+#if SMALL_ROWS > 4 * TR || SMALL_ROWS8 > 4 * TR
+#error "small_batch keeps four x tiles of rows: SMALL_ROWS and SMALL_ROWS8 must be at most 64"
 #endif
+
+/* 8 bits: 16 packed words (one per output column) -> their codes 2 j, 2 j + 1 as bfloat16 numbers, in the
+ * pair-interleaved layout; the float32 of a code <= 255 is exact and so is its upper half */
+static inline __m512i codes8_as_bf16(__m512i words, int j) {
+    const __m512i byte = _mm512_set1_epi32(0xFF);
+    const __m512i even = _mm512_and_si512(_mm512_srli_epi32(words, 16 * j), byte);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(words, 16 * j + 8), byte);
+    const __m512i fe = _mm512_castps_si512(_mm512_cvtepi32_ps(even));
+    const __m512i fo = _mm512_castps_si512(_mm512_cvtepi32_ps(odd));
+    return _mm512_ternarylogic_epi32(fo, _mm512_set1_epi32((int)0xFFFF0000), _mm512_srli_epi32(fe, 16), 0xEA);
+}
 
 /* tiles 0..mt-1 += x tile i (a + i * a_next) times the weight tile b (16 pair rows of 64 bytes) */
 static inline __attribute__((always_inline)) void rows_step(const uint16_t *a, int64_t a_next, const void *b,
@@ -160,13 +175,13 @@ static inline __attribute__((always_inline)) void rows_step(const uint16_t *a, i
     }
 }
 
-/* total[i * width + n - c0] += s[n] * (cg[i * SP + n - n0] - (128 + z[n]) * xsum[i, g]) for one column tile */
+/* total[i * width + n - c0] += s[n] * (cg[i * SP + n - n0] - (bias + z[n]) * xsum[i, g]) for one column tile */
 static void group_fixup(const float *cg, int64_t M, const uint16_t *scales, const uint8_t *zeros, int64_t at,
-                        const float *xsum, int64_t G, int64_t g, float *total, int64_t width) {
+                        const float *xsum, int64_t G, int64_t g, float *total, int64_t width, float code_bias) {
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
     const __m512 zc = _mm512_add_ps(
         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(zeros + at)))),
-        _mm512_set1_ps(128.0f));
+        _mm512_set1_ps(code_bias));
     for (int64_t i = 0; i < M; i++) {
         const __m512 d = _mm512_fnmadd_ps(zc, _mm512_set1_ps(xsum[i * G + g]), _mm512_loadu_ps(cg + i * SP));
         float *o = total + i * width;
@@ -176,8 +191,10 @@ static void group_fixup(const float *cg, int64_t M, const uint16_t *scales, cons
 
 static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
                        const uint8_t *zeros, int64_t N, int64_t gs, const uint16_t *bias, uint16_t *y, int nthreads,
-                       const uint16_t *xp, int64_t ks_n) {
-    const int64_t G = (K + gs - 1) / gs, word_rows = (K + 7) / 8, panels = (N + SP - 1) / SP;
+                       const uint16_t *xp, int64_t ks_n, int bits) {
+    const int per_word = 32 / bits, rows_per_step = TK / per_word; /* 4 bits: 8 codes a word, 4 word rows a step */
+    const float code_bias = bits == 4 ? 128.0f : 0.0f;
+    const int64_t G = (K + gs - 1) / gs, word_rows = (K + per_word - 1) / per_word, panels = (N + SP - 1) / SP;
     const int64_t group_steps = ((gs < K ? gs : K) + TK - 1) / TK, a_next = ks_n * TR * TK;
     const int mt = (int)((M + TR - 1) / TR);
     float *xsum = malloc(sizeof(float) * M * G);
@@ -213,15 +230,19 @@ static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *q
                 const int nj = N - n0 >= SP ? 2 : 1;
                 for (int64_t st = 0; st < steps; st++)
                     for (int t = 0; t < nj; t++)
-                        for (int q = 0; q < 4; q++) { /* word row (k_start + 32 st) / 8 + q: pair rows 4 q.. */
-                            const int64_t r = (k_start + TK * st) / 8 + q;
+                        for (int q = 0; q < rows_per_step; q++) { /* word row (k_start + 32 st) / per_word + q */
+                            const int64_t r = (k_start + TK * st) / per_word + q;
                             if (SMALL_PREFETCH_ROWS && r + SMALL_PREFETCH_ROWS < word_rows)
                                 _mm_prefetch((const char *)(qweight + (r + SMALL_PREFETCH_ROWS) * N + n0 + 16 * t),
                                              _MM_HINT_T1);
                             const __m512i w = r < word_rows
                                                   ? _mm512_loadu_si512((const void *)(qweight + r * N + n0 + 16 * t))
                                                   : _mm512_setzero_si512();
-                            for (int j = 0; j < 4; j++) b[(st * 2 + t) * TR + 4 * q + j] = codes_as_bf16(w, select[j]);
+                            __m512i *pairs = b + (st * 2 + t) * TR + (per_word / 2) * q; /* its pair rows */
+                            if (bits == 4)
+                                for (int j = 0; j < 4; j++) pairs[j] = codes_as_bf16(w, select[j]);
+                            else
+                                for (int j = 0; j < 2; j++) pairs[j] = codes8_as_bf16(w, j);
                         }
                 const uint16_t *a = xp + (k_start / TK) * TR * TK;
                 if (mt <= 2) { /* tile 2 i + j: x tile i, column tile j */
@@ -252,7 +273,7 @@ static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *q
                 }
                 for (int t = 0; t < nj; t++)
                     group_fixup(cg + 16 * t, M, scales, zeros, g * N + n0 + 16 * t, xsum, G, g,
-                                total + (n0 - c0) + 16 * t, width);
+                                total + (n0 - c0) + 16 * t, width, code_bias);
             }
         }
         if (total && !failed)
@@ -270,7 +291,8 @@ static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *q
 }
 
 /* regular_group: as in the AVX-512 kernel (the group size when g_idx[k] == k / group size, K for one group,
- * else 0); with 4 bits, up to SMALL_ROWS rows and groups a multiple of 32 (or one) it selects small_batch.
+ * else 0); with 4 or 8 bits, up to SMALL_ROWS / SMALL_ROWS8 rows and groups a multiple of 32 (or one) it
+ * selects small_batch.
  * Returns 0 on success, 1 on bad arguments, 2 when a work buffer could not be allocated, 3 when the
  * operating system refuses this process the AMX tile state. */
 int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
@@ -287,8 +309,10 @@ int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *
     uint16_t *xp = aligned_alloc(64, (size_t)(mt_n * ks_n * TR * TK * sizeof(uint16_t)));
     if (!xp) return 2;
     pack_x(x, M, K, mt_n, ks_n, xp, nthreads);
-    if (bits == 4 && M <= SMALL_ROWS && regular_group > 0 && (regular_group % TK == 0 || regular_group >= K)) {
-        const int rc = small_batch(x, M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads, xp, ks_n);
+    const int64_t small_rows = bits == 4 ? SMALL_ROWS : bits == 8 ? SMALL_ROWS8 : 0;
+    if (M <= small_rows && regular_group > 0 && (regular_group % TK == 0 || regular_group >= K)) {
+        const int rc = small_batch(x, M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads, xp, ks_n,
+                                   bits);
         free(xp);
         return rc;
     }
