@@ -137,6 +137,7 @@ def test_a_class_is_measured_once_per_process_and_once_per_cache(fake_times, mea
     "{not json",
     json.dumps({"schema": 999, "classes": {}}),
     "WRONG-CPU",
+    "OTHER-BUILD",  # measured with another build of the kernels or the backends: times that no longer hold
     "BAD-TIMES",
 ])
 def test_a_garbage_cache_is_ignored_and_measured_again(fake_times, garbage, caplog):
@@ -147,6 +148,9 @@ def test_a_garbage_cache_is_ignored_and_measured_again(fake_times, garbage, capl
     entry = {"batches": [1], "times": {"fast": [1.0], C.DENSE: [1.0]}, "complete": True}
     if garbage == "WRONG-CPU":
         garbage = json.dumps({"schema": C.SCHEMA, "cpu": {**C.cpu_key(), "model": "other"}, "classes": {cls: entry}})
+    elif garbage == "OTHER-BUILD":
+        assert C.cpu_key()["code"] == C.code_hash() and len(C.code_hash()) == 16
+        garbage = json.dumps({"schema": C.SCHEMA, "cpu": {**C.cpu_key(), "code": "0" * 16}, "classes": {cls: entry}})
     elif garbage == "BAD-TIMES":
         entry["times"]["fast"] = [1.0, 2.0]
         garbage = json.dumps({"schema": C.SCHEMA, "cpu": C.cpu_key(), "classes": {cls: entry}})

@@ -108,11 +108,24 @@ def cpu_identity() -> tuple[str, frozenset[str]]:
     return model or platform.processor() or platform.machine(), flags
 
 
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """A hash of what the timings depend on besides the CPU: the C kernels' sources and the backends' code
+    (another build of either is measured again, not ranked by an older one's times)."""
+    ops = Path(kernel_cache.__file__).parent
+    files = sorted((ops / "csrc").glob("*")) + sorted(Path(__file__).parent.glob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cpu_key(threads: int | None = None) -> dict[str, Any]:
-    """What the measurements hold for: CPU model and kernel flags, machine, torch version, thread count."""
+    """What the measurements hold for: CPU model and kernel flags, machine, torch version, thread count, and
+    the code measured (:func:`code_hash`)."""
     model, flags = cpu_identity()
     return {"model": model, "flags": [f for f in KEY_FLAGS if f in flags], "machine": platform.machine(),
-            "torch": torch.__version__, "threads": threads or torch.get_num_threads()}
+            "torch": torch.__version__, "threads": threads or torch.get_num_threads(), "code": code_hash()}
 
 
 @functools.lru_cache(maxsize=64)
