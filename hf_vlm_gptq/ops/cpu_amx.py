@@ -24,6 +24,7 @@ AVX512-BF16, or a compiler that builds AMX code, :func:`kernel_unavailable_reaso
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import torch
@@ -44,7 +45,7 @@ KERNEL = kernel_cache.KernelSource(
     cflags=(*cpu_fused.CFLAGS, "-mamx-tile", "-mamx-bf16", f"-DSMALL_ROWS={SMALL_BATCH_ROWS[4]}",
             f"-DSMALL_ROWS8={SMALL_BATCH_ROWS[8]}"),
     symbol="hvg_lowbit_gemm_amx",
-    argtypes=cpu_fused.ARGTYPES,
+    argtypes=(*cpu_fused.ARGTYPES, ctypes.c_void_p),  # then x_order (NULL: x's own column order)
     required_cpu_flags=(*cpu_fused.REQUIRED_CPU_FLAGS, "amx_tile", "amx_bf16"),
     what="AMX low-bit CPU kernel",
     headers=cpu_fused.HEADERS,
@@ -59,8 +60,17 @@ PROBES = (*_SHARED_PROBES, (4, 100, 48, 32, True, (13, 40)), (2, 1176, 80, 128, 
 _state: dict = {}
 
 
-def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    return call_bf16_kernel(fn, x2, w, bias, KERNEL.what)
+def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
+          x_order: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel on ``x2`` (its columns taken in ``x_order``, gathered while x is copied into tiles, when given;
+    checked here: the kernel indexes memory with it)."""
+    if x_order is not None:
+        k = w.in_features
+        if x_order.dtype != torch.int32 or tuple(x_order.shape) != (k,) or not x_order.is_contiguous() or (
+                k and (int(x_order.min()) < 0 or int(x_order.max()) >= k)):
+            raise ValueError(f"x_order must be contiguous int32 [{k}] with values in [0, {k}), "
+                             f"got {x_order.dtype} {tuple(x_order.shape)}")
+    return call_bf16_kernel(fn, x2, w, bias, KERNEL.what, None if x_order is None else x_order.data_ptr())
 
 
 def _load() -> None:
@@ -82,27 +92,31 @@ def kernel_unavailable_reason() -> str | None:
     return None if _kernel() is not None else _state["reason"]
 
 
-def _run(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    return run_kernel(_kernel, _state, _call, KERNEL.what, x2, w, bias)
+def _run(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
+         x_order: torch.Tensor | None = None) -> torch.Tensor:
+    return run_kernel(_kernel, _state, lambda fn, *args: _call(fn, *args, x_order), KERNEL.what, x2, w, bias)
 
 
-def amx_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2[M, in] @ W^T (+ bias)`` in bfloat16 through the AMX kernel (see :func:`kernel_unavailable_reason`).
+def amx_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
+               x_order: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2[:, x_order] @ W^T (+ bias)`` (``x_order`` None: ``x2`` as it is) in bfloat16 through the AMX kernel
+    (see :func:`kernel_unavailable_reason`).
 
     Under ``torch.compile`` it is the custom op ``hf_vlm_gptq::fused_matmul_amx`` (traced once through its fake
     implementation); eager calls go to the kernel directly. Forward only (like ``cpu_fused``)."""
     if torch.compiler.is_compiling():
-        return amx_matmul_op(x2, bias, *w.op_fields())
-    return _run(x2, w, bias)
+        return amx_matmul_op(x2, bias, *w.op_fields(), x_order)
+    return _run(x2, w, bias, x_order)
 
 
 @torch.library.custom_op("hf_vlm_gptq::fused_matmul_amx", mutates_args=())
 def amx_matmul_op(x2: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
-                  zeros: torch.Tensor, g_idx: torch.Tensor, regular_group: int, bits: int) -> torch.Tensor:
-    """The AMX kernel as a torch op (the :class:`FusedWeights` fields as arguments)."""
-    return _run(x2, FusedWeights(qweight, scales, zeros, g_idx, regular_group, bits), bias)
+                  zeros: torch.Tensor, g_idx: torch.Tensor, regular_group: int, bits: int,
+                  x_order: torch.Tensor | None = None) -> torch.Tensor:
+    """The AMX kernel as a torch op (the :class:`FusedWeights` fields, then the column order of x)."""
+    return _run(x2, FusedWeights(qweight, scales, zeros, g_idx, regular_group, bits), bias, x_order)
 
 
 @amx_matmul_op.register_fake
-def _amx_matmul_fake(x2, bias, qweight, scales, zeros, g_idx, regular_group, bits):
+def _amx_matmul_fake(x2, bias, qweight, scales, zeros, g_idx, regular_group, bits, x_order=None):
     return x2.new_empty(x2.shape[0], zeros.shape[1], dtype=torch.bfloat16)

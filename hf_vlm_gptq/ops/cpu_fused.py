@@ -103,9 +103,10 @@ def _fused_matmul_fake(x2, bias, qweight, scales, zeros, g_idx, regular_group, b
 
 
 def call_bf16_kernel(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
-                     what: str = "fused CPU kernel") -> torch.Tensor:
+                     what: str = "fused CPU kernel", *more_args) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` through a loaded kernel ``fn`` of this module's C signature (``ARGTYPES``; the AMX
-    kernel of ``cpu_amx.py`` has it too): inputs checked, output allocated, the kernel's error code raised."""
+    kernel of ``cpu_amx.py`` has it too, then ``more_args``): inputs checked, output allocated, the kernel's
+    error code raised."""
     if x2.dtype != torch.bfloat16 or x2.dim() != 2 or x2.shape[1] != w.in_features or x2.device.type != "cpu":
         raise ValueError(f"x must be bfloat16 [rows, {w.in_features}] on the CPU, got {x2.dtype} {tuple(x2.shape)}")
     x2 = x2.contiguous()
@@ -119,7 +120,7 @@ def call_bf16_kernel(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor |
     rc = fn(
         x2.data_ptr(), m, w.in_features, w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
         w.g_idx.data_ptr(), n, None if bias is None else bias.data_ptr(), y.data_ptr(), threads, w.regular_group,
-        w.bits,
+        w.bits, *more_args,
     )
     if rc != 0:
         raise RuntimeError(f"{what} failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")

@@ -196,7 +196,7 @@ def test_the_self_check_refuses_a_kernel_that_reads_the_wrong_group(monkeypatch)
     refused, naming the probe layer that caught it. Needs no AMX: the kernel call is a stand-in."""
     seen = []
 
-    def wrong_group(fn, x2, w, bias, what):
+    def wrong_group(fn, x2, w, bias, what, *more_args):
         seen.append(tuple(x2.shape))
         return F.linear(x2.float(), _first_group_weight(w), bias.float()).to(torch.bfloat16)
 
@@ -227,7 +227,21 @@ def test_act_order_layers_get_a_copy_sorted_by_group(bits):
     copy = sorted_by_group(w, m.group_size)
     assert w.regular_group == 0 and copy.fused.regular_group == 32
     assert torch.equal(_weight(copy.fused), _weight(w)[:, copy.input_order])
-    assert torch.equal(torch.sort(copy.input_order).values, torch.arange(200))
+    assert copy.input_order.dtype == torch.int32 and torch.equal(torch.sort(copy.input_order.long()).values, torch.arange(200))
     plain = fused_weights_of(_module(48, 200, 32, bits=bits), "test")
     kept = sorted_by_group(plain, 32)
     assert kept.input_order is None and kept.fused is plain
+
+
+@needs_amx
+def test_a_column_order_out_of_range_is_refused_before_the_kernel_reads_it():
+    """The op's x_order indexes x in the kernel: a wrong dtype, length or value is a ValueError first."""
+    m = _module(48, 96, 32)
+    w = m._prepare("amx", torch.empty(0, 96, dtype=torch.bfloat16)).fused
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    for order in (torch.arange(96, dtype=torch.int64), torch.arange(95, dtype=torch.int32),
+                  torch.arange(1, 97, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="x_order must be contiguous int32"):
+            AMX.amx_matmul(x, w, None, order)
+    reverse = torch.arange(95, -1, -1, dtype=torch.int32)
+    assert torch.equal(AMX.amx_matmul(x, w, None, reverse), AMX.amx_matmul(x.flip(1).contiguous(), w, None))

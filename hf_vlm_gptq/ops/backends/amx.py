@@ -17,7 +17,8 @@ from .base import Backend, Layer
 class AmxWeights:
     """The kernel's data for one layer; for act-order layers (groups scattered over the input columns) a copy
     whose input columns are sorted by group (the groups then consecutive, so the kernel's regular paths
-    serve), with ``input_order`` the columns of x in that order (None: the checkpoint's own layout)."""
+    serve), with ``input_order`` the columns of x in that order (int32; the kernel gathers them while it copies
+    x into tiles; None: the checkpoint's own layout)."""
 
     fused: FusedWeights
     input_order: torch.Tensor | None = None
@@ -32,7 +33,8 @@ def sorted_by_group(w: FusedWeights, group_size: int) -> AmxWeights:
     order = torch.argsort(w.g_idx, stable=True)
     codes = unpack_codes(w.qweight, w.bits, w.in_features)[:, order]  # [out, in]
     qweight = pack_rows(codes.t(), w.bits)
-    return AmxWeights(build_fused(qweight, w.scales, w.zeros, w.g_idx[order], group_size, w.bits), order)
+    fused = build_fused(qweight, w.scales, w.zeros, w.g_idx[order], group_size, w.bits)
+    return AmxWeights(fused, order.to(torch.int32).contiguous())
 
 
 class AmxBackend(Backend):
@@ -64,6 +66,4 @@ class AmxBackend(Backend):
 
     def matmul(self, module: Any, x2: torch.Tensor, weights: AmxWeights,
                bias: torch.Tensor | None) -> torch.Tensor:
-        if weights.input_order is not None:
-            x2 = x2.index_select(1, weights.input_order)
-        return AMX.amx_matmul(x2, weights.fused, bias)
+        return AMX.amx_matmul(x2, weights.fused, bias, weights.input_order)  # x's columns gathered in the kernel

@@ -1,6 +1,6 @@
 /* y[M, N] = x[M, K] @ W^T (+ bias) for a 2-, 4- or 8-bit GPTQ weight on AMX tiles (tdpbf16ps).
  *
- * Same arguments and weight formula as lowbit_gemm_avx512bf16.c (see there); requirements checked by the
+ * Same arguments and weight formula as lowbit_gemm_avx512bf16.c (see there), plus x_order (below); requirements checked by the
  * Python caller: N % 16 == 0, K even, AMX-TILE/AMX-BF16 and AVX512F/BW/VBMI/BF16.
  *
  * The weight is dequantized exactly as the reference does it (lowbit_dequant.h: integer code - zero, one
@@ -57,9 +57,10 @@ static void configure_tiles(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* xp[(mt * ks_n + ks) * TR * TK + r * TK + c] = x[16 mt + r, 32 ks + c], zero outside x */
+/* xp[(mt * ks_n + ks) * TR * TK + r * TK + c] = x[16 mt + r, order[32 ks + c]] (order NULL: 32 ks + c), zero
+ * outside x */
 static void pack_x(const uint16_t *x, int64_t M, int64_t K, int64_t mt_n, int64_t ks_n, uint16_t *xp,
-                   int nthreads) {
+                   const int32_t *order, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t mt = 0; mt < mt_n; mt++) {
         for (int64_t ks = 0; ks < ks_n; ks++) {
@@ -68,7 +69,10 @@ static void pack_x(const uint16_t *x, int64_t M, int64_t K, int64_t mt_n, int64_
             for (int r = 0; r < TR; r++) {
                 const int64_t m = mt * TR + r;
                 if (m < M) {
-                    memcpy(tile + r * TK, x + m * K + k0, sizeof(uint16_t) * width);
+                    if (order)
+                        for (int64_t c = 0; c < width; c++) tile[r * TK + c] = x[m * K + order[k0 + c]];
+                    else
+                        memcpy(tile + r * TK, x + m * K + k0, sizeof(uint16_t) * width);
                     if (width < TK) memset(tile + r * TK + width, 0, sizeof(uint16_t) * (TK - width));
                 } else {
                     memset(tile + r * TK, 0, sizeof(uint16_t) * TK);
@@ -189,9 +193,9 @@ static void group_fixup(const float *cg, int64_t M, const uint16_t *scales, cons
     }
 }
 
-static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
-                       const uint8_t *zeros, int64_t N, int64_t gs, const uint16_t *bias, uint16_t *y, int nthreads,
-                       const uint16_t *xp, int64_t ks_n, int bits) {
+static int small_batch(int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales, const uint8_t *zeros,
+                       int64_t N, int64_t gs, const uint16_t *bias, uint16_t *y, int nthreads, const uint16_t *xp,
+                       int64_t ks_n, int bits) {
     const int per_word = 32 / bits, rows_per_step = TK / per_word; /* 4 bits: 8 codes a word, 4 word rows a step */
     const float code_bias = bits == 4 ? 128.0f : 0.0f;
     const int64_t G = (K + gs - 1) / gs, word_rows = (K + per_word - 1) / per_word, panels = (N + SP - 1) / SP;
@@ -202,7 +206,8 @@ static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *q
     for (int64_t i = 0; i < M; i++)
         for (int64_t g = 0; g < G; g++) {
             float t = 0.0f;
-            for (int64_t k = g * gs; k < K && k < (g + 1) * gs; k++) t += bf16_to_float(x[i * K + k]);
+            for (int64_t k = g * gs; k < K && k < (g + 1) * gs; k++) /* x as packed (in its column order) */
+                t += bf16_to_float(xp[((i / TR) * ks_n + k / TK) * TR * TK + (i % TR) * TK + k % TK]);
             xsum[i * G + g] = t;
         }
     int failed = 0;
@@ -290,14 +295,16 @@ static int small_batch(const uint16_t *x, int64_t M, int64_t K, const int32_t *q
     return failed ? 2 : 0;
 }
 
-/* regular_group: as in the AVX-512 kernel (the group size when g_idx[k] == k / group size, K for one group,
+/* x_order: NULL, or the column of x each input of the weight multiplies (a permutation of K, in bounds:
+ * checked by the caller), gathered while x is packed.
+ * regular_group: as in the AVX-512 kernel (the group size when g_idx[k] == k / group size, K for one group,
  * else 0); with 4 or 8 bits, up to SMALL_ROWS / SMALL_ROWS8 rows and groups a multiple of 32 (or one) it
  * selects small_batch.
  * Returns 0 on success, 1 on bad arguments, 2 when a work buffer could not be allocated, 3 when the
  * operating system refuses this process the AMX tile state. */
 int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *qweight, const uint16_t *scales,
                         const uint8_t *zeros, const int32_t *g_idx, int64_t N, const uint16_t *bias, uint16_t *y,
-                        int nthreads, int64_t regular_group, int bits) {
+                        int nthreads, int64_t regular_group, int bits, const int32_t *x_order) {
     if (M <= 0 || K <= 0 || N <= 0 || (K & 1) || (N & 15) || nthreads <= 0) return 1;
     if (bits != 2 && bits != 4 && bits != 8) return 1;
     static volatile int amx_permitted = 0; /* the permission is per process: asked once (a race asks twice) */
@@ -308,11 +315,10 @@ int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *
     const int64_t mt_n = (M + TR - 1) / TR, ks_n = (K + TK - 1) / TK;
     uint16_t *xp = aligned_alloc(64, (size_t)(mt_n * ks_n * TR * TK * sizeof(uint16_t)));
     if (!xp) return 2;
-    pack_x(x, M, K, mt_n, ks_n, xp, nthreads);
+    pack_x(x, M, K, mt_n, ks_n, xp, x_order, nthreads);
     const int64_t small_rows = bits == 4 ? SMALL_ROWS : bits == 8 ? SMALL_ROWS8 : 0;
     if (M <= small_rows && regular_group > 0 && (regular_group % TK == 0 || regular_group >= K)) {
-        const int rc = small_batch(x, M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads, xp, ks_n,
-                                   bits);
+        const int rc = small_batch(M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads, xp, ks_n, bits);
         free(xp);
         return rc;
     }
