@@ -40,3 +40,39 @@ def set_amx_kernel_aside(monkeypatch) -> None:
     from hf_vlm_gptq.ops import cpu_amx
 
     monkeypatch.setattr(cpu_amx, "_state", {"reason": "set aside by this test (a CPU without AMX)", "ready": True})
+
+
+def assert_patch_embed_runs_through(calls: list) -> None:
+    """A Qwen2-VL-style patch embedding (Conv3d 3 -> 32, 2 x 14 x 14, 1176 inputs: not a multiple of 32), 4-bit,
+    on 40 patches: one call of the kernel ``calls`` records, and the dense convolution's output."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from hf_vlm_gptq.ops import QuantConv, rtn_quantize
+
+    conv = nn.Conv3d(3, 32, (2, 14, 14), stride=(2, 14, 14), bias=True)
+    res = rtn_quantize(conv.weight.detach().reshape(32, -1), bits=4, group_size=128)  # 1176 columns
+    q = QuantConv.from_result(res, conv, dtype=torch.bfloat16)
+    x = torch.randn(40, 3, 2, 14, 14).to(torch.bfloat16)
+    y = q(x)
+    ref = F.conv3d(x, q.weight, conv.bias.detach().to(torch.bfloat16), stride=(2, 14, 14))
+    assert calls == [40]
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+def packed_linear(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym: bool = True, bias=True,
+                  bits: int = 4, kernel: str = "auto"):
+    """A bf16 QuantLinear of random weights (RTN, or GPTQ with act-order on a correlated Hessian) and its
+    ``kernel``; seeded by its shape."""
+    from hf_vlm_gptq.ops import QuantLinear, gptq_quantize, rtn_quantize
+
+    g = torch.Generator().manual_seed(out_f * 31 + in_f)
+    w = torch.randn(out_f, in_f, generator=g)
+    if act_order:
+        res = gptq_quantize(w, correlated_hessian(in_f, seed=2).float(), bits=bits, group_size=group_size,
+                            sym=sym, act_order=True)
+    else:
+        res = rtn_quantize(w, bits=bits, group_size=group_size, sym=sym)
+    m = QuantLinear.from_result(res, torch.randn(out_f, generator=g) if bias else None, torch.bfloat16)
+    m.kernel = kernel
+    return m

@@ -7,15 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize
+from hf_vlm_gptq.ops import QuantLinear
 from hf_vlm_gptq.ops import cpu_amx as AMX
 from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops import kernel_cache as KC
 from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, MIN_BATCH, choose
 
-from .helpers import correlated_hessian
+from .helpers import assert_patch_embed_runs_through, packed_linear
 
 REASON = AMX.kernel_unavailable_reason()
 needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX CPU kernel unavailable: {REASON}")
@@ -23,16 +22,7 @@ needs_amx = pytest.mark.skipif(REASON is not None, reason=f"AMX CPU kernel unava
 
 def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym: bool = True, bits: int = 4,
             kernel: str = "amx") -> QuantLinear:
-    g = torch.Generator().manual_seed(out_f * 31 + in_f + bits)
-    w = torch.randn(out_f, in_f, generator=g)
-    if act_order:
-        res = gptq_quantize(w, correlated_hessian(in_f, seed=2).float(), bits=bits, group_size=group_size,
-                            sym=sym, act_order=True)
-    else:
-        res = rtn_quantize(w, bits=bits, group_size=group_size, sym=sym)
-    m = QuantLinear.from_result(res, torch.randn(out_f, generator=g), torch.bfloat16)
-    m.kernel = kernel
-    return m
+    return packed_linear(out_f, in_f, group_size, act_order, sym, bits=bits, kernel=kernel)
 
 
 def _small_batch_path(m: QuantLinear, rows: int) -> bool:
@@ -137,14 +127,7 @@ def test_auto_takes_every_bf16_batch(count_amx, act_order):
 
 @needs_amx
 def test_patch_embed_goes_through_it(count_amx):
-    conv = nn.Conv3d(3, 32, (2, 14, 14), stride=(2, 14, 14), bias=True)
-    res = rtn_quantize(conv.weight.detach().reshape(32, -1), bits=4, group_size=128)  # 1176 columns
-    q = QuantConv.from_result(res, conv, dtype=torch.bfloat16)
-    x = torch.randn(40, 3, 2, 14, 14).to(torch.bfloat16)
-    y = q(x)
-    ref = F.conv3d(x, q.weight, conv.bias.detach().to(torch.bfloat16), stride=(2, 14, 14))
-    assert count_amx == [40]
-    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    assert_patch_embed_runs_through(count_amx)
 
 
 @needs_amx

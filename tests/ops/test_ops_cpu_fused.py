@@ -8,14 +8,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize
+from hf_vlm_gptq.ops import QuantLinear, rtn_quantize
 from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops import kernel_cache as KC
 from hf_vlm_gptq.ops.cpu_kernel import build_fused
 
-from .helpers import correlated_hessian, set_amx_kernel_aside
+from .helpers import assert_patch_embed_runs_through, packed_linear, set_amx_kernel_aside
 
 REASON = CF.kernel_unavailable_reason()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"fused CPU kernel unavailable: {REASON}")
@@ -23,17 +22,7 @@ needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"fused CPU kernel 
 
 def _module(out_f: int, in_f: int, group_size: int, act_order: bool = False, sym: bool = True, bias=True,
             bits: int = 4):
-    g = torch.Generator().manual_seed(out_f * 31 + in_f)
-    w = torch.randn(out_f, in_f, generator=g)
-    if act_order:
-        res = gptq_quantize(w, correlated_hessian(in_f, seed=2).float(), bits=bits, group_size=group_size,
-                            sym=sym, act_order=True)
-    else:
-        res = rtn_quantize(w, bits=bits, group_size=group_size, sym=sym)
-    b = torch.randn(out_f, generator=g) if bias else None
-    m = QuantLinear.from_result(res, b, torch.bfloat16)
-    m.kernel = "fused"
-    return m
+    return packed_linear(out_f, in_f, group_size, act_order, sym, bias, bits, kernel="fused")
 
 
 @pytest.fixture
@@ -132,14 +121,7 @@ def test_auto_uses_the_fused_kernel(count_fused, act_order):
 
 @needs_kernel
 def test_patch_embed_goes_through_the_fused_kernel(count_fused):
-    conv = nn.Conv3d(3, 32, (2, 14, 14), stride=(2, 14, 14), bias=True)
-    res = rtn_quantize(conv.weight.detach().reshape(32, -1), bits=4, group_size=128)  # 1176 columns
-    q = QuantConv.from_result(res, conv, dtype=torch.bfloat16)
-    x = torch.randn(40, 3, 2, 14, 14).to(torch.bfloat16)
-    y = q(x)
-    ref = F.conv3d(x, q.weight, conv.bias.detach().to(torch.bfloat16), stride=(2, 14, 14))
-    assert count_fused == [40]
-    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    assert_patch_embed_runs_through(count_fused)
 
 
 @needs_kernel

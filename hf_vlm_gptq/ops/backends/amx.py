@@ -11,6 +11,7 @@ from .. import cpu_amx as AMX
 from ..cpu_kernel import FusedWeights, build_fused, fused_weights_of
 from ..packing import pack_rows, unpack_codes
 from .base import Backend, Layer
+from .fused import bf16_kernel_reason
 
 
 @dataclass
@@ -48,17 +49,7 @@ class AmxBackend(Backend):
     def unavailable_reason(self, layer: Layer, dtype: torch.dtype, device: torch.device) -> str | None:
         """Why the AMX kernel cannot serve this layer / input (None when it can); the kernel itself is looked
         for (built, loaded, self-checked) once per process, when a layer first qualifies."""
-        if device.type != "cpu":
-            return f"device {device.type} (the AMX kernel is CPU code)"
-        if layer.bits not in AMX.AMX_BITS:
-            return f"bits={layer.bits} (the AMX kernel takes {AMX.AMX_BITS})"
-        if dtype != torch.bfloat16:
-            return f"input dtype {dtype} (the AMX kernel is bfloat16 only)"
-        if layer.out_features % 16:
-            return f"out_features={layer.out_features} not a multiple of 16"
-        if layer.in_features % 2:
-            return f"in_features={layer.in_features} is odd"
-        return AMX.kernel_unavailable_reason()
+        return bf16_kernel_reason(layer, dtype, device, "AMX kernel", AMX.AMX_BITS, AMX.kernel_unavailable_reason)
 
     def prepare(self, module: Any, x2: torch.Tensor) -> AmxWeights | str:
         weights = fused_weights_of(module, "AMX kernel")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,6 +10,23 @@ import torch
 from .. import cpu_fused as CF
 from ..cpu_kernel import FusedWeights, fused_weights_of
 from .base import Backend, Layer
+
+
+def bf16_kernel_reason(layer: Layer, dtype: torch.dtype, device: torch.device, what: str, bits: tuple[int, ...],
+                       kernel_reason: Callable[[], str | None]) -> str | None:
+    """Why a bf16 CPU kernel of the ``cpu_fused`` signature (this one, the AMX kernel) cannot serve a layer /
+    input: the layer's and input's requirements first, then ``kernel_reason()`` (the kernel looked for)."""
+    if device.type != "cpu":
+        return f"device {device.type} (the {what} is CPU code)"
+    if layer.bits not in bits:
+        return f"bits={layer.bits} (the {what} takes {bits})"
+    if dtype != torch.bfloat16:
+        return f"input dtype {dtype} (the {what} is bfloat16 only)"
+    if layer.out_features % 16:
+        return f"out_features={layer.out_features} not a multiple of 16"
+    if layer.in_features % 2:
+        return f"in_features={layer.in_features} is odd"
+    return kernel_reason()
 
 
 class FusedBackend(Backend):
@@ -22,17 +40,7 @@ class FusedBackend(Backend):
     def unavailable_reason(self, layer: Layer, dtype: torch.dtype, device: torch.device) -> str | None:
         """Why the fused kernel cannot serve this layer / input (None when it can); the kernel itself is
         looked for (built, loaded, self-checked) once per process, when a layer first qualifies."""
-        if device.type != "cpu":
-            return f"device {device.type} (the fused kernel is CPU code)"
-        if layer.bits not in CF.FUSED_BITS:
-            return f"bits={layer.bits} (the fused kernel takes {CF.FUSED_BITS})"
-        if dtype != torch.bfloat16:
-            return f"input dtype {dtype} (the fused kernel is bfloat16 only)"
-        if layer.out_features % 16:
-            return f"out_features={layer.out_features} not a multiple of 16"
-        if layer.in_features % 2:
-            return f"in_features={layer.in_features} is odd"
-        return CF.kernel_unavailable_reason()
+        return bf16_kernel_reason(layer, dtype, device, "fused kernel", CF.FUSED_BITS, CF.kernel_unavailable_reason)
 
     def prepare(self, module: Any, x2: torch.Tensor) -> FusedWeights | str:
         return fused_weights_of(module, "fused kernel")

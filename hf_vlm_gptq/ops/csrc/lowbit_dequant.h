@@ -10,6 +10,17 @@
 
 static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
+/* s[v], z[v]: the scales and 2^23 + the zero points of columns at + 16 v .. at + 16 v + 15, for v < nv */
+static inline __attribute__((always_inline)) void group_params(const uint16_t *scales, const uint8_t *zeros,
+                                                               int64_t at, const int nv, __m512 two23, __m512 *s,
+                                                               __m512 *z) {
+    for (int v = 0; v < nv; v++) {
+        s[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at + 16 * v)));
+        z[v] = _mm512_add_ps(two23, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                        _mm_loadu_si128((const __m128i *)(zeros + at + 16 * v)))));
+    }
+}
+
 /* buf[p * ld + v] = 32 bfloat16: W[n0 + 16 v + i, k0 + 2 p + j] at position 2 i + j, for v < nv <= 4.
  * (code - zero) is formed as a float32 without an integer conversion: the bits 0x4B000000 | code are the
  * float 2^23 + code, and (2^23 + code) - (2^23 + zero) is exact, so the product and its rounding are the
@@ -30,21 +41,11 @@ static inline __attribute__((always_inline)) void dequant_body(
     for (int64_t k = k0; k < k1; k += 2) {
         const int32_t ge = g_idx[k], go = g_idx[k + 1];
         if (ge != g_even) {
-            for (int v = 0; v < nv; v++) {
-                const int64_t at = (int64_t)ge * N + n0 + 16 * v;
-                s_even[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
-                z_even[v] = _mm512_add_ps(two23, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                                     _mm_loadu_si128((const __m128i *)(zeros + at)))));
-            }
+            group_params(scales, zeros, (int64_t)ge * N + n0, nv, two23, s_even, z_even);
             g_even = ge;
         }
         if (go != g_odd) {
-            for (int v = 0; v < nv; v++) {
-                const int64_t at = (int64_t)go * N + n0 + 16 * v;
-                s_odd[v] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at)));
-                z_odd[v] = _mm512_add_ps(two23, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                                    _mm_loadu_si128((const __m128i *)(zeros + at)))));
-            }
+            group_params(scales, zeros, (int64_t)go * N + n0, nv, two23, s_odd, z_odd);
             g_odd = go;
         }
         const int at_bit = (int)(k & ((1 << per_word_log2) - 1)) * bits; /* k even: k + 1 is in the same word */
