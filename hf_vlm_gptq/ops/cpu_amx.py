@@ -3,7 +3,8 @@
 On CPUs with AMX, torch's dense bf16 matmul runs AMX tiles (oneDNN), several times faster than the
 ``vdpbf16ps`` GEMM of ``cpu_fused.py`` from a few rows on. This kernel dequantizes the weight exactly as the
 reference does (``csrc/lowbit_dequant.h``, shared with that kernel: the reference's bf16 weights, bit for bit)
-into the layout of AMX's second operand, 256 output columns and 512 input columns at a time, and multiplies
+into the layout of AMX's second operand, up to 512 output columns and 512 input columns at a time (the
+words ahead prefetched), and multiplies
 every row block of x (copied once into zero-padded 16 x 32 tiles) against it with ``tdpbf16ps``: exact bf16
 products summed in float32, as in a dense bf16 matmul. It reads the checkpoint buffers as they are
 (:class:`~.cpu_kernel.FusedWeights`), for 2, 4 and 8 bits, act-order, any row count and any even input width.
@@ -14,8 +15,8 @@ in float32, as the fused kernel's 1-4 row paths do (the weights are then not rou
 ``backends/amx.py`` serves the packed modules with it; README (Performance) has its speed.
 
 Building, caching and the switch ``HF_VLM_GPTQ_CPU_KERNEL=0`` are those of the other CPU kernels
-(``kernel_cache.py``). The kernel asks Linux once per process for the AMX tile state (``arch_prctl``; a kernel
-that refuses it makes every call fail with code 3, so the self-check fails and says so). Before the first layer
+(``kernel_cache.py``). The kernel asks Linux once per process for the AMX tile state (``arch_prctl``; an
+operating system that refuses it makes every call fail with code 3, so the self-check fails and says so). Before the first layer
 uses it, it is checked once per process against dequantize + matmul on the probe layers of ``cpu_kernel`` plus
 layers with ragged edges (input width not a multiple of 32, a half panel, rows past two tiles); a kernel that
 disagrees is logged and not used in this process. Without Linux on x86-64 with AMX-TILE / AMX-BF16 and

@@ -1,7 +1,7 @@
 /* y[M, N] = x[M, K] @ W^T (+ bias) for a 2-, 4- or 8-bit GPTQ weight on AMX tiles (tdpbf16ps).
  *
- * Same arguments and weight formula as lowbit_gemm_avx512bf16.c (see there), plus x_order (below); requirements checked by the
- * Python caller: N % 16 == 0, K even, AMX-TILE/AMX-BF16 and AVX512F/BW/VBMI/BF16.
+ * Same arguments and weight formula as lowbit_gemm_avx512bf16.c (see there), plus x_order (below);
+ * requirements checked by the Python caller: N % 16 == 0, K even, AMX-TILE/AMX-BF16 and AVX512F/BW/VBMI/BF16.
  *
  * The weight is dequantized exactly as the reference does it (lowbit_dequant.h: integer code - zero, one
  * float32 multiply, one round-to-nearest-even to bfloat16) into the pair-interleaved layout that is also the
