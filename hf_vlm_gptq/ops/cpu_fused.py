@@ -45,6 +45,10 @@ WHAT = "fused CPU low-bit kernel"
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 ARGTYPES = (_P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _P, _INT, _I64, _INT)
 
+# what the bf16 kernels' return codes mean (0: success)
+KERNEL_ERRORS = {1: "bad arguments", 2: "a work buffer could not be allocated",
+                 3: "the operating system refused this process the AMX tile state (Linux 5.16 or later has it)"}
+
 # "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
 _state: dict = {}
 
@@ -123,5 +127,6 @@ def call_bf16_kernel(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor |
         w.bits, *more_args,
     )
     if rc != 0:
-        raise RuntimeError(f"{what} failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")
+        raise RuntimeError(f"{what} failed (code {rc}: {KERNEL_ERRORS.get(rc, 'unknown')}) for x "
+                           f"{tuple(x2.shape)}, out_features {n}")
     return y

@@ -13,6 +13,7 @@ from hf_vlm_gptq.ops import cpu_amx as AMX
 from hf_vlm_gptq.ops import cpu_fused as CF
 from hf_vlm_gptq.ops import kernel_cache as KC
 from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH, MIN_BATCH, choose
+from hf_vlm_gptq.ops.cpu_kernel import fused_weights_of
 
 from .helpers import assert_patch_embed_runs_through, packed_linear
 
@@ -228,3 +229,12 @@ def test_a_column_order_out_of_range_is_refused_before_the_kernel_reads_it():
             AMX.amx_matmul(x, w, None, order)
     reverse = torch.arange(95, -1, -1, dtype=torch.int32)
     assert torch.equal(AMX.amx_matmul(x, w, None, reverse), AMX.amx_matmul(x.flip(1).contiguous(), w, None))
+
+
+def test_a_refused_amx_state_is_named_in_the_error():
+    """Code 3 (Linux refused the AMX tile state, e.g. before 5.16) reaches the user as that, not as a bare
+    number; the self-check that runs first then says it. Needs no AMX: the kernel is a stand-in."""
+    m = _module(48, 96, 32)
+    w = fused_weights_of(m, "test")
+    with pytest.raises(RuntimeError, match=r"code 3: the operating system refused this process the AMX tile state"):
+        AMX._call(lambda *args: 3, torch.randn(2, 96).to(torch.bfloat16), w, None)
