@@ -237,6 +237,23 @@ def test_an_edited_header_makes_another_cache_entry(tmp_path):
     assert [h.name for h in CF.HEADERS] == ["lowbit_dequant.h"] and all(h.exists() for h in CF.HEADERS)
 
 
+def test_every_kernel_source_and_header_ships_in_the_package():
+    """A wheel (non-editable install) holds setup.cfg's package data only: a header left out there would make
+    every kernel that includes it fail to build on users' machines, while editable installs (CI) still work."""
+    import configparser
+    import fnmatch
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[2] / "setup.cfg")
+    patterns = [p.strip() for p in config["options.package_data"]["hf_vlm_gptq"].replace(",", "\n").split()]
+    package = Path(CF.__file__).resolve().parents[1]
+    shipped = [f for f in (package / "ops" / "csrc").iterdir()
+               if not any(fnmatch.fnmatch(str(f.relative_to(package)), p) for p in patterns)]
+    assert not shipped, f"not in setup.cfg's package_data: {shipped}"
+    for header in CF.HEADERS:
+        assert header.parent == package / "ops" / "csrc"
+
+
 # --- point 11: the self-check --------------------------------------------------------------------------
 
 
