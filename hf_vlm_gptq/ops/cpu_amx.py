@@ -52,6 +52,9 @@ KERNEL = kernel_cache.KernelSource(
     headers=cpu_fused.HEADERS,
 )
 AMX_BITS = KERNEL_BITS
+# rows per kernel call: the kernel copies x into tiles (rows x in_features x 2 bytes), so longer inputs go in
+# balanced chunks of more than half this (each row's result is the same either way: rows are independent)
+ROWS_PER_CALL = 4096
 # the shared probes, plus: input widths not a multiple of 32, a panel of 80 columns (five tiles), 2 x 16 rows
 # and beyond, 1176 inputs (a patch embedding's width)
 PROBES = (*_SHARED_PROBES, (4, 100, 48, 32, True, (13, 40)), (2, 1176, 80, 128, False, (5, 70)),
@@ -71,7 +74,16 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
                 k and (int(x_order.min()) < 0 or int(x_order.max()) >= k)):
             raise ValueError(f"x_order must be contiguous int32 [{k}] with values in [0, {k}), "
                              f"got {x_order.dtype} {tuple(x_order.shape)}")
-    return call_bf16_kernel(fn, x2, w, bias, KERNEL.what, None if x_order is None else x_order.data_ptr())
+    order = None if x_order is None else x_order.data_ptr()
+    rows = x2.shape[0]
+    if rows <= ROWS_PER_CALL:
+        return call_bf16_kernel(fn, x2, w, bias, KERNEL.what, order)
+    chunk = -(-rows // -(-rows // ROWS_PER_CALL))  # balanced: every chunk above half the limit
+    x2 = x2.contiguous()
+    y = torch.empty(rows, w.out_features, dtype=torch.bfloat16)
+    for start in range(0, rows, chunk):
+        call_bf16_kernel(fn, x2[start:start + chunk], w, bias, KERNEL.what, order, out=y[start:start + chunk])
+    return y
 
 
 def _load() -> None:

@@ -107,17 +107,19 @@ def _fused_matmul_fake(x2, bias, qweight, scales, zeros, g_idx, regular_group, b
 
 
 def call_bf16_kernel(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
-                     what: str = "fused CPU kernel", *more_args) -> torch.Tensor:
+                     what: str = "fused CPU kernel", *more_args, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x2 @ W^T (+ bias)`` through a loaded kernel ``fn`` of this module's C signature (``ARGTYPES``; the AMX
-    kernel of ``cpu_amx.py`` has it too, then ``more_args``): inputs checked, output allocated, the kernel's
-    error code raised."""
+    kernel of ``cpu_amx.py`` has it too, then ``more_args``): inputs checked, output allocated (or ``out``, a
+    contiguous bf16 ``[rows, out_features]``), the kernel's error code raised."""
     if x2.dtype != torch.bfloat16 or x2.dim() != 2 or x2.shape[1] != w.in_features or x2.device.type != "cpu":
         raise ValueError(f"x must be bfloat16 [rows, {w.in_features}] on the CPU, got {x2.dtype} {tuple(x2.shape)}")
     x2 = x2.contiguous()
     m, n = x2.shape[0], w.out_features
     if bias is not None:
         bias = bias.to(torch.bfloat16).contiguous()
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    y = torch.empty(m, n, dtype=torch.bfloat16) if out is None else out
+    if y.dtype != torch.bfloat16 or tuple(y.shape) != (m, n) or not y.is_contiguous():
+        raise ValueError(f"out must be contiguous bfloat16 {(m, n)}, got {y.dtype} {tuple(y.shape)}")
     if m == 0:
         return y
     threads = kernel_threads(m, w)

@@ -238,3 +238,18 @@ def test_a_refused_amx_state_is_named_in_the_error():
     w = fused_weights_of(m, "test")
     with pytest.raises(RuntimeError, match=r"code 3: the operating system refused this process the AMX tile state"):
         AMX._call(lambda *args: 3, torch.randn(2, 96).to(torch.bfloat16), w, None)
+
+
+@needs_amx
+def test_long_inputs_go_in_row_chunks_with_the_same_result(monkeypatch):
+    """Past ROWS_PER_CALL rows the kernel runs on balanced row chunks (bounding its tile copy of x): the same
+    bits as one call, each chunk above half the limit (so none takes the small-batch path)."""
+    m = _module(64, 256, 64)
+    x = torch.randn(250, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    whole = m(x)
+    calls = []
+    real = AMX.call_bf16_kernel
+    monkeypatch.setattr(AMX, "call_bf16_kernel", lambda fn, x2, *a, **k: calls.append(x2.shape[0]) or real(fn, x2, *a, **k))
+    monkeypatch.setattr(AMX, "ROWS_PER_CALL", 100)
+    assert torch.equal(m(x), whole)
+    assert calls == [84, 84, 82]
