@@ -78,7 +78,8 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
     rows = x2.shape[0]
     if rows <= ROWS_PER_CALL:
         return call_bf16_kernel(fn, x2, w, bias, KERNEL.what, order)
-    chunk = -(-rows // -(-rows // ROWS_PER_CALL))  # balanced: every chunk above half the limit
+    parts = -(-rows // ROWS_PER_CALL)  # ceil: balanced chunks, each above half the limit
+    chunk = -(-rows // parts)
     x2 = x2.contiguous()
     y = torch.empty(rows, w.out_features, dtype=torch.bfloat16)
     for start in range(0, rows, chunk):

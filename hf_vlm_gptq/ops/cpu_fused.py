@@ -117,9 +117,9 @@ def call_bf16_kernel(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor |
     m, n = x2.shape[0], w.out_features
     if bias is not None:
         bias = bias.to(torch.bfloat16).contiguous()
+    if out is not None and (out.dtype != torch.bfloat16 or tuple(out.shape) != (m, n) or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous bfloat16 {(m, n)}, got {out.dtype} {tuple(out.shape)}")
     y = torch.empty(m, n, dtype=torch.bfloat16) if out is None else out
-    if y.dtype != torch.bfloat16 or tuple(y.shape) != (m, n) or not y.is_contiguous():
-        raise ValueError(f"out must be contiguous bfloat16 {(m, n)}, got {y.dtype} {tuple(y.shape)}")
     if m == 0:
         return y
     threads = kernel_threads(m, w)

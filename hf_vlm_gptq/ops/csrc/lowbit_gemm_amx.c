@@ -203,12 +203,17 @@ static int small_batch(int64_t M, int64_t K, const int32_t *qweight, const uint1
     const int mt = (int)((M + TR - 1) / TR);
     float *xsum = malloc(sizeof(float) * M * G);
     if (!xsum) return 2;
-    for (int64_t i = 0; i < M; i++)
+    /* xsum[i * G + g]: row i of x (as packed: in its column order) summed over group g, column by column;
+     * the 16 rows of a tile are summed side by side */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t tile = 0; tile < mt; tile++)
         for (int64_t g = 0; g < G; g++) {
-            float t = 0.0f;
-            for (int64_t k = g * gs; k < K && k < (g + 1) * gs; k++) /* x as packed (in its column order) */
-                t += bf16_to_float(xp[((i / TR) * ks_n + k / TK) * TR * TK + (i % TR) * TK + k % TK]);
-            xsum[i * G + g] = t;
+            float t[TR] = {0.0f};
+            for (int64_t k = g * gs; k < K && k < (g + 1) * gs; k++) {
+                const uint16_t *column = xp + (tile * ks_n + k / TK) * TR * TK + k % TK;
+                for (int r = 0; r < TR; r++) t[r] += bf16_to_float(column[r * TK]);
+            }
+            for (int r = 0; r < TR && tile * TR + r < M; r++) xsum[(tile * TR + r) * G + g] = t[r];
         }
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
@@ -281,11 +286,7 @@ static int small_batch(int64_t M, int64_t K, const int32_t *qweight, const uint1
                                 total + (n0 - c0) + 16 * t, width, code_bias);
             }
         }
-        if (total && !failed)
-            for (int64_t n0 = c0; n0 < c1; n0 += 64) {
-                const int nv = (int)((c1 - n0) / 16 < 4 ? (c1 - n0) / 16 : 4);
-                store_rows(total + (n0 - c0), width, M, nv, bias, n0, y, N);
-            }
+        if (total && !failed) store_rows(total, width, M, (int)(width / 16), bias, c0, y, N);
         _tile_release();
         free(total);
         free(cg);
