@@ -211,7 +211,7 @@ def test_bfloat16_reload_uses_fast_paths_that_agree_with_the_reference(saved, ev
         if isinstance(m, (QuantLinear, QuantConv)):
             for kernel in ("fused", "amx"):
                 data = m._prepare(kernel, probe.new_empty(0, m.in_features))
-                data = getattr(data, "fused", data)  # the AMX backend's AmxWeights hold the kernel data
+                data = getattr(data, "fused", data)  # the AMX and FMA backends' GroupSorted hold the kernel data
                 if isinstance(data, FusedWeights):
                     fast[id(data)] = name
     if cpu_fused.kernel_unavailable_reason() is None:

@@ -32,7 +32,7 @@ import torch
 
 from . import cpu_fused, kernel_cache
 from .cpu_fused import call_bf16_kernel
-from .cpu_kernel import KERNEL_BITS, FusedWeights, kernel_probes, run_kernel
+from .cpu_kernel import KERNEL_BITS, FusedWeights, check_x_order, kernel_probes, run_kernel
 from .cpu_kernel import PROBES as _SHARED_PROBES
 from .selfcheck import self_check
 
@@ -68,13 +68,7 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
           x_order: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel on ``x2`` (its columns taken in ``x_order``, gathered while x is copied into tiles, when given;
     checked here: the kernel indexes memory with it)."""
-    if x_order is not None:
-        k = w.in_features
-        if x_order.dtype != torch.int32 or tuple(x_order.shape) != (k,) or not x_order.is_contiguous() or (
-                k and (int(x_order.min()) < 0 or int(x_order.max()) >= k)):
-            raise ValueError(f"x_order must be contiguous int32 [{k}] with values in [0, {k}), "
-                             f"got {x_order.dtype} {tuple(x_order.shape)}")
-    order = None if x_order is None else x_order.data_ptr()
+    order = check_x_order(x_order, w.in_features)
     rows = x2.shape[0]
     if rows <= ROWS_PER_CALL:
         return call_bf16_kernel(fn, x2, w, bias, KERNEL.what, order)

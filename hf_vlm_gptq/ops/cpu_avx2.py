@@ -1,30 +1,47 @@
-"""A fused low-bit GEMM for x86-64 CPUs with AVX2 + FMA + F16C (no AVX512), compiled on first use
-(``csrc/lowbit_gemm_avx2.c``).
+"""A fused low-bit GEMM for x86-64 CPUs with FMA + F16C and AVX2 or AVX-512 (without AVX512-BF16 it is the
+CPU kernel), compiled on first use (``csrc/lowbit_gemm_fma.c``: one source, an AVX2 and an AVX-512 build; where
+the CPU runs both, the faster on a probe serves).
 
 The kernel dequantizes the weight exactly as the float32 reference does (integer code - zero, one float32
 multiply) into an L1-sized float32 buffer chunk by chunk and runs a register-blocked FMA GEMM on it, on
-bfloat16 or float32 activations converted to float32 (bfloat16 outputs are rounded once, at the end). It
-reads the checkpoint buffers as they are (through :class:`~.cpu_kernel.FusedWeights`: ``qweight``, fp16
-``scales``, uint8 zero points, ``g_idx``); 2, 4 and 8 bits and act-order ``g_idx`` are served.
-``backends/avx2.py`` serves the packed modules with it; ``bench/results/cpu_avx2_cpu.md`` has its speed.
+bfloat16 or float32 activations converted to float32 (bfloat16 outputs are rounded once, at the end). Up to
+a few rows (:data:`SMALL_ROWS`), layers whose groups are consecutive inputs take a path without the buffer:
+per-group sums of ``x * (code - zero)`` straight from the packed words, scaled once per group. It reads the
+checkpoint buffers as they are (through :class:`~.cpu_kernel.FusedWeights`: ``qweight``, fp16 ``scales``,
+uint8 zero points, ``g_idx``); 2, 4 and 8 bits and act-order ``g_idx`` are served. ``backends/avx2.py``
+serves the packed modules with it; ``bench/results/cpu_avx2_cpu.md`` and ``ops_avx512_cpu.md`` have its speed.
 
 Building, caching, loading and the switch ``HF_VLM_GPTQ_CPU_KERNEL=0`` are those of the AVX512 kernel
-(``kernel_cache.py``: the same cache folder and checks, its own entry). Before the first layer uses
+(``kernel_cache.py``: the same cache folder and checks, an entry per build). Before the first layer uses
 it, the kernel is checked once per process against dequantize + matmul on the probe layers of
-``cpu_kernel`` plus a layer whose output width is not a multiple of 16, in bfloat16 and float32; a kernel
-that disagrees is logged and not used in this process, and :func:`kernel_unavailable_reason` says why.
+``cpu_kernel`` plus layers with a half vector of outputs, groups that end inside a packed word and partial
+last words, in bfloat16 and float32; a kernel that disagrees is logged and not used in this process, and
+:func:`kernel_unavailable_reason` says why.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import itertools
 import logging
+import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import kernel_cache
-from .cpu_kernel import KERNEL_BITS, FusedWeights, kernel_probes, kernel_threads, run_kernel
+from .cpu_kernel import (
+    KERNEL_BITS,
+    FusedWeights,
+    check_x_order,
+    kernel_probes,
+    kernel_threads,
+    run_kernel,
+    sorted_by_group,
+)
 from .cpu_kernel import PROBES as _SHARED_PROBES
 from .selfcheck import self_check
 
@@ -32,28 +49,72 @@ logger = logging.getLogger(__name__)
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 KERNEL = kernel_cache.KernelSource(
-    source=Path(__file__).with_name("csrc") / "lowbit_gemm_avx2.c",
+    source=Path(__file__).with_name("csrc") / "lowbit_gemm_fma.c",
     cflags=("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"),
-    symbol="hvg_lowbit_gemm_avx2",
-    argtypes=(_P, _INT, _I64, _I64, _P, _P, _P, _P, _I64, _P, _P, _INT, _INT),
+    symbol="hvg_lowbit_gemm_fma",
+    argtypes=(_P, _INT, _I64, _I64, _P, _P, _P, _P, _I64, _P, _P, _INT, _INT, _I64, _P),
     required_cpu_flags=("avx2", "fma", "f16c"),
     what="AVX2 low-bit CPU kernel",
+    name="lowbit_gemm_fma_avx2",
 )
+# the same source in 512-bit vectors and 32 registers; which build runs is measured at first use
+# (:func:`fastest`): wide vectors lower the clock on some CPUs
+KERNEL_AVX512 = dataclasses.replace(
+    KERNEL, cflags=("-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-fopenmp", "-shared", "-fPIC"),
+    required_cpu_flags=("avx2", "fma", "f16c", "avx512f"), what="AVX2 low-bit CPU kernel (AVX-512 build)",
+    name="lowbit_gemm_fma_avx512")
+BUILDS = (KERNEL, KERNEL_AVX512)
 AVX2_BITS = KERNEL_BITS
 DTYPES = (torch.bfloat16, torch.float32)
-# the shared probes, plus output widths with a half panel (40 = 16 + 16 + 8) and padded input widths
-PROBES = (*_SHARED_PROBES, (4, 100, 40, 32, False, (1, 7)), (4, 100, 40, 32, True, (13,)))
+# the most rows each build's small-batch path serves (the C defaults: SMALL_PASSES x SMALL_ROWS)
+SMALL_ROWS = {"lowbit_gemm_fma_avx2": 8, "lowbit_gemm_fma_avx512": 16}
+# the shared probes, plus output widths with a half panel (40 = 16 + 16 + 8; 32 + 8 in the AVX-512 build),
+# padded input widths, 2-bit groups of 8 (a group edge inside a packed word) and 8-bit groups on the small path
+PROBES = (*_SHARED_PROBES, (4, 100, 40, 32, False, (1, 7)), (4, 100, 40, 32, True, (13,)),
+          (2, 72, 56, 8, False, (1, 8, 9)), (8, 104, 24, 8, False, (3,)))
+_FASTEST_PROBE = (1024, 1024, 128, (1, 64))  # in, out, group, rows: about a millisecond per call
 
 # "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
 _state: dict = {}
 
 
+def fastest(fns: dict) -> str:
+    """The name of the build (of ``{name: fn}``) with the least product of its times at 1 and 64 rows on a
+    4-bit probe layer (best of 3 each, in turns)."""
+    gen = torch.Generator().manual_seed(0)
+    in_f, out_f, group, all_rows = _FASTEST_PROBE
+    w = FusedWeights(torch.randint(-2**31, 2**31 - 1, (in_f // 8, out_f), generator=gen, dtype=torch.int32),
+                     (torch.rand(in_f // group, out_f, generator=gen) / 50).half(),
+                     torch.randint(0, 16, (in_f // group, out_f), generator=gen, dtype=torch.uint8),
+                     torch.arange(in_f, dtype=torch.int32) // group, group, 4)
+    best = {(name, rows): float("inf") for name in fns for rows in all_rows}
+    xs = {rows: torch.randn(rows, in_f, generator=gen).bfloat16() for rows in all_rows}
+    for _ in range(3):
+        for (name, rows) in best:
+            start = time.perf_counter()
+            _call(fns[name], xs[rows], w, None)
+            best[name, rows] = min(best[name, rows], time.perf_counter() - start)
+    score = {name: math.prod(best[name, rows] for rows in all_rows) for name in fns}
+    chosen = min(score, key=score.get)
+    logger.info("AVX2 low-bit CPU kernel: the %s build (ms at %s rows: %s)", chosen, "/".join(map(str, all_rows)),
+                ", ".join(f"{name} " + "/".join(f"{best[name, r] * 1e3:.3g}" for r in all_rows) for name in fns))
+    return chosen
+
+
 def _load() -> None:
-    kernel_cache.load_kernel(KERNEL, _state)
+    kernel_cache.load_fastest(BUILDS, _state, fastest)
+
+
+def _call_sorted(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel on an act-order layer's copy sorted by group, as the backend runs it (x's columns gathered)."""
+    copy = sorted_by_group(w, int(torch.bincount(w.g_idx.long()).max()))
+    return _call(fn, x2, copy.fused, bias, copy.input_order)
 
 
 def _self_check(fn) -> str | None:
-    probes = kernel_probes(lambda x, w, bias: _call(fn, x, w, bias), DTYPES, PROBES)
+    probes = itertools.chain(
+        kernel_probes(lambda x, w, bias: _call(fn, x, w, bias), DTYPES, PROBES),
+        kernel_probes(lambda x, w, bias: _call_sorted(fn, x, w, bias), DTYPES, [p for p in PROBES if p[4]]))
     return self_check("AVX2 low-bit CPU kernel", probes, "not used in this process", logger)
 
 
@@ -67,38 +128,69 @@ def kernel_unavailable_reason() -> str | None:
     return None if _kernel() is not None else _state["reason"]
 
 
-def _run(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    return run_kernel(_kernel, _state, _call, "AVX2 CPU kernel", x2, w, bias)
+def build_in_use() -> str | None:
+    """The name of the build that serves in this process (``KERNEL.entry_name`` or ``KERNEL_AVX512.entry_name``;
+    None when the kernel is unavailable)."""
+    return _state.get("build") if _kernel() is not None else None
 
 
-def avx2_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2[M, in] @ W^T (+ bias)`` through the AVX2 kernel, in ``x2``'s dtype (bfloat16 or float32).
+def builds() -> dict[str, Callable]:
+    """``{name: kernel}`` of every build this CPU runs that passes the self-check (benchmarks and tests compare
+    them; a layer always goes through the one :func:`build_in_use` names)."""
+    found = {}
+    for build in BUILDS:
+        state: dict = {}
+        kernel_cache.load_kernel(build, state)
+        if "lib" in state and _self_check(state["lib"]) is None:
+            found[build.entry_name] = state["lib"]
+    return found
+
+
+def run_build(fn: Callable, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None = None,
+              x_order: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2[:, x_order] @ W^T (+ bias)`` through one build's kernel (a value of :func:`builds`)."""
+    return _call(fn, x2, w, bias, x_order)
+
+
+def _run(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
+         x_order: torch.Tensor | None = None) -> torch.Tensor:
+    return run_kernel(_kernel, _state, lambda fn, *args: _call(fn, *args, x_order), "AVX2 CPU kernel", x2, w, bias)
+
+
+def avx2_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
+                x_order: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2[:, x_order] @ W^T (+ bias)`` (``x_order`` None: ``x2`` as it is) through the FMA kernel, in ``x2``'s
+    dtype (bfloat16 or float32).
 
     Under ``torch.compile`` it is the custom op ``hf_vlm_gptq::fused_matmul_avx2`` (traced once through its
     fake implementation); eager calls go to the kernel directly. Forward only (like ``cpu_fused``)."""
     if torch.compiler.is_compiling():
-        return avx2_matmul_op(x2, bias, *w.op_fields())
-    return _run(x2, w, bias)
+        return avx2_matmul_op(x2, bias, *w.op_fields(), x_order)
+    return _run(x2, w, bias, x_order)
 
 
 @torch.library.custom_op("hf_vlm_gptq::fused_matmul_avx2", mutates_args=())
 def avx2_matmul_op(x2: torch.Tensor, bias: torch.Tensor | None, qweight: torch.Tensor, scales: torch.Tensor,
-                   zeros: torch.Tensor, g_idx: torch.Tensor, regular_group: int, bits: int) -> torch.Tensor:
-    """The AVX2 kernel as a torch op (the :class:`FusedWeights` fields as arguments)."""
-    return _run(x2, FusedWeights(qweight, scales, zeros, g_idx, regular_group, bits), bias)
+                   zeros: torch.Tensor, g_idx: torch.Tensor, regular_group: int, bits: int,
+                   x_order: torch.Tensor | None = None) -> torch.Tensor:
+    """The FMA kernel as a torch op (the :class:`FusedWeights` fields, then the column order of x)."""
+    return _run(x2, FusedWeights(qweight, scales, zeros, g_idx, regular_group, bits), bias, x_order)
 
 
 @avx2_matmul_op.register_fake
-def _avx2_matmul_fake(x2, bias, qweight, scales, zeros, g_idx, regular_group, bits):
+def _avx2_matmul_fake(x2, bias, qweight, scales, zeros, g_idx, regular_group, bits, x_order=None):
     return x2.new_empty(x2.shape[0], zeros.shape[1])
 
 
-def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> torch.Tensor:
+def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
+          x_order: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel ``fn`` on ``x2`` (its columns taken in ``x_order`` when given), inputs checked."""
     if x2.dtype not in DTYPES or x2.dim() != 2 or x2.shape[1] != w.in_features or x2.device.type != "cpu":
         raise ValueError(f"x must be bfloat16 or float32 [rows, {w.in_features}] on the CPU, "
                          f"got {x2.dtype} {tuple(x2.shape)}")
     if w.out_features % 8 or w.bits not in AVX2_BITS:
         raise ValueError(f"the AVX2 kernel needs out_features % 8 == 0 and bits in {AVX2_BITS}")
+    order = check_x_order(x_order, w.in_features)
     x2 = x2.contiguous()
     m, n = x2.shape[0], w.out_features
     if bias is not None:
@@ -110,7 +202,7 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None) -> t
     rc = fn(
         x2.data_ptr(), int(x2.dtype == torch.float32), m, w.in_features, w.qweight.data_ptr(), w.scales.data_ptr(),
         w.zeros.data_ptr(), w.g_idx.data_ptr(), n, None if bias is None else bias.data_ptr(), y.data_ptr(), threads,
-        w.bits,
+        w.bits, w.regular_group, order,
     )
     if rc != 0:
         raise RuntimeError(f"AVX2 CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")

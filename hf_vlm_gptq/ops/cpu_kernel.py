@@ -1,6 +1,7 @@
-"""What the fused CPU kernels (``cpu_fused.py``: AVX512-BF16, ``cpu_avx2.py``: AVX2) share: the layer data they
-read (:class:`FusedWeights`, checked once per layer), their thread choice, how a call reaches a loaded kernel,
-and the probe layers their once-per-process self-check runs against dequantize + matmul."""
+"""What the fused CPU kernels (``cpu_fused.py``: AVX512-BF16, ``cpu_amx.py``: AMX, ``cpu_avx2.py``: AVX2 /
+AVX-512) share: the layer data they read (:class:`FusedWeights`, checked once per layer; for act-order layers
+a copy sorted by group, :func:`sorted_by_group`), their thread choice, how a call reaches a loaded kernel, and
+the probe layers their once-per-process self-check runs against dequantize + matmul."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .packing import contiguous_groups, dequantize_packed, pack_gptq, unpack_zeros
+from .packing import contiguous_groups, dequantize_packed, pack_gptq, pack_rows, unpack_codes, unpack_zeros
 
 SERIAL_MACS = 1 << 20  # below this many multiply-adds a second thread costs more (fork / join) than it saves
 KERNEL_BITS = (2, 4, 8)  # the bit widths both kernels take
@@ -95,6 +96,43 @@ def fused_weights_of(module: Any, what: str) -> FusedWeights | str:
         return f"scales are {module.scales.dtype} (the {what} reads float16 scales)"
     zeros = unpack_zeros(module.qzeros, module.bits, module.out_features)
     return build_fused(module.qweight, module.scales, zeros, module.g_idx, module.group_size, module.bits)
+
+
+@dataclass
+class GroupSorted:
+    """A kernel's data for one layer; for act-order layers (groups scattered over the input columns) a copy
+    whose input columns are sorted by group (the groups then consecutive, so the kernels' regular paths
+    serve), with ``input_order`` the columns of x in that order (int32; the kernels gather them while they
+    copy x; None: the checkpoint's own layout)."""
+
+    fused: FusedWeights
+    input_order: torch.Tensor | None = None
+
+
+def sorted_by_group(w: FusedWeights, group_size: int) -> GroupSorted:
+    """``w`` with its input columns sorted by group (stable: within a group, the checkpoint's order): the
+    codes repacked in that order, the same scales and zero points. Exact: the same products, summed in
+    another order. Layers whose groups are already consecutive come back as they are."""
+    if w.regular_group > 0:
+        return GroupSorted(w)
+    order = torch.argsort(w.g_idx, stable=True)
+    codes = unpack_codes(w.qweight, w.bits, w.in_features)[:, order]  # [out, in]
+    qweight = pack_rows(codes.t(), w.bits)
+    fused = build_fused(qweight, w.scales, w.zeros, w.g_idx[order], group_size, w.bits)
+    return GroupSorted(fused, order.to(torch.int32).contiguous())
+
+
+def check_x_order(x_order: torch.Tensor | None, in_features: int) -> int | None:
+    """The data pointer of a column order of x for a kernel (None for none), checked: the kernels index
+    memory with it."""
+    if x_order is None:
+        return None
+    k = in_features
+    if x_order.dtype != torch.int32 or tuple(x_order.shape) != (k,) or not x_order.is_contiguous() or (
+            k and (int(x_order.min()) < 0 or int(x_order.max()) >= k)):
+        raise ValueError(f"x_order must be contiguous int32 [{k}] with values in [0, {k}), "
+                         f"got {x_order.dtype} {tuple(x_order.shape)}")
+    return x_order.data_ptr()
 
 
 def kernel_threads(rows: int, w: FusedWeights) -> int:

@@ -203,8 +203,7 @@ def test_act_order_layers_get_a_copy_sorted_by_group(bits):
     """The AMX backend's layout for act-order layers: the same weight with its input columns in group order
     (consecutive groups, so the kernel's regular paths serve), and x's columns gathered the same way; other
     layers keep the checkpoint's buffers. Pure torch: runs on every host."""
-    from hf_vlm_gptq.ops.backends.amx import sorted_by_group
-    from hf_vlm_gptq.ops.cpu_kernel import fused_weights_of
+    from hf_vlm_gptq.ops.cpu_kernel import fused_weights_of, sorted_by_group
 
     m = _module(48, 200, 32, act_order=True, bits=bits)
     w = fused_weights_of(m, "test")

@@ -1,9 +1,13 @@
-"""The AVX2 + FMA low-bit CPU GEMM (ops/cpu_avx2.py + csrc/lowbit_gemm_avx2.c): exact against a float64
-dequantize + matmul, shapes with padding, bf16 and fp32 inputs, act-order, the dispatch on this host, the
-switch, and a build failure falling back with a reason. Skips on CPUs without AVX2 / FMA or without a C
-compiler (the shape tests); the fallback tests run everywhere."""
+"""The FMA low-bit CPU GEMM (ops/cpu_avx2.py + csrc/lowbit_gemm_fma.c, an AVX2 and an AVX-512 build): each build
+this CPU runs exact against a float64 dequantize + matmul on both of its paths (small batch, GEMM), shapes with
+padding, bf16 and fp32 inputs, act-order; the faster build serving; the dispatch on this host, the switch, and a
+build failure falling back with a reason. Skips on CPUs without AVX2 / FMA or without a C compiler (the shape
+tests; the AVX-512 build's without AVX-512F); the fallback tests run everywhere."""
 
 from __future__ import annotations
+
+import functools
+import time
 
 import pytest
 import torch
@@ -20,6 +24,24 @@ from .helpers import correlated_hessian
 
 REASON = A.kernel_unavailable_reason()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"AVX2 CPU kernel unavailable: {REASON}")
+
+
+@functools.cache
+def _builds() -> dict:
+    return A.builds()
+
+
+@pytest.fixture(params=[b.entry_name for b in A.BUILDS])
+def each_build(request, monkeypatch) -> str:
+    """The kernel of one build (loaded and self-checked here) in place of the one this process picked."""
+    build = next(b for b in A.BUILDS if b.entry_name == request.param)
+    if not set(build.required_cpu_flags) <= KC.cpu_flags():
+        assert build is not A.KERNEL
+        pytest.skip(f"this CPU lacks the flags of {build.entry_name}")
+    fns = _builds()
+    assert build.entry_name in fns  # built, loaded and self-checked wherever the CPU has its flags
+    monkeypatch.setattr(A, "_state", {"lib": fns[build.entry_name], "build": build.entry_name, "ready": True})
+    return build.entry_name
 
 
 def _module(out_f: int, in_f: int, group_size: int, *, act_order: bool = False, bits: int = 4,
@@ -73,19 +95,58 @@ def _check(m: QuantLinear, x: torch.Tensor) -> None:
         (48, 98, -1, False, 4),  # per-channel
         (72, 200, 64, True, 4),  # act-order: groups scattered over the columns
         (32, 96, 32, False, 2),
+        (56, 88, 8, False, 2),  # groups of 8 at 16 codes per word: group edges inside words; 32 + 24 outputs
         (24, 80, 16, True, 8),
+        (24, 80, 16, False, 8),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_exact_against_float64_dequantize_matmul(out_f, in_f, group_size, act_order, bits, dtype):
+def test_exact_against_float64_dequantize_matmul(out_f, in_f, group_size, act_order, bits, dtype, each_build):
     m = _module(out_f, in_f, group_size, act_order=act_order, bits=bits, dtype=dtype)
     gen = torch.Generator().manual_seed(7)
-    for rows in (1, 2, 5, 6, 7, 13, 64, 241, 300):  # micro-kernel tails, several row blocks
+    # every row count of the small-batch path and the first past it, micro-kernel tails, several row blocks
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 64, 241, 300):
         _check(m, torch.randn(rows, in_f, generator=gen).to(dtype))
 
 
+def test_the_small_batch_path_and_the_gemm_agree(each_build):
+    """The rows of one input through the small-batch path (its first SMALL_ROWS rows alone) and through the GEMM
+    path (all rows at once) agree to float32 rounding (of the sum of |x| |w|) on a layer with several threads'
+    worth of work."""
+    m = _module(520, 1024, 128, dtype=torch.float32)
+    x = torch.randn(A.SMALL_ROWS[each_build] + 1, 1024, generator=torch.Generator().manual_seed(3))
+    small, gemm = m(x[:-1]), m(x)[:-1]
+    scale = x[:-1].abs() @ m.dequantize_weight(torch.float32).abs().T
+    assert not torch.equal(small, gemm)  # two paths indeed
+    assert bool(((small - gemm).abs() <= 2**-20 * scale).all())
+    _check(m, x[:1])
+
+
 @needs_kernel
-def test_large_layer_several_threads_and_zero_rows():
+def test_the_faster_build_serves(monkeypatch):
+    """``fastest`` times the builds on its probe and names the quicker; ``load_fastest`` keeps that one."""
+    calls: dict[str, int] = {}
+
+    def fake(name, delay):
+        def fn(*args):
+            calls[name] = calls.get(name, 0) + 1
+            time.sleep(delay)
+            return 0
+        return fn
+
+    narrow, wide = A.KERNEL.entry_name, A.KERNEL_AVX512.entry_name
+    fns = {narrow: fake(narrow, 0.004), wide: fake(wide, 0.0)}
+    assert A.fastest(fns) == wide and calls == {narrow: 6, wide: 6}  # 1 and 64 rows, 3 rounds each
+    fns = {narrow: fake(narrow, 0.0), wide: fake(wide, 0.004)}
+    assert A.fastest(fns) == narrow
+    state: dict = {}
+    monkeypatch.setattr(KC, "load_kernel", lambda src, one: one.update(lib=fns[src.entry_name]))
+    KC.load_fastest(A.BUILDS, state, A.fastest)
+    assert state["build"] == narrow and state["lib"] is fns[narrow]
+
+
+@needs_kernel
+def test_large_layer_several_threads_and_zero_rows(each_build):
     m = _module(256, 512, 128)
     _check(m, torch.randn(300, 512).bfloat16())  # ~40M multiply-adds: the threaded path
     assert m(torch.randn(0, 512).bfloat16()).shape == (0, 256)
@@ -97,7 +158,9 @@ def test_dispatch_picks_it_where_the_tables_say_on_this_host(cached):
     m = _module(64, 256, 128, kernel="auto")
     m32 = _module(64, 256, 128, dtype=torch.float32, kernel="auto")  # int4 and the AVX512 kernel: bf16 only
     m.cache_dequantized = m32.cache_dequantized = cached
-    most_int4, least = MAX_BATCH["cpu"]["int4"]["avx2"], MIN_BATCH["cpu"]["avx2"].get("cached", 0) if cached else 0
+    column = BACKENDS["avx2"].variant(m, None)  # the build that serves: "avx2" or "avx512"
+    assert column == ("avx512" if A.build_in_use() == A.KERNEL_AVX512.entry_name else "avx2")
+    most_int4, least = MAX_BATCH["cpu"]["int4"][column], MIN_BATCH["cpu"]["avx2"].get("cached", 0) if cached else 0
     assert "avx2" not in MAX_BATCH["cpu"]  # no upper limit: it beats dequantize + matmul at every batch
     has_fused = CF.kernel_unavailable_reason() is None
     for rows in (1, 3, 4, 6, 7, 16, 300):
@@ -168,10 +231,13 @@ def test_missing_cpu_features_and_compiler_are_reported(fresh_state, monkeypatch
 
 
 @needs_kernel
-def test_its_cache_entry_sits_beside_the_avx512_one_and_is_reused(fresh_state):
+def test_its_cache_entries_sit_beside_the_avx512_one_and_are_reused(fresh_state):
     assert A.kernel_unavailable_reason() is None
     built = sorted(fresh_state.iterdir())
-    assert [p.suffix for p in built] == [".json", ".so"] and built[1].name.startswith("lowbit_gemm_avx2-")
+    runnable = [b.entry_name for b in A.BUILDS if set(b.required_cpu_flags) <= KC.cpu_flags()]
+    assert sorted(p.name.split("-")[0] + p.suffix for p in built) == sorted(
+        n + suffix for n in runnable for suffix in (".json", ".so"))
+    assert A._state["build"] in runnable
     stamp = built[1].stat().st_mtime_ns
     A._state.clear()
     assert A.kernel_unavailable_reason() is None
@@ -194,17 +260,18 @@ def test_a_kernel_that_disagrees_is_never_used(monkeypatch):
 def test_its_op_is_traced_by_torch_compile_once_for_every_row_count(dtype):
     from torch._dynamo.utils import counters
 
-    m = _module(64, 128, 32, dtype=dtype)
-    weights = m._prepare("avx2", torch.empty(1, 128, dtype=dtype))
-    assert isinstance(weights, FusedWeights)
+    m = _module(64, 128, 32, dtype=dtype, act_order=True)  # its sorted copy: the op takes x's column order too
+    prepared = m._prepare("avx2", torch.empty(1, 128, dtype=dtype))
+    weights, order = prepared.fused, prepared.input_order
+    assert isinstance(weights, FusedWeights) and order is not None
     torch._dynamo.reset()
     counters.clear()
     try:
-        fn = torch.compile(lambda x: A.avx2_matmul(x, weights, m.bias) * 2)
+        fn = torch.compile(lambda x: A.avx2_matmul(x, weights, m.bias, order) * 2)
         with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
             for rows in (3, 5, 7, 16, 33):
                 x = torch.randn(rows, 128, dtype=dtype)
-                torch.testing.assert_close(fn(x), A.avx2_matmul(x, weights, m.bias) * 2, rtol=0, atol=0)
+                torch.testing.assert_close(fn(x), A.avx2_matmul(x, weights, m.bias, order) * 2, rtol=0, atol=0)
         assert not counters["graph_break"]
         assert counters["stats"]["unique_graphs"] <= 2  # static first shape, then one dynamic graph
     finally:

@@ -1,4 +1,5 @@
-"""The AVX2 + FMA low-bit CPU kernel (``ops/cpu_avx2.py``, compiled on first use) as a backend."""
+"""The FMA low-bit CPU kernel (``ops/cpu_avx2.py``, compiled on first use: its AVX2 or AVX-512 build) as a
+backend."""
 
 from __future__ import annotations
 
@@ -7,16 +8,19 @@ from typing import Any
 import torch
 
 from .. import cpu_avx2 as A
-from ..cpu_kernel import FusedWeights, fused_weights_of
+from ..cpu_kernel import GroupSorted, fused_weights_of, sorted_by_group
 from .base import Backend, Layer
 
 
 class Avx2Backend(Backend):
     """Reads ``qweight`` / fp16 ``scales`` / ``g_idx`` as stored (its layout adds only uint8 zero points, the
-    same :class:`~..cpu_kernel.FusedWeights` as the AVX512 kernel); bfloat16 and float32 inputs, act-order."""
+    same :class:`~..cpu_kernel.FusedWeights` as the AVX512 kernel), act-order layers through a group-sorted copy
+    of ``qweight`` (:func:`~..cpu_kernel.sorted_by_group`, so its small-batch path serves them too); bfloat16
+    and float32 inputs.
+    Its ``MAX_BATCH`` column is the build that serves: ``avx2`` or ``avx512``."""
 
     name = "avx2"
-    variants = ("avx2",)
+    variants = ("avx2", "avx512")
 
     def unavailable_reason(self, layer: Layer, dtype: torch.dtype, device: torch.device) -> str | None:
         """Why the AVX2 kernel cannot serve this layer / input (None when it can); the kernel itself is
@@ -31,9 +35,13 @@ class Avx2Backend(Backend):
             return f"out_features={layer.out_features} not a multiple of 8"
         return A.kernel_unavailable_reason()
 
-    def prepare(self, module: Any, x2: torch.Tensor) -> FusedWeights | str:
-        return fused_weights_of(module, "AVX2 kernel")
+    def prepare(self, module: Any, x2: torch.Tensor) -> GroupSorted | str:
+        weights = fused_weights_of(module, "AVX2 kernel")
+        return weights if isinstance(weights, str) else sorted_by_group(weights, module.group_size)
 
-    def matmul(self, module: Any, x2: torch.Tensor, weights: FusedWeights,
+    def variant(self, module: Any, weights: GroupSorted) -> str:
+        return "avx512" if A.build_in_use() == A.KERNEL_AVX512.entry_name else "avx2"
+
+    def matmul(self, module: Any, x2: torch.Tensor, weights: GroupSorted,
                bias: torch.Tensor | None) -> torch.Tensor:
-        return A.avx2_matmul(x2, weights, bias)
+        return A.avx2_matmul(x2, weights.fused, bias, weights.input_order)  # x's columns gathered in the kernel
