@@ -12,7 +12,7 @@ from torch import nn
 from hf_vlm_gptq.ops import QuantConv, QuantLinear, gptq_quantize, rtn_quantize, set_dequant_cache
 from hf_vlm_gptq.ops import cpu_avx2 as A
 from hf_vlm_gptq.ops import cpu_fused as CF
-from hf_vlm_gptq.ops.backends import BACKENDS
+from hf_vlm_gptq.ops.backends import BACKENDS, MAX_BATCH
 from hf_vlm_gptq.ops.backends import int4 as I4
 from hf_vlm_gptq.ops.packing import contiguous_groups
 
@@ -133,16 +133,18 @@ def fused_available(request, monkeypatch) -> bool:
     return True
 
 
-def _avx512_fma_serves(m: QuantLinear) -> bool:
-    """Whether the FMA kernel's AVX-512 build (ahead of torch's int4 kernel at every batch) serves ``m``."""
-    return A.kernel_unavailable_reason() is None and BACKENDS["avx2"].variant(m, None) == "avx512"
+def _int4_most_rows_beside_the_fma_kernel(m) -> int:
+    """The most rows torch's int4 kernel takes when the FMA kernel is its alternative (the column of the build
+    that serves), or every batch without that kernel."""
+    if A.kernel_unavailable_reason() is not None:
+        return 1 << 30
+    return MAX_BATCH["cpu"]["int4"][BACKENDS["avx2"].variant(m, None)]
 
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_auto_sends_only_small_bf16_batches_to_int4(count_int4, fused_available, act_order, monkeypatch):
     """Facts of the CPU policy (ops/backends), not its thresholds: the int4 kernel takes a range of small bf16
-    batches starting at 1 row (none when the fused kernel's or the AVX-512 FMA kernel's small-batch path serves
-    the layer), never a big
+    batches starting at 1 row (none when the fused kernel's small-batch path serves the layer), never a big
     one, fewer rows when a dense weight is kept, and never float32; the fused kernel, where it serves the
     layer, takes every batch the int4 kernel does not."""
     fused_rows = []
@@ -164,7 +166,7 @@ def test_auto_sends_only_small_bf16_batches_to_int4(count_int4, fused_available,
         assert fused_rows == (others if fused_available else [])
     # int4 keeps 1 row unless a kernel with a small-batch path that beats it serves the layer: the fused one
     # (consecutive groups only), or the FMA kernel's AVX-512 build (act-order through its sorted copy)
-    one_row_int4 = act_order if fused_available else not _avx512_fma_serves(m)
+    one_row_int4 = not fused_available or act_order  # the fused small-batch path needs consecutive groups
     assert all((1 in rows) == one_row_int4 for rows in to_int4.values())
     assert len(to_int4[True]) <= len(to_int4[False])  # a kept dense weight makes the fallback cheaper
     count_int4.clear()
@@ -281,9 +283,9 @@ def test_conv_patch_and_general_paths_match_reference(dtype, count_int4, fused_a
     y = q(x)
     assert y.shape == ref.shape == (2, 16, 2, 2)
     assert torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
-    # 8 patch rows in bf16: the fused kernel where the CPU has it, else the AVX-512 FMA kernel where it
-    # serves, else torch's int4 kernel
-    int4 = dtype == torch.bfloat16 and not fused_available and not _avx512_fma_serves(q)
+    # 8 patch rows in bf16: the fused kernel where the CPU has it, else torch's int4 kernel where the table
+    # gives it 8 rows beside the FMA kernel (its AVX2 build), else the FMA kernel
+    int4 = dtype == torch.bfloat16 and not fused_available and _int4_most_rows_beside_the_fma_kernel(q) >= 8
     assert len(count_int4) == (1 if int4 else 0)
     conv3 = nn.Conv3d(2, 8, 3, stride=(1, 2, 1), padding=1, bias=False)
     q3 = QuantConv.from_result(rtn_quantize(conv3.weight.detach().reshape(8, -1), bits=8), conv3, dtype=dtype)

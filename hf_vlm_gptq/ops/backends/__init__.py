@@ -53,7 +53,8 @@ FALLBACK_ORDER = ("dequant",)
 # alternative's variants ("cached" / "uncached": dequantize + matmul with / without the module's dense cache;
 # "fused" / "fused_small_batch": the fused CPU kernel without / with its 1-4 row paths; "amx": the AMX
 # kernel, which beats torch's int4 kernel at every batch, act-order included; "avx2" / "avx512": the FMA
-# kernel's AVX2 / AVX-512 build, the latter ahead of torch's int4 kernel at every batch). How each number was
+# kernel's AVX2 / AVX-512 build; the latter behind torch's int4 kernel only at 1-2 rows with the weights in
+# memory, where the int4 layout is read in order). How each number was
 # found: bench/results/kernel_thresholds.md (CPU: measured with bench/ops.py, the "avx2" column with
 # bench/cpu_avx2.py on an AVX2-only CPU, the "avx512" one on an AVX-512 CPU without AVX512-BF16; CUDA:
 # estimates to be tuned with bench/cuda_all.sh). The FMA kernel has no row: it beats dequantize + matmul
@@ -61,7 +62,7 @@ FALLBACK_ORDER = ("dequant",)
 # On CPU these tables are the fallback of the measured dispatch (measure.py).
 MAX_BATCH: dict[str, dict[str, dict[str, int]]] = {
     "cpu": {"int4": {"cached": 10, "uncached": 192, "amx": 0, "fused": 4, "fused_small_batch": 0, "avx2": 8,
-                     "avx512": 0}},
+                     "avx512": 2}},
     "cuda": {"triton": {"cached": 32, "uncached": 4096}, "int4": {"cached": 4, "uncached": 32}},
 }
 # Smallest batch where a backend beats its alternative (same columns; absent: from one row on). The AVX2
