@@ -1,6 +1,7 @@
-"""A fused low-bit GEMM for x86-64 CPUs with FMA + F16C and AVX2 or AVX-512 (without AVX512-BF16 it is the
-CPU kernel), compiled on first use (``csrc/lowbit_gemm_fma.c``: one source, an AVX2 and an AVX-512 build; where
-the CPU runs both, the faster on a probe serves).
+"""The FMA kernel: a fused low-bit GEMM for x86-64 CPUs with FMA + F16C and AVX2 or AVX-512, the CPU kernel
+where there is no AVX512-BF16. Compiled on first use (``csrc/lowbit_gemm_fma.c``: one source, an AVX2 and an
+AVX-512 build; where the CPU runs both, the faster on a probe serves). Its backend is named ``avx2`` (as
+``kernel="avx2"`` has been since it had only the AVX2 build) and runs whichever build serves.
 
 The kernel dequantizes the weight exactly as the float32 reference does (integer code - zero, one float32
 multiply) into an L1-sized float32 buffer chunk by chunk and runs a register-blocked FMA GEMM on it, on
@@ -54,14 +55,14 @@ KERNEL = kernel_cache.KernelSource(
     symbol="hvg_lowbit_gemm_fma",
     argtypes=(_P, _INT, _I64, _I64, _P, _P, _P, _P, _I64, _P, _P, _INT, _INT, _I64, _P),
     required_cpu_flags=("avx2", "fma", "f16c"),
-    what="AVX2 low-bit CPU kernel",
+    what="FMA low-bit CPU kernel (AVX2 build)",
     name="lowbit_gemm_fma_avx2",
 )
 # the same source in 512-bit vectors and 32 registers; which build runs is measured at first use
 # (:func:`fastest`): wide vectors lower the clock on some CPUs
 KERNEL_AVX512 = dataclasses.replace(
     KERNEL, cflags=("-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-fopenmp", "-shared", "-fPIC"),
-    required_cpu_flags=("avx2", "fma", "f16c", "avx512f"), what="AVX2 low-bit CPU kernel (AVX-512 build)",
+    required_cpu_flags=("avx2", "fma", "f16c", "avx512f"), what="FMA low-bit CPU kernel (AVX-512 build)",
     name="lowbit_gemm_fma_avx512")
 BUILDS = (KERNEL, KERNEL_AVX512)
 AVX2_BITS = KERNEL_BITS
@@ -96,7 +97,7 @@ def fastest(fns: dict) -> str:
             best[name, rows] = min(best[name, rows], time.perf_counter() - start)
     score = {name: math.prod(best[name, rows] for rows in all_rows) for name in fns}
     chosen = min(score, key=score.get)
-    logger.info("AVX2 low-bit CPU kernel: the %s build (ms at %s rows: %s)", chosen, "/".join(map(str, all_rows)),
+    logger.info("FMA low-bit CPU kernel: the %s build (ms at %s rows: %s)", chosen, "/".join(map(str, all_rows)),
                 ", ".join(f"{name} " + "/".join(f"{best[name, r] * 1e3:.3g}" for r in all_rows) for name in fns))
     return chosen
 
@@ -115,7 +116,7 @@ def _self_check(fn) -> str | None:
     probes = itertools.chain(
         kernel_probes(lambda x, w, bias: _call(fn, x, w, bias), DTYPES, PROBES),
         kernel_probes(lambda x, w, bias: _call_sorted(fn, x, w, bias), DTYPES, [p for p in PROBES if p[4]]))
-    return self_check("AVX2 low-bit CPU kernel", probes, "not used in this process", logger)
+    return self_check("FMA low-bit CPU kernel", probes, "not used in this process", logger)
 
 
 def _kernel():
@@ -123,7 +124,7 @@ def _kernel():
 
 
 def kernel_unavailable_reason() -> str | None:
-    """Why the AVX2 kernel cannot run in this process (None when it can): looked for, built and
+    """Why the FMA kernel cannot run in this process (None when it can): looked for, built and
     self-checked on the first call."""
     return None if _kernel() is not None else _state["reason"]
 
@@ -154,7 +155,7 @@ def run_build(fn: Callable, x2: torch.Tensor, w: FusedWeights, bias: torch.Tenso
 
 def _run(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
          x_order: torch.Tensor | None = None) -> torch.Tensor:
-    return run_kernel(_kernel, _state, lambda fn, *args: _call(fn, *args, x_order), "AVX2 CPU kernel", x2, w, bias)
+    return run_kernel(_kernel, _state, lambda fn, *args: _call(fn, *args, x_order), "FMA CPU kernel", x2, w, bias)
 
 
 def avx2_matmul(x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
@@ -189,7 +190,7 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
         raise ValueError(f"x must be bfloat16 or float32 [rows, {w.in_features}] on the CPU, "
                          f"got {x2.dtype} {tuple(x2.shape)}")
     if w.out_features % 8 or w.bits not in AVX2_BITS:
-        raise ValueError(f"the AVX2 kernel needs out_features % 8 == 0 and bits in {AVX2_BITS}")
+        raise ValueError(f"the FMA kernel needs out_features % 8 == 0 and bits in {AVX2_BITS}")
     order = check_x_order(x_order, w.in_features)
     x2 = x2.contiguous()
     m, n = x2.shape[0], w.out_features
@@ -205,5 +206,5 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
         w.bits, w.regular_group, order,
     )
     if rc != 0:
-        raise RuntimeError(f"AVX2 CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")
+        raise RuntimeError(f"FMA CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")
     return y

@@ -200,9 +200,13 @@ class PackedWeightModule(nn.Module):
 
     # -- caches ---------------------------------------------------------------------------------------
     def _stamp(self) -> tuple:
-        # inference tensors (made under torch.inference_mode) carry no version counter: their pointer must do
-        return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device)
-                     for t in (getattr(self, n) for n in PACKED_BUFFERS))
+        # inference tensors (made under torch.inference_mode) carry no version counter: their pointer must do.
+        # Read from _buffers, not through getattr: Module.__getattr__ costs ~1 us a name on every matmul
+        buffers, stamp = self._buffers, []
+        for name in PACKED_BUFFERS:
+            t = buffers[name]
+            stamp.append((t.data_ptr(), 0 if t.is_inference() else t._version, t.device))
+        return tuple(stamp)
 
     def _cached(self, key: tuple, build):
         stamp = self._stamp()

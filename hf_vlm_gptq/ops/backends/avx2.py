@@ -23,20 +23,20 @@ class Avx2Backend(Backend):
     variants = ("avx2", "avx512")
 
     def unavailable_reason(self, layer: Layer, dtype: torch.dtype, device: torch.device) -> str | None:
-        """Why the AVX2 kernel cannot serve this layer / input (None when it can); the kernel itself is
+        """Why the FMA kernel cannot serve this layer / input (None when it can); the kernel itself is
         looked for (built, loaded, self-checked) once per process, when a layer first qualifies."""
         if device.type != "cpu":
-            return f"device {device.type} (the AVX2 kernel is CPU code)"
+            return f"device {device.type} (the FMA kernel is CPU code)"
         if layer.bits not in A.AVX2_BITS:
-            return f"bits={layer.bits} (the AVX2 kernel takes {A.AVX2_BITS})"
+            return f"bits={layer.bits} (the FMA kernel takes {A.AVX2_BITS})"
         if dtype not in A.DTYPES:
-            return f"input dtype {dtype} (the AVX2 kernel takes {A.DTYPES})"
+            return f"input dtype {dtype} (the FMA kernel takes {A.DTYPES})"
         if layer.out_features % 8:
             return f"out_features={layer.out_features} not a multiple of 8"
         return A.kernel_unavailable_reason()
 
     def prepare(self, module: Any, x2: torch.Tensor) -> GroupSorted | str:
-        weights = fused_weights_of(module, "AVX2 kernel")
+        weights = fused_weights_of(module, "FMA kernel")
         return weights if isinstance(weights, str) else sorted_by_group(weights, module.group_size)
 
     def variant(self, module: Any, weights: GroupSorted) -> str:
