@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..threads import CPU_PRESSURE, intra_op_threads
-from .backends import BACKENDS, Backend, choose
+from .backends import BACKENDS, Backend, choose_remembered
 from .grid import check_bits, check_group_size, num_groups
 from .packing import PACKED_BUFFERS, dequantize_packed, pack_gptq, packed_rows
 from .result import QuantResult
@@ -285,8 +285,9 @@ class PackedWeightModule(nn.Module):
 
     def _matmul(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x2[M, in] @ W^T + bias`` through the backend ``self.kernel`` names or "auto" picks
-        (``backends.choose``); on fewer threads while other work waits for the cores (``threads.CPU_PRESSURE``)."""
-        backend, weights = choose(self, x2, self.kernel)
+        (``backends.choose``, remembered per kind of input: ``choose_remembered``); on fewer threads while other
+        work waits for the cores (``threads.CPU_PRESSURE``)."""
+        backend, weights = choose_remembered(self, x2, self.kernel)
         bias = None if bias is None else bias.to(x2.dtype)
         if x2.device.type == "cpu" and (count := torch.get_num_threads()) > 1:
             share = CPU_PRESSURE.threads(count)

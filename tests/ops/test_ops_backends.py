@@ -123,6 +123,45 @@ def test_backends_the_row_does_not_name_are_not_prepared(stand_ins, monkeypatch)
     assert _chosen(module, 9) == "mid" and log == ["fast", "mid"]  # "mid" has no row: every batch
 
 
+def test_a_module_remembers_its_choice_until_what_it_depends_on_changes(stand_ins, monkeypatch):
+    """A packed module walks the tables once per kind of input, and again when its buffers, a table, the
+    dispatch mode, what the process has measured or the thread count change, or its backend stops serving."""
+    from hf_vlm_gptq.ops.backends import measure as M
+
+    module, fast, _mid, _log = stand_ins
+    walks: list[int] = []
+    real = B.choose
+    monkeypatch.setattr(B, "choose", lambda m, x2, mode: walks.append(x2.shape[0]) or real(m, x2, mode))
+    x1, x4 = torch.randn(1, 32), torch.randn(4, 32)
+
+    def calls(x) -> int:
+        before = len(walks)
+        module(x)
+        return len(walks) - before
+
+    assert [calls(x1), calls(x1), calls(x4), calls(x4)] == [1, 0, 1, 0]  # once per kind of input
+    assert module(x1).unique().tolist() == [4.0]  # "fast": its name's length
+    module.qweight.add_(0)  # the buffers changed in place (their version moves)
+    assert [calls(x1), calls(x1)] == [1, 0]
+    monkeypatch.setitem(B.MAX_BATCH, "cpu", {"fast": {"uncached": 8, "cached": 8}})  # a table replaced
+    assert [calls(x1), calls(x1)] == [1, 0]
+    M.forget()  # what the process knows of the measurements
+    assert [calls(x1), calls(x1)] == [1, 0]
+    module.cache_dequantized = not module.cache_dequantized
+    assert [calls(x1), calls(x1)] == [1, 0]
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+        try:
+            assert [calls(x1), calls(x1)] == [1, 0]
+        finally:
+            torch.set_num_threads(threads)
+    monkeypatch.setattr(fast, "unavailable_reason", lambda *args: "gone")  # the chosen backend no longer serves
+    assert calls(x1) == 1 and module(x1).unique().tolist() == [3.0]  # "mid"
+    monkeypatch.setenv(M.ENV_MODE, "measure")  # another dispatch mode
+    assert calls(x1) == 1
+
+
 def test_forcing_a_backend_skips_the_walk_and_names_the_reason(stand_ins):
     module, _fast, mid, _log = stand_ins
     module.kernel = "fast"

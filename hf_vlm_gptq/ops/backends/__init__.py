@@ -21,6 +21,7 @@ batch. Forcing a backend
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -31,10 +32,11 @@ from .base import Backend, Layer, LayerShape
 from .dequant import DequantBackend
 from .fused import FusedBackend
 from .int4 import Int4Backend
-from .measure import measured_for
+from .measure import ENV_MODE, generation, measured_for
 from .triton import TritonBackend
 
-__all__ = ["BACKENDS", "DISPATCH", "KERNEL_MODES", "MAX_BATCH", "MIN_BATCH", "Backend", "Layer", "LayerShape", "choose"]
+__all__ = ["BACKENDS", "DISPATCH", "KERNEL_MODES", "MAX_BATCH", "MIN_BATCH", "Backend", "Layer", "LayerShape", "choose",
+           "choose_remembered"]
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
@@ -112,3 +114,30 @@ def choose(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:
         if serves(i):
             return backend, prepared[i]
     raise RuntimeError(f"no kernel backend serves this layer on {x2.device.type}: {prepared}")
+
+
+REMEMBERED_PER_MODULE = 64  # input kinds (rows, dtype, ...) a module remembers its choice for; then it starts over
+
+
+def choose_remembered(module: Any, x2: torch.Tensor, mode: str) -> tuple[Backend, Any]:
+    """:func:`choose`'s answer, remembered by the module per kind of input (mode, dtype, device, rows, thread
+    count, dense cache on or off): a packed layer's matmul asks on every call, and on small layers the walk
+    costs as much as the kernel. An answer holds while the module's buffers, the tables above (replaced, not
+    edited in place), ``$HF_VLM_GPTQ_DISPATCH`` and what this process has measured (``measure.generation``)
+    stay the same, and while its backend still serves the input; under ``torch.compile`` nothing is
+    remembered."""
+    if torch.compiler.is_compiling():
+        return choose(module, x2, mode)
+    device = x2.device.type
+    state = (module._stamp(), id(DISPATCH.get(device)), id(MAX_BATCH.get(device)), id(MIN_BATCH.get(device)),
+             os.environ.get(ENV_MODE), generation())
+    memo = module._cache.get("choices")
+    if memo is None or memo[0] != state or len(memo[1]) >= REMEMBERED_PER_MODULE:
+        memo = (state, {})
+        module._cache["choices"] = memo
+    key = (mode, x2.dtype, x2.device, x2.shape[0], torch.get_num_threads(), module.cache_dequantized)
+    hit = memo[1].get(key)
+    if hit is not None and hit[0].unavailable_reason(module, x2.dtype, x2.device) is None:
+        return hit
+    memo[1][key] = answer = choose(module, x2, mode)
+    return answer

@@ -41,6 +41,18 @@ ENV_BUDGET = "HF_VLM_GPTQ_DISPATCH_BUDGET_S"  # seconds per class instead of BUD
 _lock = threading.RLock()
 _known: dict[str, dict[str, Measured]] = {}  # cpu-key hash -> shape class -> measurement (files read once)
 _failed: set[tuple[str, str]] = set()  # (cpu-key hash, class) whose measurement raised: the table decides
+_generation = 0  # bumped whenever _known or _failed change (what a remembered choice depends on)
+
+
+def generation() -> int:
+    """A number that changes whenever what this process knows of the measurements changes (a class measured,
+    a cache file read, a measurement failed, :func:`forget`)."""
+    return _generation
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
 
 
 def mode() -> str:
@@ -163,6 +175,7 @@ def measured_for(module: Any, x2: torch.Tensor, order: Sequence[Backend]) -> Mea
         key, path = cpu_key(), cache_path(key_hash)
         if key_hash not in _known:
             _known[key_hash] = read_cache(path, key)
+            _changed()
             for c, m in _known[key_hash].items():
                 logger.debug("CPU dispatch for %s read from %s: %s", c, path, m.ranges())
         if cls in _known[key_hash]:
@@ -173,8 +186,10 @@ def measured_for(module: Any, x2: torch.Tensor, order: Sequence[Backend]) -> Mea
             logger.warning("measuring the CPU dispatch for %s failed (%s: %s); using the table", cls,
                            type(err).__name__, err)
             _failed.add((key_hash, cls))
+            _changed()
             return None
         _known[key_hash][cls] = measured
+        _changed()
         _log(cls, measured, "measured")
         try:
             write_cache(path, key, cls, measured)
@@ -188,3 +203,4 @@ def forget() -> None:
     with _lock:
         _known.clear()
         _failed.clear()
+        _changed()
