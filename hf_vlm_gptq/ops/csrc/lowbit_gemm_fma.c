@@ -301,18 +301,20 @@ static inline __attribute__((always_inline)) void small_panel(const float *x, co
         }
         for (int i = 0; i < R; i++)
             for (int v = 0; v < V; v++) p[i][v] = vf_zero();
-        int64_t k = k0;
-        for (; k < k1 && (k % per_word || k + per_word > k1); k++) { /* a group edge inside a word (2 bits) */
-            const __m128i shift = _mm_cvtsi32_si128((int)(k % per_word) * bits);
-            const int32_t *row = qweight + (k / per_word) * N + n0;
-            for (int v = 0; v < V; v++) {
-                const vf d = vf_sub(code_plus_two23(vi_srl(load_words(row + VL * v, half_at(cols, v)), shift),
-                                                    mask, magic), z[v]);
-                for (int i = 0; i < R; i++) p[i][v] = vf_fma(vf_set1(x[i * K + k]), d, p[i][v]);
+        for (int64_t k = k0; k < k1;) {
+            if (k % per_word || k + per_word > k1) { /* one input: a group edge inside a word (2 bits), or the
+                                                     * inputs of a last, partial word */
+                const __m128i shift = _mm_cvtsi32_si128((int)(k % per_word) * bits);
+                const int32_t *row = qweight + (k / per_word) * N + n0;
+                for (int v = 0; v < V; v++) {
+                    const vf d = vf_sub(code_plus_two23(vi_srl(load_words(row + VL * v, half_at(cols, v)), shift),
+                                                        mask, magic), z[v]);
+                    for (int i = 0; i < R; i++) p[i][v] = vf_fma(vf_set1(x[i * K + k]), d, p[i][v]);
+                }
+                k++;
+                continue;
             }
-        }
-        for (; k + per_word <= k1; k += per_word) { /* whole words */
-            const int64_t word = k / per_word;
+            const int64_t word = k / per_word; /* a whole word */
             const int32_t *row = qweight + word * N + n0;
             /* the same columns PREFETCH_WORDS word rows on; near the end, the next panel's first rows (what this
              * thread most likely runs next) */
@@ -331,15 +333,7 @@ static inline __attribute__((always_inline)) void small_panel(const float *x, co
                     for (int v = 0; v < V; v++) p[i][v] = vf_fma(xv, d[v], p[i][v]);
                 }
             }
-        }
-        for (; k < k1; k++) { /* the inputs of a last, partial word */
-            const __m128i shift = _mm_cvtsi32_si128((int)(k % per_word) * bits);
-            const int32_t *row = qweight + (k / per_word) * N + n0;
-            for (int v = 0; v < V; v++) {
-                const vf d = vf_sub(code_plus_two23(vi_srl(load_words(row + VL * v, half_at(cols, v)), shift),
-                                                    mask, magic), z[v]);
-                for (int i = 0; i < R; i++) p[i][v] = vf_fma(vf_set1(x[i * K + k]), d, p[i][v]);
-            }
+            k += per_word;
         }
         for (int i = 0; i < R; i++)
             for (int v = 0; v < V; v++)
