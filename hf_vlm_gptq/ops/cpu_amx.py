@@ -32,7 +32,7 @@ import torch
 
 from . import cpu_fused, kernel_cache
 from .cpu_fused import call_bf16_kernel
-from .cpu_kernel import KERNEL_BITS, FusedWeights, check_x_order, kernel_probes, run_kernel
+from .cpu_kernel import KERNEL_BITS, FusedWeights, balanced_chunk, check_x_order, kernel_probes, run_kernel
 from .cpu_kernel import PROBES as _SHARED_PROBES
 from .selfcheck import self_check
 
@@ -72,8 +72,7 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
     rows = x2.shape[0]
     if rows <= ROWS_PER_CALL:
         return call_bf16_kernel(fn, x2, w, bias, KERNEL.what, order)
-    parts = -(-rows // ROWS_PER_CALL)  # ceil: balanced chunks, each above half the limit
-    chunk = -(-rows // parts)
+    chunk = balanced_chunk(rows, ROWS_PER_CALL)
     x2 = x2.contiguous()
     y = torch.empty(rows, w.out_features, dtype=torch.bfloat16)
     for start in range(0, rows, chunk):

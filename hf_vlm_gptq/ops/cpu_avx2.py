@@ -37,6 +37,7 @@ from . import kernel_cache
 from .cpu_kernel import (
     KERNEL_BITS,
     FusedWeights,
+    balanced_chunk,
     check_x_order,
     kernel_probes,
     kernel_threads,
@@ -73,6 +74,10 @@ SMALL_ROWS = {"lowbit_gemm_fma_avx2": 8, "lowbit_gemm_fma_avx512": 16}
 # padded input widths, 2-bit groups of 8 (a group edge inside a packed word) and 8-bit groups on the small path
 PROBES = (*_SHARED_PROBES, (4, 100, 40, 32, False, (1, 7)), (4, 100, 40, 32, True, (13,)),
           (2, 72, 56, 8, False, (1, 8, 9)), (8, 104, 24, 8, False, (3,)))
+# rows per kernel call: the kernel converts x to float32 (rows x in_features x 4 bytes: 620 MB for 8k tokens into
+# an 18944-wide layer in one call), so longer inputs go in balanced chunks of more than half this. The result per
+# row is the same, and the weight is decoded about as often (once per row block of 240 rows either way)
+ROWS_PER_CALL = 1920
 _FASTEST_PROBE = (1024, 1024, 128, (1, 64))  # in, out, group, rows: about a millisecond per call
 
 # "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
@@ -199,12 +204,14 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
     y = torch.empty(m, n, dtype=x2.dtype)
     if m == 0:
         return y
-    threads = kernel_threads(m, w)
-    rc = fn(
-        x2.data_ptr(), int(x2.dtype == torch.float32), m, w.in_features, w.qweight.data_ptr(), w.scales.data_ptr(),
-        w.zeros.data_ptr(), w.g_idx.data_ptr(), n, None if bias is None else bias.data_ptr(), y.data_ptr(), threads,
-        w.bits, w.regular_group, order,
-    )
-    if rc != 0:
-        raise RuntimeError(f"FMA CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")
+    threads, chunk = kernel_threads(m, w), balanced_chunk(m, ROWS_PER_CALL)
+    for start in range(0, m, chunk):
+        part, out = x2[start:start + chunk], y[start:start + chunk]
+        rc = fn(
+            part.data_ptr(), int(x2.dtype == torch.float32), part.shape[0], w.in_features, w.qweight.data_ptr(),
+            w.scales.data_ptr(), w.zeros.data_ptr(), w.g_idx.data_ptr(), n, None if bias is None else bias.data_ptr(),
+            out.data_ptr(), threads, w.bits, w.regular_group, order,
+        )
+        if rc != 0:
+            raise RuntimeError(f"FMA CPU kernel failed (code {rc}) for x {tuple(x2.shape)}, out_features {n}")
     return y

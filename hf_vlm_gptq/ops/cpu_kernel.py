@@ -135,6 +135,13 @@ def check_x_order(x_order: torch.Tensor | None, in_features: int) -> int | None:
     return x_order.data_ptr()
 
 
+def balanced_chunk(rows: int, limit: int) -> int:
+    """Rows per chunk when ``rows`` go to a kernel in calls of at most ``limit`` rows: balanced, so that past
+    the limit every chunk holds more than half of it (none drops to a small-batch path)."""
+    parts = -(-rows // limit)  # ceil
+    return -(-rows // parts)
+
+
 def kernel_threads(rows: int, w: FusedWeights) -> int:
     """Threads for one call: one below :data:`SERIAL_MACS` multiply-adds, else torch's intra-op count."""
     return 1 if rows * w.out_features * w.in_features < SERIAL_MACS else torch.get_num_threads()

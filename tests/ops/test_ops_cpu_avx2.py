@@ -146,6 +146,22 @@ def test_the_faster_build_serves(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize(("dtype", "act_order"), [(torch.bfloat16, False), (torch.float32, True)])
+def test_long_inputs_go_in_row_chunks_with_the_same_result(monkeypatch, each_build, dtype, act_order):
+    """Past ROWS_PER_CALL rows the kernel runs on balanced row chunks (bounding its float32 copy of x): the same
+    bits as one call, each chunk above half the limit (so none takes the small-batch path)."""
+    m = _module(64, 256, 64, dtype=dtype, act_order=act_order)
+    x = torch.randn(250, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    whole = m(x)
+    rows: list[int] = []
+    lib = A._state["lib"]
+    monkeypatch.setitem(A._state, "lib", lambda *args: rows.append(args[2]) or lib(*args))
+    monkeypatch.setattr(A, "ROWS_PER_CALL", 100)
+    assert torch.equal(m(x), whole)
+    assert rows == [84, 84, 82]
+
+
+@needs_kernel
 def test_large_layer_several_threads_and_zero_rows(each_build):
     m = _module(256, 512, 128)
     _check(m, torch.randn(300, 512).bfloat16())  # ~40M multiply-adds: the threaded path
