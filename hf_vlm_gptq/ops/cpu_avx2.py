@@ -50,9 +50,15 @@ from .selfcheck import self_check
 logger = logging.getLogger(__name__)
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# the small-batch path: passes of at most this many rows per build (what its registers hold), up to
+# SMALL_PASSES of them; passed to the build
+SMALL_ROWS_PER_PASS = {"lowbit_gemm_fma_avx2": 4, "lowbit_gemm_fma_avx512": 8}
+SMALL_PASSES = 2
+SMALL_ROWS = {name: SMALL_PASSES * rows for name, rows in SMALL_ROWS_PER_PASS.items()}  # the most rows it serves
+_CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", f"-DSMALL_PASSES={SMALL_PASSES}")
 KERNEL = kernel_cache.KernelSource(
     source=Path(__file__).with_name("csrc") / "lowbit_gemm_fma.c",
-    cflags=("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"),
+    cflags=(*_CFLAGS, f"-DSMALL_ROWS={SMALL_ROWS_PER_PASS['lowbit_gemm_fma_avx2']}"),
     symbol="hvg_lowbit_gemm_fma",
     argtypes=(_P, _INT, _I64, _I64, _P, _P, _P, _P, _I64, _P, _P, _INT, _INT, _I64, _P),
     required_cpu_flags=("avx2", "fma", "f16c"),
@@ -62,14 +68,12 @@ KERNEL = kernel_cache.KernelSource(
 # the same source in 512-bit vectors and 32 registers; which build runs is measured at first use
 # (:func:`fastest`): wide vectors lower the clock on some CPUs
 KERNEL_AVX512 = dataclasses.replace(
-    KERNEL, cflags=("-O3", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-fopenmp", "-shared", "-fPIC"),
+    KERNEL, cflags=(*_CFLAGS, "-mavx512f", f"-DSMALL_ROWS={SMALL_ROWS_PER_PASS['lowbit_gemm_fma_avx512']}"),
     required_cpu_flags=("avx2", "fma", "f16c", "avx512f"), what="FMA low-bit CPU kernel (AVX-512 build)",
     name="lowbit_gemm_fma_avx512")
 BUILDS = (KERNEL, KERNEL_AVX512)
 AVX2_BITS = KERNEL_BITS
 DTYPES = (torch.bfloat16, torch.float32)
-# the most rows each build's small-batch path serves (the C defaults: SMALL_PASSES x SMALL_ROWS)
-SMALL_ROWS = {"lowbit_gemm_fma_avx2": 8, "lowbit_gemm_fma_avx512": 16}
 # the shared probes, plus output widths with a half panel (40 = 16 + 16 + 8; 32 + 8 in the AVX-512 build),
 # padded input widths, 2-bit groups of 8 (a group edge inside a packed word) and 8-bit groups on the small path
 PROBES = (*_SHARED_PROBES, (4, 100, 40, 32, False, (1, 7)), (4, 100, 40, 32, True, (13,)),
@@ -206,7 +210,7 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
         return y
     threads, chunk = kernel_threads(m, w), balanced_chunk(m, ROWS_PER_CALL)
     for start in range(0, m, chunk):
-        part, out = x2[start:start + chunk], y[start:start + chunk]
+        part, out = (x2, y) if chunk == m else (x2[start:start + chunk], y[start:start + chunk])
         rc = fn(
             part.data_ptr(), int(x2.dtype == torch.float32), part.shape[0], w.in_features, w.qweight.data_ptr(),
             w.scales.data_ptr(), w.zeros.data_ptr(), w.g_idx.data_ptr(), n, None if bias is None else bias.data_ptr(),

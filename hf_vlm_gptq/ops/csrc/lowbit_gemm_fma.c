@@ -17,8 +17,9 @@
  *
  * (code - zero) is always an exact float32: the bits 0x4B000000 | code are the float 2^23 + code, and
  * (2^23 + code) - (2^23 + zero) is exact. Two paths:
- * - GEMM (more than SMALL_ROWS rows, or act-order): the weight is dequantized as the float32 reference does
- *   it ((code - zero) times the scale, one rounding) into an L1-sized float32 buffer of KC inputs x NP
+ * - GEMM (more than SMALL_PASSES x SMALL_ROWS rows, or groups not of consecutive inputs): the weight is
+ *   dequantized as the float32 reference does it ((code - zero) times the scale, one rounding) into an
+ *   L1-sized float32 buffer of KC inputs x NP
  *   columns, chunk by chunk, and every row block of x (converted to float32 once) is multiplied against that
  *   buffer by a register-blocked FMA micro-kernel of MR x NP. The weight is decoded once per chunk and row
  *   block of up to MC_MAX rows, so memory traffic stays that of the low-bit weight.
@@ -166,11 +167,13 @@ static inline void store_bf16(uint16_t *p, vf f, int half) {
 #ifndef MC_MAX
 #define MC_MAX 240 /* GEMM rows per task (a multiple of MR): its float32 block of x (KC columns) stays in L2 */
 #endif
-#ifndef SMALL_ROWS
-#define SMALL_ROWS SMALL_ROWS_MAX /* rows per pass of the small-batch path (<= SMALL_ROWS_MAX) */
+/* The small-batch path serves up to SMALL_PASSES x SMALL_ROWS rows, in balanced passes of at most SMALL_ROWS
+ * rows (<= SMALL_ROWS_MAX, what the registers hold); both are set by the build (ops/cpu_avx2.py) */
+#if !defined(SMALL_ROWS) || !defined(SMALL_PASSES)
+#error "build with -DSMALL_ROWS=... -DSMALL_PASSES=... (ops/cpu_avx2.py sets them)"
 #endif
-#ifndef SMALL_PASSES
-#define SMALL_PASSES 2 /* the small-batch path serves up to SMALL_PASSES * SMALL_ROWS rows, in balanced passes */
+#if SMALL_ROWS > SMALL_ROWS_MAX || SMALL_ROWS < 1 || SMALL_PASSES < 0
+#error "SMALL_ROWS must lie in [1, SMALL_ROWS_MAX] and SMALL_PASSES be >= 0"
 #endif
 #ifndef PREFETCH_WORDS
 #define PREFETCH_WORDS 16 /* the small path prefetches the panel's packed words this many word rows ahead */
