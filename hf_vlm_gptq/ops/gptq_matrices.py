@@ -101,13 +101,14 @@ def symmetric_copy(h: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
 def upper_factor_(m: torch.Tensor) -> bool:
     """In place: ``m`` (symmetric, its upper triangle read) becomes the upper-triangular ``R`` with
     ``R R^T = m``, zeros below the diagonal; False (``m`` then undefined) when a pivot is not positive.
-    Where float32 CPU products run on oneDNN (``dense.py``) a large ``m`` goes by halves,
-    ``m = [[A, B], [B^T, C]]``: ``R22 = factor(C)``, ``R12 = B R22^-T`` (a triangular solve),
-    ``R11 = factor(A - R12 R12^T)``, so most of the arithmetic is one product per level and no full-size
-    matrix is allocated; elsewhere LAPACK's Cholesky of the index-reversed matrix (``J m J = L L^T`` gives
-    ``R = J L J``)."""
+    On CPU a large ``m`` goes by halves, ``m = [[A, B], [B^T, C]]``: ``R22 = factor(C)``, ``R12 = B R22^-T``
+    (a triangular solve), ``R11 = factor(A - R12 R12^T)``, so most of the arithmetic is one product per level
+    (on the measured engine, ``dense.py``) and no full-size matrix is allocated. The leaves, and matrices
+    on other devices, take LAPACK's Cholesky of the index-reversed matrix (``J m J = L L^T`` gives
+    ``R = J L J``); on a whole large CPU matrix that costs more around the factorisation than in it (torch
+    zeroes the other triangle of the column-major factor and the result is copied back transposed)."""
     n = m.shape[0]
-    if n <= _LEAF or not dense.takes(m):
+    if n <= _LEAF or m.device.type != "cpu":
         lower, info = torch.linalg.cholesky_ex(flipped(m))
         if int(info) != 0:
             return False
@@ -117,8 +118,9 @@ def upper_factor_(m: torch.Tensor) -> bool:
     r22 = m[k:, k:]
     if not upper_factor_(r22):
         return False
-    # R12 R22^T = B: X A = B with A = R22^T (lower triangular)
-    m[:k, k:] = torch.linalg.solve_triangular(r22.t(), m[:k, k:], upper=False, left=False)
+    # R12 R22^T = B, solved as R22 R12^T = B^T: LAPACK's column-major answer is then R12 in row order (the
+    # right-hand form comes back column-major and costs a transposed copy into m)
+    m[:k, k:] = torch.linalg.solve_triangular(r22, m[:k, k:].t(), upper=True).t()
     r12 = m[:k, k:]
     m[:k, :k].sub_(dense.linear(r12, r12))
     if not upper_factor_(m[:k, :k]):

@@ -166,6 +166,32 @@ def test_upper_factor_by_halves_matches_float64(engine):
     assert upper_inverse_cholesky(broken) is None
 
 
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_large_cpu_factor_goes_by_halves_on_every_engine(engine, dtype, monkeypatch):
+    """LAPACK's Cholesky sees only the leaves, whatever the engine and dtype (on a whole large matrix torch
+    zeroes the factor's other triangle and the result is copied back transposed: most of the time)."""
+    from hf_vlm_gptq.ops import gptq_matrices
+
+    seen: list[int] = []
+    lapack = torch.linalg.cholesky_ex
+
+    def recorded(m, *args, **kwargs):
+        seen.append(m.shape[0])
+        return lapack(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", recorded)
+    gen = torch.Generator().manual_seed(2)
+    n = 1100
+    x = torch.randn(2 * n, n, generator=gen, dtype=dtype)
+    a = x.t() @ x / (2 * n) + 0.1 * torch.eye(n, dtype=dtype)
+    upper = a.clone()
+    assert upper_factor_(upper) and torch.equal(upper, upper.triu())
+    assert seen and max(seen) <= gptq_matrices._LEAF
+    assert float((upper.double() @ upper.double().t() - a.double()).abs().max()) < (1e-4 if dtype == torch.float32
+                                                                                    else 1e-10)
+
+
 def test_transposed_casts_and_subtracts_in_the_asked_dtype():
     """bf16 pieces into a float32 transpose: the difference taken after the cast (exact), not in bf16; pieces
     longer than one chunk and of uneven lengths."""
