@@ -48,7 +48,7 @@ from .modality import GroupInputs, TokenInfo
 from .modules_swap import SplitLinear, build_split_linear, make_quant_module, module_entry, set_submodule
 from .offload import ExecutionOffload, same_device
 from .ops import QuantResult
-from .ops.dense import fast_linears
+from .ops.dense import fast_layers
 from .progress import ProgressBars
 from .report import QuantRecord, RunRecords
 from .threads import adaptive_threads
@@ -310,7 +310,7 @@ def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict],
             worker.importance = importance
     # on CPU: 1 thread while other processes hold the cores (threads.py)
     with adaptive_threads(enabled=device.type == "cpu") as threads, listen(on_event), listen(collected), \
-            listen(bars), fast_linears(model):
+            listen(bars), fast_layers(model):
         handed: list[torch.Tensor] | None = None  # the last component's outputs, when the next one takes them
         try:
             for comp, worker in workers:

@@ -28,7 +28,7 @@ from hf_vlm_gptq.arch import ARCHITECTURES, find_module
 from hf_vlm_gptq.calib import build_model_inputs, builtin_samples
 from hf_vlm_gptq.modules_swap import SplitLinear
 from hf_vlm_gptq.ops import QuantConv, QuantLinear
-from hf_vlm_gptq.ops.dense import fast_linears
+from hf_vlm_gptq.ops.dense import fast_layers
 from hf_vlm_gptq.pipeline import ComponentQuantizer
 
 SPECS = {spec.name: spec for spec in ARCHITECTURES}
@@ -77,8 +77,8 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _under_fast_linears(model: nn.Module, items: Iterator) -> Iterator:
-    with fast_linears(model):
+def _under_fast_layers(model: nn.Module, items: Iterator) -> Iterator:
+    with fast_layers(model):
         yield from items
 
 
@@ -103,11 +103,11 @@ def test_pipeline_feeds_each_block_what_it_sees_in_a_real_forward(name, kind, ti
         handles = [block.register_forward_pre_hook(
             lambda _m, args, kwargs, calls=seen[i]: calls.append((args, kwargs)), with_kwargs=True)
             for i, (_, block) in enumerate(blocks)]
-        with torch.no_grad(), fast_linears(model):  # the pipeline's passes run its Linears this way (ops/dense.py)
+        with torch.no_grad(), fast_layers(model):  # the pipeline's passes run its Linears and patch convs this way (ops/dense.py)
             model(**batch, use_cache=False)
         for handle in handles:
             handle.remove()
-        for index, (path, _block, calls, _keep) in enumerate(_under_fast_linears(model, worker.block_inputs([batch]))):
+        for index, (path, _block, calls, _keep) in enumerate(_under_fast_layers(model, worker.block_inputs([batch]))):
             assert len(calls) == len(seen[index]), f"{path}: fed {len(calls)} calls, the model made {len(seen[index])}"
             for fed, real in zip(calls, seen[index]):
                 assert _same(fed[0], real[0]), f"{path}: positional inputs differ from the real forward pass"

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import KERNEL_MODES
+from .dense import conv_by_patches, is_patch_conv
 from .hessian import pad_conv_input
 from .qbase import PackedWeightModule, check_positive_int
 from .result import QuantResult
@@ -193,10 +194,6 @@ class QuantConv(PackedWeightModule):
                     dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode, device="meta")
         return _fill_dense(dense, self, dtype or self.weight_dtype)
 
-    def _is_patchify(self) -> bool:
-        no_pad = self.padding == "valid" or (self.padding != "same" and not any(self.padding))
-        return self.stride == self.kernel_size and no_pad and all(d == 1 for d in self.dilation)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nd = len(self.kernel_size)
         if x.dim() == 2:
@@ -208,8 +205,8 @@ class QuantConv(PackedWeightModule):
             x = x.unsqueeze(0)
         if x.dim() != nd + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must be [batch, {self.in_channels}, *{nd} dims], got {tuple(x.shape)}")
-        if self._is_patchify():
-            y = self._patch_forward(x)
+        if is_patch_conv(self.kernel_size, self.stride, self.padding, self.dilation):
+            y = conv_by_patches(x, self.kernel_size, lambda rows: self._linear(rows, self.bias))
         else:
             w = self.dequantize_weight(x.dtype).view(self.out_channels, self.in_channels, *self.kernel_size)
             bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -220,19 +217,6 @@ class QuantConv(PackedWeightModule):
             else:
                 y = conv(x, w, bias, self.stride, self.padding, self.dilation)
         return y.squeeze(0) if unbatched else y
-
-    def _patch_forward(self, x: torch.Tensor) -> torch.Tensor:
-        nd, k = len(self.kernel_size), self.kernel_size
-        b, c, *spatial = x.shape
-        outs = [s // kk for s, kk in zip(spatial, k)]
-        if any(o == 0 for o in outs):
-            raise ValueError(f"input spatial size {tuple(spatial)} is smaller than the kernel {k}")
-        x = x[(..., *[slice(0, o * kk) for o, kk in zip(outs, k)])]
-        split = [b, c] + [v for o, kk in zip(outs, k) for v in (o, kk)]
-        perm = [0, *[2 + 2 * i for i in range(nd)], 1, *[3 + 2 * i for i in range(nd)]]
-        patches = x.reshape(split).permute(perm).reshape(-1, self.in_features)
-        y = self._linear(patches, self.bias).view(b, *outs, self.out_channels)
-        return y.permute(0, nd + 1, *range(1, nd + 1)).contiguous()
 
     def extra_repr(self) -> str:
         return (

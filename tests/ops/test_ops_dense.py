@@ -86,7 +86,7 @@ class _OwnForward(nn.Linear):
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
-def test_fast_linears_patches_plain_linears_and_undoes_it(engine):
+def test_fast_layers_patches_plain_linears_and_undoes_it(engine):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), _OwnForward(8, 8), nn.Linear(8, 4))
     hooked = model[2]
@@ -94,7 +94,7 @@ def test_fast_linears_patches_plain_linears_and_undoes_it(engine):
     x = torch.randn(3, 8)
     with torch.no_grad():
         before = model[0](x)
-        with dense.fast_linears(model):
+        with dense.fast_layers(model):
             patched = "forward" in model[0].__dict__
             assert "forward" not in model[1].__dict__
             assert torch.equal(model[2](x), torch.zeros(3, 4))  # its own forward kept
@@ -102,9 +102,39 @@ def test_fast_linears_patches_plain_linears_and_undoes_it(engine):
         assert patched == (engine == "onednn")
         assert "forward" not in model[0].__dict__
         assert torch.allclose(inside, before, atol=1e-6)
-        with pytest.raises(RuntimeError), dense.fast_linears(model):
+        with pytest.raises(RuntimeError), dense.fast_layers(model):
             raise RuntimeError("a failed pass")
         assert "forward" not in model[0].__dict__
+
+
+@pytest.mark.parametrize("engine", ENGINES, indirect=True)
+def test_fast_layers_run_patch_convs_as_one_product(engine):
+    """A Qwen-style Conv3d stem (the input one patch per row), a SigLIP-style Conv2d with trailing pixels that
+    fill no patch, in fp32 and bf16: patched, the conv's result to rounding, hooks still see the input; a conv
+    that overlaps its patches (stride < kernel) and a grouped one keep the conv; all undone on exit."""
+    torch.manual_seed(0)
+    stem = nn.Conv3d(3, 16, (2, 4, 4), stride=(2, 4, 4), bias=False)
+    image = nn.Conv2d(3, 8, 5, stride=5)
+    overlap = nn.Conv2d(3, 8, 3, stride=2)
+    grouped = nn.Conv2d(4, 8, 2, stride=2, groups=2)
+    model = nn.ModuleList([stem, image, overlap, grouped])
+    inputs = [torch.randn(40, 3, 2, 4, 4), torch.randn(2, 3, 23, 17), torch.randn(2, 3, 9, 9), torch.randn(1, 4, 6, 6)]
+    seen = []
+    stem.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape))
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        xs = [x.to(dtype) for x in inputs]
+        with torch.no_grad():
+            want = [conv(x) for conv, x in zip(model, xs)]
+            with dense.fast_layers(model):
+                assert ["forward" in conv.__dict__ for conv in model] == [True, True, False, False]
+                got = [conv(x) for conv, x in zip(model, xs)]
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.is_contiguous()
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert float((g.float() - w.float()).abs().max()) <= tol * float(w.float().abs().max())
+        assert all("forward" not in conv.__dict__ for conv in model)
+    assert seen == [(40, 3, 2, 4, 4)] * 4
 
 
 @pytest.mark.parametrize("engine", ENGINES, indirect=True)
