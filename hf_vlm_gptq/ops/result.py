@@ -44,7 +44,15 @@ class QuantResult:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
     def dequantize(self) -> torch.Tensor:
-        """The quantized weight ``scale * (code - zero)`` as float32 [out, in]."""
+        """The quantized weight ``scale * (code - zero)`` as float32 [out, in]. Consecutive groups (no
+        act-order permutation) broadcast each group's scale and zero over its columns, bit for bit the gather
+        by ``g_idx`` at a small fraction of its time."""
+        out_f, n = self.shape
+        size = n if self.group_size == -1 else self.group_size
+        if (n % size == 0 and self.scales.shape[1] == n // size
+                and torch.equal(self.g_idx, torch.arange(n, device=self.g_idx.device, dtype=self.g_idx.dtype) // size)):
+            codes = self.codes.reshape(out_f, n // size, size).float()
+            return codes.sub_(self.zeros.float()[..., None]).mul_(self.scales.float()[..., None]).view(out_f, n)
         g = self.g_idx.long()
         return dequantize(self.codes, self.scales[:, g].float(), self.zeros[:, g].float())
 

@@ -112,3 +112,21 @@ def test_rtn_rejects_bad_input():
         rtn_quantize(torch.randn(2, 4), bits=4, group_size=0)
     with pytest.raises(ValueError, match="hessian"):
         rtn_quantize(torch.randn(2, 4), bits=4, hessian=torch.eye(3))
+
+
+@pytest.mark.parametrize(("in_f", "group_size", "act_order"), [(256, 64, False), (256, -1, False), (200, 64, False),
+                                                                 (256, 64, True)])
+def test_a_result_dequantizes_to_scale_times_code_minus_zero_of_its_group(in_f, group_size, act_order):
+    """Consecutive groups (broadcast), one group, a partial last group and act-order's permuted groups (both
+    by ``g_idx``): each entry is ``scale[g] * (code - zero[g])`` in float32, exactly."""
+    from hf_vlm_gptq.ops import gptq_quantize
+
+    h = correlated_hessian(in_f, seed=in_f)
+    res = gptq_quantize(weight(24, in_f, seed=5), h, bits=4, group_size=group_size, sym=False, act_order=act_order)
+    g = res.g_idx.long()
+    want = res.scales.float()[:, g] * (res.codes.float() - res.zeros.float()[:, g])
+    got = res.dequantize()
+    assert got.dtype == torch.float32 and got.shape == (24, in_f)
+    assert torch.equal(got, want)
+    if act_order:
+        assert not torch.equal(res.g_idx, torch.arange(in_f, dtype=res.g_idx.dtype) // group_size)
