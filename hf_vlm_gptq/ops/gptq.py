@@ -68,6 +68,7 @@ from .result import (
     split_results,
 )
 from .rtn import rtn_core
+from .scratch import MatrixPool
 from .selfcheck import self_check
 
 __all__ = ["GPTAQ_ALPHA", "MAX_REL_DAMP", "QuantResult", "gptaq_correction", "gptq_quantize", "gptq_quantize_shared",
@@ -167,6 +168,14 @@ def _row_losses(w: torch.Tensor, q_t: torch.Tensor, h: torch.Tensor) -> torch.Te
     return dense.linear(d, h).mul_(d).sum(1)  # d H^T d^T: the same quadratic form
 
 
+def _permuted(m: torch.Tensor, perm: torch.Tensor, pool: MatrixPool) -> torch.Tensor:
+    """``m[perm][:, perm]`` written back into ``m`` (contiguous, square), through one matrix from ``pool``."""
+    rows = torch.index_select(m, 0, perm, out=pool.take(m.shape, m.dtype, m.device))
+    torch.index_select(rows, 1, perm, out=m)
+    pool.give(rows)
+    return m
+
+
 def _solve(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -183,14 +192,18 @@ def _solve(
     full_range: bool = False,
     gptaq_cross: torch.Tensor | None = None,
     gptaq_alpha: float = GPTAQ_ALPHA,
+    pool: MatrixPool | None = None,
 ) -> tuple:
     """Solve the stacked problem ``w[out, n]`` (compute dtype; not modified).
 
     Returns ``codes, scales, zeros, g_idx, row_losses, damp, method, fallback``; ``row_losses[out]`` are
-    measured against the caller's (undamped) Hessian.
+    measured against the caller's (undamped) Hessian. The ``[n, n]`` work matrices come from ``pool`` and go
+    back to it.
     """
     n = w.shape[1]
-    h = symmetric_copy(hessian.to(device=w.device), w.dtype)
+    pool = pool if pool is not None else MatrixPool()
+    square = (n, n), w.dtype, w.device
+    h = symmetric_copy(hessian.to(device=w.device), w.dtype, out=pool.take(*square))
 
     def rtn(reason: str, damp: float) -> tuple:
         logger.warning("GPTQ falls back to RTN: %s", reason)
@@ -201,6 +214,7 @@ def _solve(
         return codes, scale, zero, g_idx, _row_losses(w, q_t, h_orig), damp, "rtn", reason
 
     if nsamples == 0 or not _nonzero(h):
+        pool.give(h)
         return rtn(NO_CALIBRATION, 0.0)
     diag = h.diagonal()
     dead = diag == 0
@@ -212,12 +226,13 @@ def _solve(
         perm, group_perm = group_aware_order(diag, group_size)
     cross = None
     if gptaq_cross is not None:
-        cross = gptaq_cross.to(device=w.device, dtype=w.dtype).clone()
+        cross = pool.take(*square).copy_(gptaq_cross)
         cross[:, dead] = 0
     if perm is not None:
-        w_p, h, dead = w[:, perm], h[perm][:, perm], dead[perm]
+        w_p, dead = w[:, perm], dead[perm]
+        h = _permuted(h, perm, pool)
         if cross is not None:
-            cross = cross[perm][:, perm]
+            cross = _permuted(cross, perm, pool)
     else:
         w_p = w
     work = w_p
@@ -225,20 +240,23 @@ def _solve(
         work = w_p.clone()
         work[:, dead] = 0
     mean_diag = float(h.diagonal().mean())
-    u, used = None, percdamp
+    u, used, factor = None, percdamp, pool.take(*square)
     for used in _damping_steps(percdamp):
-        u = upper_inverse_cholesky(h, used * mean_diag) if mean_diag > 0 else None
+        u = upper_inverse_cholesky(h, used * mean_diag, out=factor) if mean_diag > 0 else None
         if u is not None:
             break
         logger.warning("Cholesky failed at relative damping %g; retrying with more", used)
     if u is None:
+        pool.give(factor, h, cross)
         del h
         return rtn(f"cholesky failed up to relative damping {used:g}", used)
-    p = gptaq_correction(cross, u, gptaq_alpha) if cross is not None else None
+    p = gptaq_correction(cross, u, gptaq_alpha, out=pool.take(*square)) if cross is not None else None
+    pool.give(cross)
     del cross
     codes_p, scales, zeros, q_t, energy = _column_sweep(work, u, bits, group_size, sym, clip, block_size,
                                                         full_range, p)
-    del u, p
+    pool.give(u, p)
+    del u, p, factor
     if energy is not None:  # without GPTAQ: each row's loss from the sweep's scaled errors
         # (W - Q) H (W - Q)^T = sum E^2 - damp ||work - Q||^2 per row: dead columns are 0 in work and Q, and
         # the caller's Hessian is 0 there
@@ -248,6 +266,7 @@ def _solve(
     else:
         h.diagonal()[dead] = 0  # back to the caller's Hessian (permuted) for the loss
         row_losses = _row_losses(w_p, q_t, h)
+    pool.give(h)
     del h, q_t, work
     positions = torch.arange(n, device=w.device, dtype=torch.int32)
     group_of_pos = torch.zeros_like(positions) if group_size == -1 else positions // group_size
@@ -281,10 +300,13 @@ def gptq_quantize_shared(
     full_range: bool = False,
     gptaq_cross: torch.Tensor | None = None,
     gptaq_alpha: float = GPTAQ_ALPHA,
+    pool: MatrixPool | None = None,
 ) -> list[QuantResult]:
     """GPTQ for several layers fed the same input (q/k/v, gate/up): one damping and one Cholesky, the
     weights solved as one problem stacked along the output dim, results split back per layer.
-    ``group_order``, ``full_range``, ``gptaq_cross`` / ``gptaq_alpha``: see the module docstring."""
+    ``group_order``, ``full_range``, ``gptaq_cross`` / ``gptaq_alpha``: see the module docstring. ``pool``
+    (``scratch.py``): where the solve's work matrices come from and go back to, so that a run's solves of
+    one size reuse them (by default fresh ones)."""
     if not isinstance(weights, (list, tuple)) or not weights:
         raise ValueError(f"weights must be a non-empty list of 2-D tensors, got {type(weights).__name__}")
     check_common(bits, group_size, sym, clip)
@@ -315,6 +337,7 @@ def gptq_quantize_shared(
         full_range=full_range,
         gptaq_cross=gptaq_cross,
         gptaq_alpha=float(gptaq_alpha),
+        pool=pool,
     )
     return split_results(list(weights), solved, bits, group_size, sym, nsamples)
 

@@ -42,8 +42,10 @@ def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor
 _STRIP = 256  # rows per strip of gptaq_correction on CPU
 
 
-def gptaq_correction(cross: torch.Tensor, u: torch.Tensor, alpha: float = GPTAQ_ALPHA) -> torch.Tensor:
-    """GPTAQ's ``P = alpha * triu(cross @ U^T, 1) @ U`` (strictly upper triangular; see the module docstring).
+def gptaq_correction(cross: torch.Tensor, u: torch.Tensor, alpha: float = GPTAQ_ALPHA,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTAQ's ``P = alpha * triu(cross @ U^T, 1) @ U`` (strictly upper triangular; see the module docstring),
+    written into ``out`` (``u``'s shape and dtype, contiguous) when given.
 
     On CPU a strip of rows ``I = [i, i + s)`` at a time, with the zeros of the triangles skipped: ``U`` is
     upper triangular, so the strip's ``triu(cross @ U^T, 1)`` is ``cross[I] @ U[i:]^T`` (columns ``i`` on)
@@ -51,9 +53,10 @@ def gptaq_correction(cross: torch.Tensor, u: torch.Tensor, alpha: float = GPTAQ_
     arithmetic is half of the two full products."""
     n = u.shape[0]
     if u.device.type != "cpu" or n <= 2 * _STRIP:
-        return dense.mm(torch.triu(dense.linear(cross, u), diagonal=1), u).mul_(alpha)
+        p = dense.mm(torch.triu(dense.linear(cross, u), diagonal=1), u).mul_(alpha)
+        return p if out is None else out.copy_(p)
     u, cross = u.contiguous(), cross.contiguous()
-    p = torch.empty_like(u)
+    p = torch.empty_like(u) if out is None else out
     for i in range(0, n, _STRIP):
         t = dense.linear(cross[i : i + _STRIP], u[i:]).triu_(1)  # [s, n - i]: global column > row
         p[i : i + _STRIP] = dense.mm(t, u[i:]).mul_(alpha)
@@ -77,15 +80,19 @@ def flipped(x: torch.Tensor) -> torch.Tensor:
 _SYM_TILE = 256  # rows / columns of the tiles symmetric_copy averages (a tile and its mirror stay in cache)
 
 
-def symmetric_copy(h: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(h + h^T) / 2`` as a new contiguous matrix (in ``dtype``, default ``h``'s): float products need not
-    give an exactly symmetric Hessian, and the factorisation reads one triangle. Tile by tile, so the transposed
+def symmetric_copy(h: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(h + h^T) / 2`` as a new contiguous matrix (in ``dtype``, default ``h``'s; into ``out``, contiguous,
+    when given): float products need not give an exactly symmetric Hessian, and the factorisation reads one
+    triangle. Tile by tile, so the transposed
     reads stay in cache (one whole-matrix ``h + h.t()`` reads a column per element); on a GPU in one op (the
     tiles would be thousands of kernel launches)."""
     if h.device.type != "cpu":
         h = h.to(dtype=dtype or h.dtype)
-        return (h + h.t()).mul_(0.5)
-    out = h.to(dtype=dtype or h.dtype, memory_format=torch.contiguous_format, copy=True)
+        return (h + h.t()).mul_(0.5) if out is None else torch.add(h, h.t(), out=out).mul_(0.5)
+    if out is None:
+        out = h.to(dtype=dtype or h.dtype, memory_format=torch.contiguous_format, copy=True)
+    else:
+        out.copy_(h)
     n = out.shape[0]
     tile = _SYM_TILE
     for i in range(0, n, tile):
@@ -145,12 +152,12 @@ def upper_inverse_(r: torch.Tensor) -> None:
     r[:k, k:] = dense.mm(r[:k, :k], dense.mm(r[:k, k:], r[k:, k:])).neg_()
 
 
-def upper_inverse_cholesky(h: torch.Tensor, damp: float = 0.0) -> torch.Tensor | None:
+def upper_inverse_cholesky(h: torch.Tensor, damp: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Upper-triangular ``U`` with ``U^T U = (h + damp I)^-1``, or None when that matrix is not
     (numerically) positive definite. ``h`` (symmetric) is not modified: ``h + damp I = R R^T`` with ``R``
     upper triangular (:func:`upper_factor_`), and ``U = R^-1`` (:func:`upper_inverse_`), both in one copy of
-    ``h`` (peak extra memory about 1.5 matrices)."""
-    m = h.clone(memory_format=torch.contiguous_format)
+    ``h`` (``out`` when given: contiguous, ``h``'s shape and dtype; peak extra memory about 1.5 matrices)."""
+    m = h.clone(memory_format=torch.contiguous_format) if out is None else out.copy_(h)
     m.diagonal().add_(damp)
     if not upper_factor_(m):
         return None

@@ -39,6 +39,7 @@ from torch import nn
 
 from . import cpu_gram, dense
 from .result import all_finite
+from .scratch import MatrixPool
 
 XtX = Callable[[torch.Tensor], torch.Tensor]
 _HALF = (torch.bfloat16, torch.float16)
@@ -211,18 +212,24 @@ class HessianAccumulator:
     """Accumulates ``2/n * X^T X`` over batches of layer inputs (fp32 unless told otherwise).
 
     Batches are collected (up to ``_FLUSH_BYTES`` of them) and added to the matrix together, when the
-    collection is full and when :attr:`hessian` is read."""
+    collection is full and when :attr:`hessian` is read. ``pool`` (``scratch.py``): where the matrix comes from
+    (the caller may give it back once done with it)."""
 
     def __init__(
-        self, columns: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+        self, columns: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+        pool: MatrixPool | None = None,
     ):
         if isinstance(columns, bool) or not isinstance(columns, int) or columns <= 0:
             raise ValueError(f"columns must be a positive int, got columns={columns!r}")
         self.columns = columns
-        self._h = torch.zeros(columns, columns, dtype=dtype, device=device)
+        self._pool = pool if pool is not None else MatrixPool()
+        self._h = self._zeros(dtype, device)
         self._in_matrix = 0  # rows already in self._h
         self._pending: list[torch.Tensor] = []  # rows (scaled by sqrt(weight)) not yet in self._h
         self._pending_rows = 0
+
+    def _zeros(self, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+        return self._pool.zeros((self.columns, self.columns), dtype, device if device is not None else torch.get_default_device())
 
     @property
     def nsamples(self) -> int:
@@ -234,6 +241,10 @@ class HessianAccumulator:
         """The accumulated matrix ``[columns, columns]`` (zeros before any input)."""
         self._flush()
         return self._h
+
+    def matrices(self) -> list[torch.Tensor]:
+        """The matrices it accumulates into (for the caller to give back to the pool when done)."""
+        return [self._h]
 
     def add_batch(self, x: torch.Tensor, weights: torch.Tensor | float | None = None) -> None:
         """Add Linear inputs ``x[..., columns]`` (every leading index is one sample row); ``weights``: one
@@ -292,12 +303,15 @@ class AsymmetricAccumulator(HessianAccumulator):
 
     def __init__(
         self, columns: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-        with_hessian: bool = True,
+        with_hessian: bool = True, pool: MatrixPool | None = None,
     ):
-        super().__init__(columns, device, dtype)
-        self._cross = torch.zeros(columns, columns, dtype=dtype, device=device)
+        super().__init__(columns, device, dtype, pool)
+        self._cross = self._zeros(dtype, device)
         self._with_hessian = with_hessian  # False: only ``cross`` (the caller accumulates H elsewhere)
         self._pending_float: list[torch.Tensor] = []  # the float model's rows of self._pending
+
+    def matrices(self) -> list[torch.Tensor]:
+        return [self._h, self._cross]
 
     @property
     def cross(self) -> torch.Tensor:
