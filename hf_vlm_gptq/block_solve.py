@@ -2,7 +2,7 @@
 ``stepped.py``, or replays of the block, ``capture.py``), each group solved and swapped for packed modules.
 
 ``BlockSolving`` is the block half of ``pipeline.ComponentQuantizer``; it uses the host's ``config``,
-``opts``, ``comp``, ``device``, ``_skipped``, ``_block_tokens``, ``_swap`` and ``_record``, and sets
+``opts``, ``comp``, ``device``, ``pool``, ``_skipped``, ``_block_tokens``, ``_swap`` and ``_record``, and sets
 ``advanced`` when the calls it was given already hold the next block's inputs.
 """
 
@@ -21,15 +21,17 @@ from .config_fields import PartOptions
 from .events import ModuleSolved, emit
 from .modality import GroupInputs
 from .ops import QuantResult, gptq_quantize_shared, rtn_quantize
+from .ops.scratch import MatrixPool
 from .stepped import Lane, fits_in_memory, forward_in_steps, hand_over
 
 __all__ = ["BlockSolving", "solve_weights"]
 
 
 def solve_weights(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: int, opts: PartOptions,
-                  config: VLMGPTQConfig, cross: torch.Tensor | None = None) -> list[QuantResult]:
+                  config: VLMGPTQConfig, cross: torch.Tensor | None = None,
+                  pool: MatrixPool | None = None) -> list[QuantResult]:
     """GPTQ (or RTN, as the part's options say) of layers fed the same input, from their Hessian over
-    ``tokens`` rows (GPTAQ: ``cross``)."""
+    ``tokens`` rows (GPTAQ: ``cross``); the solve's work matrices from ``pool`` (ops/scratch.py)."""
     group_size = config.w_groupsize
     if group_size > weights[0].shape[1]:
         # One group covers the whole row either way; -1 says so (and ops' dequantize rejects a group wider
@@ -42,7 +44,7 @@ def solve_weights(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: in
         return [rtn_quantize(w, hessian=seen, **common) for w in weights]
     return gptq_quantize_shared(weights, hessian, act_order=config.act_order, percdamp=config.percdamp,
                                 block_size=config.block_size, nsamples=tokens, group_order=config.group_order,
-                                gptaq_cross=cross, gptaq_alpha=config.gptaq_alpha, **common)
+                                gptaq_cross=cross, gptaq_alpha=config.gptaq_alpha, pool=pool, **common)
 
 
 class BlockSolving:
@@ -137,7 +139,7 @@ class BlockSolving:
             twin = float_block.get_submodule(names[0]) if float_block is not None else None
             watched.append((names, split, GroupInputs(first, is_conv=False, drop_first_channel=split,
                                                        tokens=self._block_tokens(path), float_module=twin,
-                                                       before_call=before_call)))
+                                                       before_call=before_call, pool=self.pool)))
         return watched
 
     def _solve_group(self, path: str, block: nn.Module, names: list[str], split: bool, inputs: GroupInputs,
@@ -146,11 +148,13 @@ class BlockSolving:
         hessian, cross = inputs.close()
         linears = [block.get_submodule(n) for n in names]
         weights = [lin.weight.detach()[:, 1:] if split else lin.weight.detach() for lin in linears]
-        results = solve_weights(weights, hessian, inputs.tokens, self.opts, self.config, cross=cross)
+        results = solve_weights(weights, hessian, inputs.tokens, self.opts, self.config, cross=cross,
+                                pool=self.pool)
         del hessian, cross
         seconds = (time.perf_counter() - start) / len(names)
-        for name, lin, w, result in zip(names, linears, weights, results):
-            losses = inputs.modality_losses(w, result)
+        by_modality = [inputs.modality_losses(w, result) for w, result in zip(weights, results)]
+        inputs.release()
+        for name, lin, result, losses in zip(names, linears, results, by_modality):
             swapped, entry = self._swap(block, path, name, lin, result, split=split)
             key = f"{swapped}.L2" if split else swapped
             record = self._record(key, "split_linear" if split else "linear", result, lin.out_features,

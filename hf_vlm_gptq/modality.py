@@ -37,6 +37,7 @@ import torch.nn as nn
 from .ops import AsymmetricAccumulator, HessianAccumulator, QuantResult
 from .ops.hessian import unfold_conv_input
 from .ops.result import proxy_loss
+from .ops.scratch import MatrixPool
 
 __all__ = ["MODALITIES", "GroupInputs", "TokenInfo"]
 
@@ -128,7 +129,8 @@ class GroupInputs:
 
     def __init__(self, module: nn.Module, is_conv: bool, drop_first_channel: bool,
                  device: torch.device | None = None, tokens: TokenInfo | None = None,
-                 float_module: nn.Module | None = None, before_call: bool = False) -> None:
+                 float_module: nn.Module | None = None, before_call: bool = False,
+                 pool: MatrixPool | None = None) -> None:
         self.is_conv = is_conv
         self.drop_first_channel = drop_first_channel
         self.module = module
@@ -137,18 +139,20 @@ class GroupInputs:
         device = self.device = device or module.weight.device
         present = tokens.present if tokens is not None else []
         table = tokens.table if tokens is not None else None
+        self.pool = pool if pool is not None else MatrixPool()  # the accumulators' matrices; back in release()
         # the group's Hessian from one accumulator per modality (key None, made when needed: unlabelled rows),
         # see the module doc
         self.parts: dict[int | None, HessianAccumulator] = {}
         if (len(present) > 1 and tokens.call_weights is None
                 and (table is None or all(float(table[m]) > 0 for m in present))):
-            self.parts = {m: HessianAccumulator(columns, device=device) for m in present}
+            self.parts = {m: HessianAccumulator(columns, device=device, pool=self.pool) for m in present}
         self.accumulator = None
         if float_module is not None:
-            self.accumulator = AsymmetricAccumulator(columns, device=device, with_hessian=not self.parts)
+            self.accumulator = AsymmetricAccumulator(columns, device=device, with_hessian=not self.parts,
+                                                     pool=self.pool)
         elif not self.parts:
-            self.accumulator = HessianAccumulator(columns, device=device)
-        self.by_modality = ({m: HessianAccumulator(columns, device=device) for m in present}
+            self.accumulator = HessianAccumulator(columns, device=device, pool=self.pool)
+        self.by_modality = ({m: HessianAccumulator(columns, device=device, pool=self.pool) for m in present}
                             if len(present) > 1 and not self.parts else {})
         # Unweighted, the modality with the most rows needs no product of its own (its loss is the rest)
         self.derived: int | None = None
@@ -158,6 +162,7 @@ class GroupInputs:
         self.derived_rows = 0
         self.unlabelled_rows = 0
         self.modality_hessians: dict[int, tuple[torch.Tensor, int]] = {}  # after close(): (H_m, n_m)
+        self._matrices: list[torch.Tensor | None] = []  # after close(): every matrix it filled
         self.samples = 0  # calls seen
         self.tokens = 0  # rows seen
         self._pending: torch.Tensor | None = None
@@ -200,7 +205,7 @@ class GroupInputs:
                 self.unlabelled_rows += n
                 if self.parts:
                     if None not in self.parts:
-                        self.parts[None] = HessianAccumulator(rows.shape[-1], device=self.device)
+                        self.parts[None] = HessianAccumulator(rows.shape[-1], device=self.device, pool=self.pool)
                     self.parts[None].add_batch(rows, weights=weights)
             else:
                 self._add_by_modality(rows, mods.to(rows.device))
@@ -224,14 +229,22 @@ class GroupInputs:
         for handle in self.handles:
             handle.remove()
         cross = self.accumulator.cross if isinstance(self.accumulator, AsymmetricAccumulator) else None
+        accumulators = [self.accumulator, *self.parts.values(), *self.by_modality.values()]
         if self.parts:
             hessian = self._mean_of_parts()
         else:
             hessian = self.accumulator.hessian
             self.modality_hessians = {m: (acc.hessian, acc.nsamples) for m, acc in self.by_modality.items()
                                       if acc.nsamples}
+        self._matrices = [hessian, cross, *(m for acc in accumulators if acc is not None for m in acc.matrices())]
         self.accumulator, self.by_modality, self.parts = None, {}, {}
         return hessian, cross
+
+    def release(self) -> None:
+        """After the group's solve and :meth:`modality_losses`: its matrices go back to the pool (and may be
+        overwritten by the next group's)."""
+        self.pool.give(*self._matrices)
+        self._matrices, self.modality_hessians = [], {}
 
     def _mean_of_parts(self) -> torch.Tensor:
         """``sum_m n_m H_m / n`` over the parts, in their fixed order; keeps the plain ``H_m`` of the labelled
@@ -242,7 +255,10 @@ class GroupInputs:
             if not acc.nsamples:
                 continue
             part = acc.hessian
-            hessian = part.mul(acc.nsamples / total) if hessian is None else hessian.add_(part, alpha=acc.nsamples / total)
+            if hessian is None:
+                hessian = torch.mul(part, acc.nsamples / total, out=self.pool.take(part.shape, part.dtype, part.device))
+            else:
+                hessian.add_(part, alpha=acc.nsamples / total)
             if m is not None and m != self.derived:
                 self.modality_hessians[m] = (part if table is None else part.div_(float(table[m])), acc.nsamples)
         return hessian if hessian is not None else next(iter(self.parts.values())).hessian

@@ -49,6 +49,7 @@ from .modules_swap import SplitLinear, build_split_linear, make_quant_module, mo
 from .offload import ExecutionOffload, same_device
 from .ops import QuantResult
 from .ops.dense import fast_layers
+from .ops.scratch import MatrixPool
 from .progress import ProgressBars
 from .report import QuantRecord, RunRecords
 from .threads import adaptive_threads
@@ -103,6 +104,8 @@ class ComponentQuantizer(BlockSolving):
         self.outputs: list[torch.Tensor] | None = None
         self.handed: list[torch.Tensor] | None = None
         """The first block's inputs handed over by the component before (`inputs_from`), else None: caught."""
+        self.pool = MatrixPool()
+        """The blocks' Hessians and solve matrices, reused from block to block (ops/scratch.py)."""
 
     # --- helpers ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -260,11 +263,16 @@ class ComponentQuantizer(BlockSolving):
         self._tokens(batches)
         fresh = self.comp.fresh_blocks(self.model.config, len(self._blocks()))
         float_hidden: list[torch.Tensor] | None = None  # GPTAQ: the float model's inputs of this block
-        for index, (path, block, calls, keep_dense) in enumerate(feed):
-            self.before_block()
-            if self.config.gptaq and not self.opts.rtn and (index in fresh or float_hidden is None):
-                float_hidden = [hidden_of(call) for call in calls]  # a part's first block: the same inputs
-            float_hidden = self._quantize_block(path, block, calls, keep_dense, float_hidden)
+        try:
+            for index, (path, block, calls, keep_dense) in enumerate(feed):
+                self.before_block()
+                if self.config.gptaq and not self.opts.rtn and (index in fresh or float_hidden is None):
+                    float_hidden = [hidden_of(call) for call in calls]  # a part's first block: the same inputs
+                float_hidden = self._quantize_block(path, block, calls, keep_dense, float_hidden)
+        finally:
+            logger.debug("%s: %d of %d work matrices reused between solves", self.comp.name, self.pool.reused,
+                         self.pool.reused + self.pool.fresh)
+            self.pool.clear()
 
 def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict], *, progress: bool = True,
                    spec: ArchSpec | None = None, select: dict[str, str] | None = None,
