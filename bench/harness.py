@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import platform
 import signal
@@ -18,7 +19,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,4 +249,30 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str, *, device_s
     env = env_info()
     path.with_suffix(".json").write_text(json.dumps({**payload, "environment": env}, indent=2, default=str) + "\n")
     path.write_text(markdown.rstrip() + "\n\n" + env_markdown(env) + "\n")
+    return path
+
+
+
+
+def timing_cells(times: dict[str, Timing], unit: str = "s") -> dict[str, float]:
+    """``{name}_{unit}_p10`` and ``{name}_{unit}_median`` of each variant (``unit``: "s" or "ms")."""
+    scale = {"s": 1.0, "ms": 1e3}[unit]
+    return {f"{name}_{unit}_{stat}": getattr(t, stat) * scale for name, t in times.items() for stat in ("p10", "median")}
+
+
+def run_cpu_rows(stem: str, params: Iterable[Any], bench_row: Callable[[Any], dict],
+                 render: Callable[[list[dict]], str], log: logging.Logger) -> Path:
+    """A CPU micro-bench: one row per parameter, the rendered table logged and written (`write_results`) under
+    the command, the CPU's model and flags, the thread count and the load average before and after."""
+    load_before = loadavg()
+    rows = [bench_row(p) for p in params]
+    table = render(rows)
+    log.info("%s", table)
+    cpu, load_after, threads = cpu_info(), loadavg(), torch.get_num_threads()
+    payload = {"rows": rows, "cpu": cpu, "torch_threads": threads, "loadavg_before": load_before,
+               "loadavg_after": load_after}
+    path = write_results(stem, payload, f"# python -m bench.{stem} ({device_tag()}; CPU: {cpu['model']}, flags "
+                                        f"{' '.join(cpu['flags'])}; {threads} threads; loadavg before {load_before}, "
+                                        f"after {load_after})\n\n{table}\n")
+    log.info("wrote %s", path)
     return path

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from bench.harness import cpu_info, device_tag, loadavg, round_robin, write_results
+from bench.harness import round_robin, run_cpu_rows, timing_cells
 from hf_vlm_gptq.ops import HessianAccumulator, cpu_gram
 
 logger = logging.getLogger("bench.ops_hessian")
@@ -60,10 +60,8 @@ def bench_width(width: int) -> dict:
            "fp32 float32 path": lambda: _accumulate(fp32, width)}
     errors = {name: float((fn().double() - exact).abs().max() / exact.abs().max()) for name, fn in fns.items()}
     times = round_robin(fns, device="cpu", min_time=4.0, warmup=1, min_rounds=5)
-    row = {"width": width, "rows": ROWS, "kernel_used": cpu_gram.takes(bf16[0], torch.empty(width, width))}
-    for name, t in times.items():
-        row[f"{name}_ms_p10"], row[f"{name}_ms_median"] = t.p10 * 1e3, t.median * 1e3
-        row[f"{name}_rel_err"] = errors[name]
+    row = {"width": width, "rows": ROWS, "kernel_used": cpu_gram.takes(bf16[0], torch.empty(width, width)),
+           **timing_cells(times, "ms"), **{f"{name}_rel_err": err for name, err in errors.items()}}
     row["speedup_vs_bf16_float32_path"] = times["bf16 float32 path"].p10 / times["kernel"].p10
     row["speedup_vs_fp32_rows"] = times["fp32 float32 path"].p10 / times["kernel"].p10
     logger.info("%s", row)
@@ -88,16 +86,7 @@ def render(rows: list[dict]) -> str:
 
 
 def run() -> None:
-    load_before = loadavg()
-    rows = [bench_width(w) for w in WIDTHS]
-    table = render(rows)
-    logger.info("%s", table)
-    cpu = cpu_info()
-    path = write_results("ops_hessian", {"rows": rows, "cpu": cpu, "loadavg_before": load_before,
-                                         "loadavg_after": loadavg()},
-                         f"# python -m bench.ops_hessian ({device_tag()}; CPU: {cpu['model']}, flags "
-                         f"{' '.join(cpu['flags'])}; loadavg before {load_before})\n\n{table}\n")
-    logger.info("wrote %s", path)
+    run_cpu_rows("ops_hessian", WIDTHS, bench_width, render, logger)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import logging
 import resource
+import statistics
 
 import torch
 
-from bench.harness import cpu_info, device_tag, loadavg, round_robin, write_results
+from bench.harness import round_robin, run_cpu_rows, timing_cells
 from hf_vlm_gptq.ops import gptq_quantize_shared
 from hf_vlm_gptq.ops.scratch import MatrixPool
 
@@ -49,12 +50,10 @@ def bench_width(n: int) -> dict:
 
     fns = {"fresh": solve("fresh", None), "pooled": solve("pooled", pool)}
     times = round_robin(fns, device="cpu", min_time=6.0 if n < 8192 else 20.0, warmup=1, min_rounds=3)
-    row = {"width": n, "out": OUT, "kept_mb": pool.kept_bytes / 2**20}
-    for name, t in times.items():
-        row[f"{name}_s_p10"], row[f"{name}_s_median"] = t.p10, t.median
-        row[f"{name}_faults_median"] = sorted(faults[name])[len(faults[name]) // 2]
-    row["speedup_p10"] = times["fresh"].p10 / times["pooled"].p10
-    row["speedup_median"] = times["fresh"].median / times["pooled"].median
+    row = {"width": n, "out": OUT, "kept_mb": pool.kept_bytes / 2**20, **timing_cells(times),
+           "speedup_p10": times["fresh"].p10 / times["pooled"].p10,
+           "speedup_median": times["fresh"].median / times["pooled"].median}
+    row.update({f"{name}_faults_median": int(statistics.median(counts)) for name, counts in faults.items()})
     logger.info("%s", row)
     return row
 
@@ -71,20 +70,6 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run() -> None:
-    load_before = loadavg()
-    rows = [bench_width(n) for n in WIDTHS]
-    table = render(rows)
-    logger.info("%s", table)
-    cpu = cpu_info()
-    path = write_results("ops_solve_memory", {"rows": rows, "cpu": cpu, "loadavg_before": load_before,
-                                              "loadavg_after": loadavg(), "torch_threads": torch.get_num_threads()},
-                         f"# python -m bench.ops_solve_memory ({device_tag()}; CPU: {cpu['model']}, "
-                         f"{torch.get_num_threads()} threads; loadavg before {load_before}, after {loadavg()})\n\n"
-                         f"{table}\n")
-    logger.info("wrote %s", path)
-
-
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run()
+    run_cpu_rows("ops_solve_memory", WIDTHS, bench_width, render, logger)
