@@ -83,9 +83,8 @@ _SYM_TILE = 256  # rows / columns of the tiles symmetric_copy averages (a tile a
 def symmetric_copy(h: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(h + h^T) / 2`` as a new contiguous matrix (in ``dtype``, default ``h``'s; into ``out``, contiguous,
     when given): float products need not give an exactly symmetric Hessian, and the factorisation reads one
-    triangle. Tile by tile, so the transposed
-    reads stay in cache (one whole-matrix ``h + h.t()`` reads a column per element); on a GPU in one op (the
-    tiles would be thousands of kernel launches)."""
+    triangle. Tile by tile, so the transposed reads stay in cache (one whole-matrix ``h + h.t()`` reads a
+    column per element); on a GPU in one op (the tiles would be thousands of kernel launches)."""
     if h.device.type != "cpu":
         h = h.to(dtype=dtype or h.dtype)
         return (h + h.t()).mul_(0.5) if out is None else torch.add(h, h.t(), out=out).mul_(0.5)

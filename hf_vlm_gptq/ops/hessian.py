@@ -229,7 +229,8 @@ class HessianAccumulator:
         self._pending_rows = 0
 
     def _zeros(self, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-        return self._pool.zeros((self.columns, self.columns), dtype, device if device is not None else torch.get_default_device())
+        device = device if device is not None else torch.get_default_device()
+        return self._pool.zeros((self.columns, self.columns), dtype, device)
 
     @property
     def nsamples(self) -> int:
