@@ -252,8 +252,6 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str, *, device_s
     return path
 
 
-
-
 def timing_cells(times: dict[str, Timing], unit: str = "s") -> dict[str, float]:
     """``{name}_{unit}_p10`` and ``{name}_{unit}_median`` of each variant (``unit``: "s" or "ms")."""
     scale = {"s": 1.0, "ms": 1e3}[unit]

@@ -236,7 +236,7 @@ class GroupInputs:
             hessian = self.accumulator.hessian
             self.modality_hessians = {m: (acc.hessian, acc.nsamples) for m, acc in self.by_modality.items()
                                       if acc.nsamples}
-        self._matrices = [hessian, cross, *(m for acc in accumulators if acc is not None for m in acc.matrices())]
+        self._matrices = [hessian, *(m for acc in accumulators if acc is not None for m in acc.matrices())]
         self.accumulator, self.by_modality, self.parts = None, {}, {}
         return hessian, cross
 

@@ -274,6 +274,7 @@ class ComponentQuantizer(BlockSolving):
                          self.pool.reused + self.pool.fresh)
             self.pool.clear()
 
+
 def quantize_model(model: nn.Module, config: VLMGPTQConfig, batches: list[dict], *, progress: bool = True,
                    spec: ArchSpec | None = None, select: dict[str, str] | None = None,
                    on_event: Listener | None = None,
