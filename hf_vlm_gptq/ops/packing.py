@@ -77,6 +77,14 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``values[n, m]`` (ints in ``[0, 2**bits)``) along dim 0 into int32 ``[packed_rows(n), m]``."""
     vals, words = pack_unit(bits)
     n, m = values.shape
+    if words == 1:  # 2/4/8 bits: int32 shifts and ORs (the top value's bits wrap into the sign bit, as stored)
+        v = torch.zeros(padded_size(n, bits), m, dtype=torch.int32, device=values.device)
+        v[:n] = values
+        v = v.view(-1, vals, m)
+        packed = v[:, 0].clone()
+        for j in range(1, vals):
+            packed |= v[:, j] << (j * bits)
+        return packed
     v = torch.zeros(padded_size(n, bits), m, dtype=torch.int64, device=values.device)
     v[:n] = values.to(torch.int64)
     v = v.view(-1, vals, m)
