@@ -3,8 +3,8 @@
 On CPUs with AMX, torch's dense bf16 matmul runs AMX tiles (oneDNN), several times faster than the
 ``vdpbf16ps`` GEMM of ``cpu_fused.py`` from a few rows on. This kernel dequantizes the weight exactly as the
 reference does (``csrc/lowbit_dequant.h``, shared with that kernel: the reference's bf16 weights, bit for bit)
-into the layout of AMX's second operand, up to 512 output columns and 512 input columns at a time (the
-words ahead prefetched), and multiplies
+into the layout of AMX's second operand, up to 512 output columns and 256 input columns at a time (the
+words ahead prefetched; once per 512 rows), and multiplies
 every row block of x (copied once into zero-padded 16 x 32 tiles) against it with ``tdpbf16ps``: exact bf16
 products summed in float32, as in a dense bf16 matmul. It reads the checkpoint buffers as they are
 (:class:`~.cpu_kernel.FusedWeights`), for 2, 4 and 8 bits, act-order, any row count and any even input width.
@@ -12,6 +12,9 @@ Up to :data:`SMALL_BATCH_ROWS` rows (48 at 4 bits, 32 at 8), layers whose groups
 multiple of 32, or one group) skip the dequantization, which is most of the work there: the codes become
 exact bf16 numbers (``128 + q`` at 4 bits, ``q`` at 8) and the scale and zero point are applied once per group
 in float32, as the fused kernel's 1-4 row paths do (the weights are then not rounded to bf16 on the way).
+Its work buffers (the tile copy of x, the dequantized panel, the float32 sums) are kept per thread from one
+call to the next (``csrc/thread_scratch.h``; a tile copy above 32 MB is freed after its call): fresh ones
+faulted in every page on every call, which for a 4096 x 1280 input cost about as much as the product.
 ``backends/amx.py`` serves the packed modules with it; README (Performance) has its speed.
 
 Building, caching and the switch ``HF_VLM_GPTQ_CPU_KERNEL=0`` are those of the other CPU kernels
@@ -49,7 +52,7 @@ KERNEL = kernel_cache.KernelSource(
     argtypes=(*cpu_fused.ARGTYPES, ctypes.c_void_p),  # then x_order (NULL: x's own column order)
     required_cpu_flags=(*cpu_fused.REQUIRED_CPU_FLAGS, "amx_tile", "amx_bf16"),
     what="AMX low-bit CPU kernel",
-    headers=cpu_fused.HEADERS,
+    headers=(*cpu_fused.HEADERS, SOURCE.with_name("thread_scratch.h")),
 )
 AMX_BITS = KERNEL_BITS
 # rows per kernel call: the kernel copies x into tiles (rows x in_features x 2 bytes), so longer inputs go in

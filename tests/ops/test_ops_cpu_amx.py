@@ -110,6 +110,22 @@ def test_more_rows_than_one_task_and_any_thread_count_give_the_same_result():
 
 
 @needs_amx
+def test_work_buffers_kept_between_calls_carry_nothing_over():
+    """The kernel keeps its work buffers per thread from call to call (csrc/thread_scratch.h): calls of other
+    sizes in between (more rows than one task, a ragged input width, the small-batch path, a wider layer)
+    leave every result what it is alone, bit for bit, and each the reference's product."""
+    gen = torch.Generator().manual_seed(3)
+    layers = [(_module(96, 600, 120), 1100), (_module(64, 256, 128), 37), (_module(48, 1176, 128), 70),
+              (_module(256, 2048, 128), 600)]
+    inputs = [torch.randn(rows, m.in_features, generator=gen).to(torch.bfloat16) for m, rows in layers]
+    first = [m(x) for (m, _), x in zip(layers, inputs)]
+    again = [m(x) for (m, _), x in reversed(list(zip(layers, inputs)))][::-1]
+    for (m, _), x, y, z in zip(layers, inputs, first, again):
+        assert torch.equal(y, z)
+        _assert_reference_product(m, x, y)
+
+
+@needs_amx
 @pytest.mark.parametrize("act_order", [False, True])
 def test_auto_takes_every_bf16_batch(count_amx, act_order):
     """The fixed table (tests run with HF_VLM_GPTQ_DISPATCH=table): the AMX kernel comes first in the CPU

@@ -20,12 +20,20 @@
 #include <unistd.h>
 
 #include "lowbit_dequant.h"
+#include "thread_scratch.h"
+
+/* scratch_get slots (thread_scratch.h) */
+#define SLOT_XP 0
+#define SLOT_WEIGHT 1
+#define SLOT_ACC 2
+#define SLOT_TOTAL 3
 
 #ifndef KC
-#define KC 512 /* input columns dequantized per chunk (multiple of 32): 512 KB of bf16 for NP columns, in L2 */
+#define KC 256 /* input columns dequantized per chunk (multiple of 32): 256 KB of bf16 for NP columns, in L2 */
 #endif
 #ifndef MC_MAX
-#define MC_MAX 1024 /* rows per task (multiple of 32): the weight is dequantized once per MC_MAX rows */
+#define MC_MAX 512 /* rows per task (multiple of 32): the weight is dequantized once per MC_MAX rows; 512 keeps
+                    * a task's float32 sums (1 MB at 512 columns) in L2 beside the dequantized weight */
 #endif
 #ifndef PREFETCH_K
 #define PREFETCH_K 64 /* the dequantization prefetches the words this many inputs ahead (0: none) */
@@ -100,10 +108,10 @@ static inline __attribute__((always_inline)) void tile_step(const uint16_t *a0, 
 }
 
 /* The 2 x 2 tiles at c (row stride ldc floats) (+)= the products of two x tile rows a0, a1 (mi of them used)
- * and two weight tile columns b, b + 1 (nj used; nv vectors per pair row), over steps of 32 input columns */
-static void tile_block(const uint16_t *a0, const uint16_t *a1, int64_t steps, const __m512bh *b, int nv, int mi,
+ * and two weight tile columns b, b + 1 (nj used; pair rows ldb vectors apart), over steps of 32 input columns */
+static void tile_block(const uint16_t *a0, const uint16_t *a1, int64_t steps, const __m512bh *b, int64_t ldb, int mi,
                        int nj, float *c, int64_t ldc, int first) {
-    const int64_t b_stride = (int64_t)nv * 64, c_stride = ldc * sizeof(float);
+    const int64_t b_stride = ldb * 64, c_stride = ldc * sizeof(float);
     if (first) {
         _tile_zero(0);
         _tile_zero(1);
@@ -116,7 +124,7 @@ static void tile_block(const uint16_t *a0, const uint16_t *a1, int64_t steps, co
         _tile_loadd(3, c + TR * ldc + 16, c_stride);
     }
     for (int64_t s = 0; s < steps; s++) {
-        const __m512bh *bs = b + s * TR * nv; /* 16 pair rows per step */
+        const __m512bh *bs = b + s * TR * ldb; /* 16 pair rows per step */
         tile_step(a0 + s * TR * TK, a1 + s * TR * TK, bs, bs + 1, b_stride, mi, nj);
     }
     _tile_stored(0, c, c_stride);
@@ -224,7 +232,8 @@ static int small_batch(int64_t M, int64_t K, const int32_t *qweight, const uint1
         const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
         const int64_t p0 = panels * me / team, p1 = panels * (me + 1) / team;
         const int64_t c0 = SP * p0, c1 = SP * p1 < N ? SP * p1 : N, width = c1 - c0;
-        float *total = width > 0 ? calloc((size_t)(M * width), sizeof(float)) : NULL;
+        float *total = width > 0 ? scratch_get(SLOT_TOTAL, (size_t)(M * width) * sizeof(float)) : NULL;
+        if (total) memset(total, 0, (size_t)(M * width) * sizeof(float));
         float *cg = aligned_alloc(64, 4 * TR * SP * sizeof(float));
         /* the group's weight tiles: b[(step * 2 + column tile) * 16 + pair row] */
         __m512i *b = aligned_alloc(64, (size_t)(group_steps * 2 * TR) * sizeof(__m512i));
@@ -288,7 +297,7 @@ static int small_batch(int64_t M, int64_t K, const int32_t *qweight, const uint1
         }
         if (total && !failed) store_rows(total, width, M, (int)(width / 16), bias, c0, y, N);
         _tile_release();
-        free(total);
+        scratch_done(SLOT_TOTAL);
         free(cg);
         free(b);
     }
@@ -314,13 +323,13 @@ int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *
         amx_permitted = 1;
     }
     const int64_t mt_n = (M + TR - 1) / TR, ks_n = (K + TK - 1) / TK;
-    uint16_t *xp = aligned_alloc(64, (size_t)(mt_n * ks_n * TR * TK * sizeof(uint16_t)));
+    uint16_t *xp = scratch_get(SLOT_XP, (size_t)(mt_n * ks_n * TR * TK * sizeof(uint16_t)));
     if (!xp) return 2;
     pack_x(x, M, K, mt_n, ks_n, xp, x_order, nthreads);
     const int64_t small_rows = bits == 4 ? SMALL_ROWS : bits == 8 ? SMALL_ROWS8 : 0;
     if (M <= small_rows && regular_group > 0 && (regular_group % TK == 0 || regular_group >= K)) {
         const int rc = small_batch(M, K, qweight, scales, zeros, N, regular_group, bias, y, nthreads, xp, ks_n, bits);
-        free(xp);
+        scratch_done(SLOT_XP);
         return rc;
     }
     const int64_t m_tasks = (M + MC_MAX - 1) / MC_MAX;
@@ -329,11 +338,15 @@ int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *
     int64_t np = NP; /* narrower panels until every thread has two tasks */
     while (np > 32 && m_tasks * ((N + np - 1) / np) < 2 * nthreads) np /= 2;
     const int64_t panels = (N + np - 1) / np, tasks = m_tasks * panels;
+    /* row strides of the weight buffer (vectors) and of the accumulators (floats), one cache line more than a
+     * panel's width: a tile's 16 rows then fall in different L1 sets (at a power-of-two stride such as 2 KB they
+     * share two sets, and tile loads evict each other) */
+    const int64_t ldb = np / 16 + 1, ldc = np + 16;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        __m512bh *buf = aligned_alloc(64, (KC / 2) * (np / 16) * sizeof(__m512bh));
-        float *acc = aligned_alloc(64, mc * np * sizeof(float)); /* mc: a multiple of two tiles */
+        __m512bh *buf = scratch_get(SLOT_WEIGHT, (KC / 2) * ldb * sizeof(__m512bh));
+        float *acc = scratch_get(SLOT_ACC, mc * ldc * sizeof(float)); /* mc: a multiple of two tiles */
         if (!buf || !acc) failed = 1;
         configure_tiles();
 #pragma omp for schedule(static)
@@ -346,22 +359,22 @@ int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *
                 const int64_t k1 = (k0 + KC < K) ? k0 + KC : K, steps = (k1 - k0 + TK - 1) / TK;
                 for (int v = 0; v < nv; v += 4) /* 64 columns per call */
                     dequant_chunk(qweight, N, scales, zeros, g_idx, k0, k1, n0 + 16 * v, nv - v < 4 ? nv - v : 4, bits,
-                                  buf + v, nv, PREFETCH_K, K);
+                                  buf + v, ldb, PREFETCH_K, K);
                 const int64_t pairs = (k1 - k0) / 2, padded = steps * TR;
-                if (padded > pairs) memset(buf + pairs * nv, 0, (size_t)((padded - pairs) * nv) * sizeof(__m512bh));
+                if (padded > pairs) memset(buf + pairs * ldb, 0, (size_t)((padded - pairs) * ldb) * sizeof(__m512bh));
                 for (int64_t i = 0; i < tiles; i += 2) {
                     const uint16_t *a0 = xp + ((m0 / TR + i) * ks_n + k0 / TK) * TR * TK, *a1 = a0 + ks_n * TR * TK;
                     for (int j = 0; j < nv; j += 2)
-                        tile_block(a0, a1, steps, buf + j, nv, tiles - i < 2 ? 1 : 2, nv - j < 2 ? 1 : 2,
-                                   acc + i * TR * np + 16 * j, np, k0 == 0);
+                        tile_block(a0, a1, steps, buf + j, ldb, tiles - i < 2 ? 1 : 2, nv - j < 2 ? 1 : 2,
+                                   acc + i * TR * ldc + 16 * j, ldc, k0 == 0);
                 }
             }
-            store_rows(acc, np, rows, nv, bias, n0, y + m0 * N, N);
+            store_rows(acc, ldc, rows, nv, bias, n0, y + m0 * N, N);
         }
         _tile_release();
-        free(buf);
-        free(acc);
+        scratch_done(SLOT_WEIGHT);
+        scratch_done(SLOT_ACC);
     }
-    free(xp);
+    scratch_done(SLOT_XP);
     return failed ? 2 : 0;
 }
