@@ -27,7 +27,7 @@ from .. import kernel_cache
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = 2  # 2: dequantize + matmul on the measured dense engine (ops/dense.py)
+SCHEMA = 3  # 2: dequantize + matmul on the measured dense engine (ops/dense.py); 3: batches up to 1024
 DENSE = "dense"  # the yardstick: F.linear on a dequantized copy in the activation dtype
 KEY_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16", "amx_tile",
              "amx_bf16", "asimd", "sve", "bf16")
