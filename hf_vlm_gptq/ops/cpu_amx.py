@@ -58,6 +58,17 @@ AMX_BITS = KERNEL_BITS
 # rows per kernel call: the kernel copies x into tiles (rows x in_features x 2 bytes), so longer inputs go in
 # balanced chunks of more than half this (each row's result is the same either way: rows are independent)
 ROWS_PER_CALL = 4096
+# the most bytes of that tile copy the kernel keeps for the next call (SCRATCH_KEEP_BYTES in
+# csrc/thread_scratch.h): wide inputs go in chunks whose copy fits, down to TASK_ROWS rows (the kernel
+# dequantizes the weight once per TASK_ROWS rows, MC_MAX in the C source, so smaller chunks would cost more)
+KEPT_TILE_COPY_BYTES = 32 << 20
+TASK_ROWS = 512
+
+
+def rows_per_call(in_features: int) -> int:
+    """Rows of one kernel call for inputs of ``in_features`` columns (see :data:`KEPT_TILE_COPY_BYTES`)."""
+    fitting = KEPT_TILE_COPY_BYTES // (2 * (-(-in_features // 32) * 32)) // 32 * 32
+    return min(ROWS_PER_CALL, max(TASK_ROWS, fitting))
 # the shared probes, plus: input widths not a multiple of 32, a panel of 80 columns (five tiles), 2 x 16 rows
 # and beyond, 1176 inputs (a patch embedding's width)
 PROBES = (*_SHARED_PROBES, (4, 100, 48, 32, True, (13, 40)), (2, 1176, 80, 128, False, (5, 70)),
@@ -72,10 +83,10 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
     """The kernel on ``x2`` (its columns taken in ``x_order``, gathered while x is copied into tiles, when given;
     checked here: the kernel indexes memory with it)."""
     order = check_x_order(x_order, w.in_features)
-    rows = x2.shape[0]
-    if rows <= ROWS_PER_CALL:
+    rows, limit = x2.shape[0], rows_per_call(w.in_features)
+    if rows <= limit:
         return call_bf16_kernel(fn, x2, w, bias, KERNEL.what, order)
-    chunk = balanced_chunk(rows, ROWS_PER_CALL)
+    chunk = balanced_chunk(rows, limit)
     x2 = x2.contiguous()
     y = torch.empty(rows, w.out_features, dtype=torch.bfloat16)
     for start in range(0, rows, chunk):
