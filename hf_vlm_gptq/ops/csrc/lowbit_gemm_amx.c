@@ -335,8 +335,15 @@ int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *
     const int64_t m_tasks = (M + MC_MAX - 1) / MC_MAX;
     int64_t mc = (M + m_tasks - 1) / m_tasks;
     mc = (mc + 2 * TR - 1) / (2 * TR) * (2 * TR); /* rows per task, balanced, a multiple of two tiles */
-    int64_t np = NP; /* narrower panels until every thread has two tasks */
-    while (np > 32 && m_tasks * ((N + np - 1) / np) < 2 * nthreads) np /= 2;
+    /* panels of equal width (a multiple of 32 columns, at most NP): at least two tasks per thread, and as many
+     * tasks as make whole rounds of the threads where the columns allow (the static schedule then gives every
+     * thread the same work: 1280 columns on 2 threads take 4 panels of 320, not 5 of 256) */
+    const int64_t pairs_n = (N + 31) / 32;
+    int64_t want = (N + NP - 1) / NP;
+    while (m_tasks * want < 2 * nthreads && want < pairs_n) want *= 2;
+    while ((m_tasks * want) % nthreads != 0 && want < pairs_n) want++;
+    if (want > pairs_n) want = pairs_n;
+    const int64_t np = (pairs_n + want - 1) / want * 32;
     const int64_t panels = (N + np - 1) / np, tasks = m_tasks * panels;
     /* row strides of the weight buffer (vectors) and of the accumulators (floats), one cache line more than a
      * panel's width: a tile's 16 rows then fall in different L1 sets (at a power-of-two stride such as 2 KB they
