@@ -6,8 +6,8 @@
 ``HessianAccumulator`` fed 4096 bf16 rows in batches of 148 (a calibration call's tokens) at widths 512
 (q/k/v, gate/up inputs of a small LLM), 1280 (a vision MLP), 2048 and 3584 (Qwen2-VL-7B's hidden size), the
 matrix read at the end. Variants, timed in turns (p10 and median of the rounds): bf16 rows through the
-kernel (the default where it is available), the same bf16 rows on the float32 path (the kernel switched off:
-what bf16 rows took before it), and float32 rows of the same values on the float32 path (what a float32
+kernel (the default where it is available and the faster of the two, ``hessian.gram_kernel_wins``; forced
+here), the same bf16 rows on the float32 path (what bf16 rows take without it), and float32 rows of the same values on the float32 path (what a float32
 model's rows take). The error column is the largest difference from the float64 matrix of the same values,
 relative to its largest entry.
 """
@@ -21,6 +21,7 @@ import torch
 
 from bench.harness import round_robin, run_cpu_rows, timing_cells
 from hf_vlm_gptq.ops import HessianAccumulator, cpu_gram
+from hf_vlm_gptq.ops import hessian as H
 
 logger = logging.getLogger("bench.ops_hessian")
 WIDTHS = (512, 1280, 2048, 3584)
@@ -28,14 +29,19 @@ ROWS, BATCH = 4096, 148
 
 
 @contextlib.contextmanager
-def kernel_off():
-    """The float32 path for bf16 rows too (as without the kernel)."""
-    real = cpu_gram.takes
-    cpu_gram.takes = lambda rows, h: False
+def kernel_chosen(wins: bool):
+    """bf16 rows through the kernel (``wins``) or the float32 path, whatever ``hessian.gram_kernel_wins``
+    measured on this CPU."""
+    threads = torch.get_num_threads()
+    saved = H._gram_wins.get(threads)
+    H._gram_wins[threads] = wins
     try:
         yield
     finally:
-        cpu_gram.takes = real
+        if saved is None:
+            H._gram_wins.pop(threads, None)
+        else:
+            H._gram_wins[threads] = saved
 
 
 def _accumulate(batches: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -52,15 +58,15 @@ def bench_width(width: int) -> dict:
     fp32 = [b.float() for b in bf16]
     exact = (2.0 / ROWS) * (x.double().t() @ x.double())
 
-    def off() -> torch.Tensor:
-        with kernel_off():
+    def through(wins: bool) -> torch.Tensor:
+        with kernel_chosen(wins):
             return _accumulate(bf16, width)
 
-    fns = {"kernel": lambda: _accumulate(bf16, width), "bf16 float32 path": off,
+    fns = {"kernel": lambda: through(True), "bf16 float32 path": lambda: through(False),
            "fp32 float32 path": lambda: _accumulate(fp32, width)}
     errors = {name: float((fn().double() - exact).abs().max() / exact.abs().max()) for name, fn in fns.items()}
     times = round_robin(fns, device="cpu", min_time=4.0, warmup=1, min_rounds=5)
-    row = {"width": width, "rows": ROWS, "kernel_used": cpu_gram.takes(bf16[0], torch.empty(width, width)),
+    row = {"width": width, "rows": ROWS, "kernel_used": H.gram_takes(bf16[0], torch.empty(width, width)),
            **timing_cells(times, "ms"), **{f"{name}_rel_err": err for name, err in errors.items()}}
     row["speedup_vs_bf16_float32_path"] = times["bf16 float32 path"].p10 / times["kernel"].p10
     row["speedup_vs_fp32_rows"] = times["fp32 float32 path"].p10 / times["kernel"].p10
@@ -79,9 +85,12 @@ def render(rows: list[dict]) -> str:
         lines.append(f"| {r['width']} | {' | '.join(cells)} | {r['speedup_vs_bf16_float32_path']:.2f}x / "
                      f"{r['speedup_vs_fp32_rows']:.2f}x | {r['kernel_rel_err']:.1e} / "
                      f"{r['bf16 float32 path_rel_err']:.1e} |")
-    if rows and not rows[0]["kernel_used"]:
-        lines.append(f"\nThe kernel is unavailable here ({cpu_gram.unavailable_reason(cpu_gram._check)}): the "
-                     "first column is the float32 path too.")
+    reason = cpu_gram.unavailable_reason(cpu_gram._check)
+    if reason is not None:
+        lines.append(f"\nThe kernel is unavailable here ({reason}): the first column is the float32 path too.")
+    elif rows and not rows[0]["kernel_used"]:
+        lines.append("\nThe kernel loses to the float32 path on this CPU (`hessian.gram_kernel_wins`), so bf16 "
+                     "rows take the float32 path by default; the first column forces the kernel.")
     return "\n".join(lines)
 
 

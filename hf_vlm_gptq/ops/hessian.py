@@ -10,7 +10,9 @@ Half-precision rows on CUDA (bf16 / fp16 into the default fp32 accumulator) skip
 fp16 values are exact in fp32, so only the summation order differs from fp32 accumulation), then
 ``H <- H * n_old / n + (2 / n) * X^T X``. That ``mm`` overload has no CPU kernel (torch 2.14). On CPUs with
 AVX512-BF16, unweighted bf16 rows of a wide enough matrix skip the copy too: ``cpu_gram.py``'s kernel adds
-their ``X^T X`` (float32 sums of exact products) into the upper block triangle. Other rows take the fp32
+their ``X^T X`` (float32 sums of exact products) into the upper block triangle, where it is the faster of the
+two on this CPU (:func:`gram_kernel_wins`: timed once per process; ``vdpbf16ps`` loses to the float32 product
+on some Intel Xeons). Other rows take the fp32
 path: rows cast to fp32, one ``addmm_`` with ``alpha = 2 / n``; on CPU a wide matrix takes only its upper
 block triangle from products of column blocks (the same dot products as one ``addmm_``) and mirrors it into
 the lower one (:func:`add_xtx`), the products on the measured float32 engine (``dense.py``: oneDNN from the
@@ -30,7 +32,9 @@ the float32 path, cast chunk by chunk in the transposes.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -40,6 +44,8 @@ from torch import nn
 from . import cpu_gram, dense
 from .result import all_finite
 from .scratch import MatrixPool
+
+logger = logging.getLogger(__name__)
 
 XtX = Callable[[torch.Tensor], torch.Tensor]
 _HALF = (torch.bfloat16, torch.float16)
@@ -73,18 +79,59 @@ def update_running_hessian(h: torch.Tensor, rows: torch.Tensor, n_old: int, xtx:
     h.mul_(n_old / total).add_(xtx(rows), alpha=2.0 / total)
 
 
+# bf16 rows x columns the kernel and the float32 path are timed on (each a millisecond or two)
+_GRAM_PROBE = (1024, 512)
+_gram_wins: dict[int, bool] = {}  # thread count -> whether cpu_gram's kernel beat the float32 path
+
+
+def gram_kernel_wins() -> bool:
+    """Whether ``cpu_gram``'s kernel adds bf16 rows faster than the float32 path (cast, then the float32
+    product) on this CPU with the current thread count: both timed on a probe, best of 3 in turns, once per
+    process and thread count. The kernel's ``vdpbf16ps`` is not faster everywhere (on some Intel Xeons it
+    runs at half the rate of float32 FMAs)."""
+    threads = torch.get_num_threads()
+    if threads not in _gram_wins:
+        rows, columns = _GRAM_PROBE
+        x = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)).bfloat16()
+        h = torch.zeros(columns, columns)
+        fns = {"kernel": lambda: cpu_gram.add_gram(h, [x], 1.0),
+               "float32 path": lambda: _add_xtx_float32(h, [x.float()], 1.0)}
+        best = dict.fromkeys(fns, math.inf)
+        for _ in range(3):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+        _gram_wins[threads] = best["kernel"] < best["float32 path"]
+        logger.info("bf16 Hessian rows: %s (%d rows into %d columns, %d threads: kernel %.2f ms, float32 path "
+                    "%.2f ms)", "the cpu_gram kernel" if _gram_wins[threads] else "the float32 path", rows,
+                    columns, threads, best["kernel"] * 1e3, best["float32 path"] * 1e3)
+    return _gram_wins[threads]
+
+
+def gram_takes(rows: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether ``rows`` go into ``h`` through ``cpu_gram``'s kernel: it takes them (``cpu_gram.takes``) and is
+    the faster path here (:func:`gram_kernel_wins`)."""
+    return cpu_gram.takes(rows, h) and gram_kernel_wins()
+
+
 def add_xtx(h: torch.Tensor, rows: torch.Tensor | list[torch.Tensor], alpha: float) -> None:
     """In place, for a symmetric ``h``: ``h += alpha * rows^T rows`` (``rows``: one ``[N, n]`` matrix or a
     list of such pieces, read as their concatenation). float32 CPU products go to the measured engine
     (``dense.py``: oneDNN, from the rows' transpose, or BLAS); on CPU a wide ``h`` takes only its upper block
     triangle (block row ``i``: one product ``rows[:, i]^T rows[:, i:]``) and the lower one is copied from it,
     so ``h`` stays exactly symmetric off the diagonal blocks; elsewhere one product. bf16 rows that
-    ``cpu_gram.takes`` go through its kernel (the same triangle and mirror, by 64-column panels)."""
+    :func:`gram_takes` go through its kernel (the same triangle and mirror, by 64-column panels)."""
     pieces = [rows] if isinstance(rows, torch.Tensor) else list(rows)
-    n = h.shape[0]
-    if cpu_gram.takes(pieces[0], h):  # bf16 rows on AVX512-BF16: no float32 copy (cpu_gram.py)
+    if gram_takes(pieces[0], h):  # bf16 rows on AVX512-BF16: no float32 copy (cpu_gram.py)
         cpu_gram.add_gram(h, pieces, alpha)
         return
+    _add_xtx_float32(h, pieces, alpha)
+
+
+def _add_xtx_float32(h: torch.Tensor, pieces: list[torch.Tensor], alpha: float) -> None:
+    """:func:`add_xtx` for rows of ``h``'s dtype (the float32 path)."""
+    n = h.shape[0]
     if dense.takes(h, *pieces):
         rows_t = dense.transposed(pieces)
         if n < _GRAM_FROM:
@@ -267,7 +314,7 @@ class HessianAccumulator:
         if n == 0:
             return
         rows = rows.to(device=self._h.device)
-        if weights is not None or (half_xtx(rows, self._h.dtype) is None and not cpu_gram.takes(rows, self._h)):
+        if weights is not None or (half_xtx(rows, self._h.dtype) is None and not gram_takes(rows, self._h)):
             rows = rows.to(self._h.dtype)
         if not all_finite(rows):
             raise ValueError("x contains non-finite values (inf or nan)")
@@ -333,7 +380,7 @@ class AsymmetricAccumulator(HessianAccumulator):
         if n == 0:
             return
         # bf16 rows that cpu_gram takes stay bf16: H from its kernel, the cross term cast chunk by chunk
-        if weights is not None or xf.dtype != xq.dtype or not cpu_gram.takes(xq, self._h):
+        if weights is not None or xf.dtype != xq.dtype or not gram_takes(xq, self._h):
             xq, xf = xq.to(self._h.dtype), xf.to(self._h.dtype)
         if not (all_finite(xq) and all_finite(xf)):
             raise ValueError("x contains non-finite values (inf or nan)")

@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from hf_vlm_gptq.ops import AsymmetricAccumulator, HessianAccumulator, cpu_gram
+from hf_vlm_gptq.ops import hessian as H
 
 KERNEL = cpu_gram.checked_kernel(cpu_gram._check)
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"bf16 Hessian kernel unavailable: "
                                                           f"{cpu_gram._state.get('reason')}")
+
+
+@pytest.fixture(autouse=True)
+def kernel_wins(monkeypatch):
+    """The kernel as the faster path, whatever this CPU measures (its speed is not what these tests check)."""
+    monkeypatch.setitem(H._gram_wins, torch.get_num_threads(), True)
 
 
 def _rows(n: int, columns: int, seed: int) -> torch.Tensor:
@@ -140,3 +147,30 @@ def test_without_the_kernel_bf16_rows_take_the_float32_path(monkeypatch, gram_ca
     x = torch.cat(batches).double()
     assert not gram_calls
     assert torch.allclose(h.double(), (2.0 / x.shape[0]) * (x.t() @ x), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_where_the_kernel_loses_to_the_float32_path_bf16_rows_take_that_path(monkeypatch, gram_calls):
+    """On a CPU where the probe timed the kernel slower (some Intel Xeons), bf16 rows are cast and go
+    through the float32 path: the kernel is never called, and the matrix is that path's."""
+    monkeypatch.setitem(H._gram_wins, torch.get_num_threads(), False)
+    batches = [_rows(n, 512, seed=n) for n in (148, 300)]
+    h = _accumulate(batches, 512)
+    assert gram_calls == []
+    assert torch.equal(h, _accumulate([b.float() for b in batches], 512))
+    acc = AsymmetricAccumulator(512)
+    acc.add_pair(batches[0], batches[0].float().add(0.01).bfloat16())
+    _ = acc.hessian
+    assert gram_calls == []
+
+
+def test_the_choice_is_timed_once_per_thread_count(monkeypatch):
+    """gram_kernel_wins times both paths on its probe the first time for a thread count, then remembers."""
+    timed = []
+    real = H._add_xtx_float32
+    monkeypatch.setattr(H, "_add_xtx_float32", lambda *a: timed.append(1) or real(*a))
+    monkeypatch.setattr(H, "_gram_wins", {})
+    if KERNEL is None:
+        pytest.skip("bf16 Hessian kernel unavailable")
+    first = H.gram_kernel_wins()
+    assert len(timed) == 3 and H.gram_kernel_wins() is first and len(timed) == 3
