@@ -64,6 +64,7 @@ KERNEL = kernel_cache.KernelSource(
     required_cpu_flags=("avx2", "fma", "f16c"),
     what="FMA low-bit CPU kernel (AVX2 build)",
     name="lowbit_gemm_fma_avx2",
+    headers=(Path(__file__).with_name("csrc") / "thread_scratch.h",),  # its work buffers, kept per thread
 )
 # the same source in 512-bit vectors and 32 registers; which build runs is measured at first use
 # (:func:`fastest`): wide vectors lower the clock on some CPUs
@@ -82,6 +83,17 @@ PROBES = (*_SHARED_PROBES, (4, 100, 40, 32, False, (1, 7)), (4, 100, 40, 32, Tru
 # an 18944-wide layer in one call), so longer inputs go in balanced chunks of more than half this. The result per
 # row is the same, and the weight is decoded about as often (once per row block of 240 rows either way)
 ROWS_PER_CALL = 1920
+# the most bytes of that float32 copy the kernel keeps for the next call (SCRATCH_KEEP_BYTES in
+# csrc/thread_scratch.h; a fresh copy faults in every page): wider inputs go in chunks whose copy fits, in whole
+# row blocks of TASK_ROWS (MC_MAX in the C source: the weight is decoded once per block either way)
+KEPT_COPY_BYTES = 32 << 20
+TASK_ROWS = 240
+
+
+def rows_per_call(in_features: int) -> int:
+    """Rows of one kernel call for inputs of ``in_features`` columns (see :data:`KEPT_COPY_BYTES`)."""
+    fitting = KEPT_COPY_BYTES // (4 * in_features) // TASK_ROWS * TASK_ROWS
+    return min(ROWS_PER_CALL, max(TASK_ROWS, fitting))
 _FASTEST_PROBE = (1024, 1024, 128, (1, 64))  # in, out, group, rows: about a millisecond per call
 
 # "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
@@ -208,7 +220,7 @@ def _call(fn, x2: torch.Tensor, w: FusedWeights, bias: torch.Tensor | None,
     y = torch.empty(m, n, dtype=x2.dtype)
     if m == 0:
         return y
-    threads, chunk = kernel_threads(m, w), balanced_chunk(m, ROWS_PER_CALL)
+    threads, chunk = kernel_threads(m, w), balanced_chunk(m, rows_per_call(w.in_features))
     for start in range(0, m, chunk):
         part, out = (x2, y) if chunk == m else (x2[start:start + chunk], y[start:start + chunk])
         rc = fn(

@@ -162,6 +162,26 @@ def test_long_inputs_go_in_row_chunks_with_the_same_result(monkeypatch, each_bui
 
 
 @needs_kernel
+def test_wide_inputs_go_in_chunks_whose_float32_copy_the_kernel_keeps(monkeypatch, each_build):
+    """Rows whose float32 copy would pass KEPT_COPY_BYTES go in chunks of whole TASK_ROWS blocks that fit:
+    64 KB is 64 rows of 256 float32 inputs, so 250 rows in blocks of 32 take four calls; the same bits as one
+    call."""
+    m = _module(64, 256, 64)
+    x = torch.randn(250, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    whole = m(x)
+    rows: list[int] = []
+    lib = A._state["lib"]
+    monkeypatch.setitem(A._state, "lib", lambda *args: rows.append(args[2]) or lib(*args))
+    monkeypatch.setattr(A, "KEPT_COPY_BYTES", 64 << 10)
+    monkeypatch.setattr(A, "TASK_ROWS", 32)
+    assert A.rows_per_call(256) == 64
+    assert torch.equal(m(x), whole)
+    assert rows == [63, 63, 63, 61]
+    monkeypatch.setattr(A, "TASK_ROWS", 240)
+    assert A.rows_per_call(256) == 240  # never below one row block
+
+
+@needs_kernel
 def test_large_layer_several_threads_and_zero_rows(each_build):
     m = _module(256, 512, 128)
     _check(m, torch.randn(300, 512).bfloat16())  # ~40M multiply-adds: the threaded path

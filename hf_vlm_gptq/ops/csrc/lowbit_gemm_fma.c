@@ -37,6 +37,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "thread_scratch.h"
+
+/* scratch_get slots (thread_scratch.h) */
+#define SLOT_X32 0
+#define SLOT_WEIGHT 1
+#define SLOT_TILE 2
+
 /* The vector layer: VL float32 lanes. A panel's last vector may hold VL / 2 columns (`half`: N % 8 == 0 but
  * the AVX-512 build's vectors are 16 wide); its other lanes are loaded as zeros and never stored. */
 #if defined(__AVX512F__)
@@ -384,7 +391,7 @@ int hvg_lowbit_gemm_fma(const void *x, int x_is_f32, int64_t M, int64_t K, const
     const float *xf = (const float *)x;
     float *converted = NULL;
     if (!x_is_f32 || x_order) { /* bfloat16 -> float32 is exact: once per call, not once per panel */
-        converted = malloc(sizeof(float) * (size_t)(M * K));
+        converted = scratch_get(SLOT_X32, sizeof(float) * (size_t)(M * K));
         if (!converted) return 2;
         const uint16_t *xb = (const uint16_t *)x;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (M * K >= (1 << 20)) /* else one fork costs more */
@@ -420,7 +427,7 @@ int hvg_lowbit_gemm_fma(const void *x, int x_is_f32, int64_t M, int64_t K, const
                 store_rows(acc, rows, cols, bias, x_is_f32, n0, (char *)y + m0 * N * elem, N);
             }
         }
-        free(converted);
+        scratch_done(SLOT_X32);
         return 0;
     }
     const int64_t m_tasks = (M + MC_MAX - 1) / MC_MAX;
@@ -429,8 +436,8 @@ int hvg_lowbit_gemm_fma(const void *x, int x_is_f32, int64_t M, int64_t K, const
     const int64_t tasks = m_tasks * panels;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        float *buf = aligned_alloc(64, KC * NP * sizeof(float));
-        float *tile = aligned_alloc(64, MC_MAX * NP * sizeof(float));
+        float *buf = scratch_get(SLOT_WEIGHT, KC * NP * sizeof(float));
+        float *tile = scratch_get(SLOT_TILE, MC_MAX * NP * sizeof(float));
         if (!buf || !tile) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; t++) { /* consecutive tasks of a thread share their rows of x */
@@ -449,9 +456,7 @@ int hvg_lowbit_gemm_fma(const void *x, int x_is_f32, int64_t M, int64_t K, const
             }
             store_rows(tile, rows, cols, bias, x_is_f32, n0, (char *)y + m0 * N * elem, N);
         }
-        free(buf);
-        free(tile);
     }
-    free(converted);
+    scratch_done(SLOT_X32);
     return failed ? 2 : 0;
 }
