@@ -255,19 +255,26 @@ def test_a_refused_amx_state_is_named_in_the_error():
         AMX._call(lambda *args: 3, torch.randn(2, 96).to(torch.bfloat16), w, None)
 
 
-@needs_amx
-def test_long_inputs_go_in_row_chunks_with_the_same_result(monkeypatch):
-    """Past ROWS_PER_CALL rows the kernel runs on balanced row chunks (bounding its tile copy of x): the same
-    bits as one call, each chunk above half the limit (so none takes the small-batch path)."""
+def _chunked_calls(monkeypatch, rows: int, seed: int, **limits) -> list[int]:
+    """Rows of each kernel call for ``rows`` inputs of a 64x256 layer once ``limits`` (attributes of cpu_amx)
+    are set, after checking that the chunked result is bit for bit the one-call result."""
     m = _module(64, 256, 64)
-    x = torch.randn(250, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
     whole = m(x)
     calls = []
     real = AMX.call_bf16_kernel
     monkeypatch.setattr(AMX, "call_bf16_kernel", lambda fn, x2, *a, **k: calls.append(x2.shape[0]) or real(fn, x2, *a, **k))
-    monkeypatch.setattr(AMX, "ROWS_PER_CALL", 100)
+    for name, value in limits.items():
+        monkeypatch.setattr(AMX, name, value)
     assert torch.equal(m(x), whole)
-    assert calls == [84, 84, 82]
+    return calls
+
+
+@needs_amx
+def test_long_inputs_go_in_row_chunks_with_the_same_result(monkeypatch):
+    """Past ROWS_PER_CALL rows the kernel runs on balanced row chunks (bounding its tile copy of x): the same
+    bits as one call, each chunk above half the limit (so none takes the small-batch path)."""
+    assert _chunked_calls(monkeypatch, 250, 3, ROWS_PER_CALL=100) == [84, 84, 82]
 
 
 @needs_amx
@@ -275,16 +282,8 @@ def test_wide_inputs_go_in_chunks_whose_tile_copy_the_kernel_keeps(monkeypatch):
     """Rows whose tile copy would pass KEPT_TILE_COPY_BYTES go in balanced chunks that fit (but never below
     TASK_ROWS rows): 64 KB of copy is 128 rows of 256 bf16 inputs, so 300 rows take three calls; the same bits
     as one call."""
-    m = _module(64, 256, 64)
-    x = torch.randn(300, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    whole = m(x)
-    calls = []
-    real = AMX.call_bf16_kernel
-    monkeypatch.setattr(AMX, "call_bf16_kernel", lambda fn, x2, *a, **k: calls.append(x2.shape[0]) or real(fn, x2, *a, **k))
-    monkeypatch.setattr(AMX, "KEPT_TILE_COPY_BYTES", 64 << 10)
-    monkeypatch.setattr(AMX, "TASK_ROWS", 32)
+    calls = _chunked_calls(monkeypatch, 300, 4, KEPT_TILE_COPY_BYTES=64 << 10, TASK_ROWS=32)
     assert AMX.rows_per_call(256) == 128 and AMX.rows_per_call(250) == 128
-    assert torch.equal(m(x), whole)
     assert calls == [100, 100, 100]
     monkeypatch.setattr(AMX, "TASK_ROWS", 512)
     assert AMX.rows_per_call(256) == 512  # never below one task's rows
