@@ -9,6 +9,11 @@ float32, so the matrix is a float32 sum of the same exact products as the float3
 (values below float32's normal range, ~1e-38, count as zero). It writes the upper block triangle (whole 64-column
 diagonal blocks) and the lower one is mirrored from it, as the float32 path does.
 
+On CPUs with AMX a second build (``csrc/gram_bf16_amx.c``) computes the same on AMX tiles (``tdpbf16ps``: the
+same exact products, float32 sums), reading the rows as they are (no transpose: its tiles interleave pairs
+of rows); the faster build on a probe serves (:func:`fastest`), and ``hessian.gram_kernel_wins`` takes the
+kernel only where it also beats the float32 path.
+
 Checked once per process before use against a float64 reference on probe matrices (within float32 summation
 error). Unavailable (and the float32 path used) without Linux on x86-64 with AVX512-BF16, a compiler, or with
 ``HF_VLM_GPTQ_CPU_KERNEL=0``.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -43,11 +49,45 @@ SERIAL_ELEMS = 1 << 16  # rows x columns below which one thread does it
 MAX_ROWS = 1 << 20  # rows per kernel call (its gather takes 32-bit offsets; a flush holds far fewer)
 _TOLERANCE = 1e-5  # of sum_k |x_ki| |x_kj|: float32 summation error over the probes' rows, with room
 
+# the same function on AMX tiles (csrc/gram_bf16_amx.c), where the CPU has them; which build runs is measured
+# at first use (:func:`fastest`)
+AMX = kernel_cache.KernelSource(
+    source=KERNEL.source.with_name("gram_bf16_amx.c"),
+    cflags=("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
+            "-fopenmp", "-shared", "-fPIC"),
+    symbol="hvg_gram_bf16_rows",  # the rows as they are, not their transpose (the C source says why)
+    argtypes=KERNEL.argtypes,
+    required_cpu_flags=(*KERNEL.required_cpu_flags, "amx_tile", "amx_bf16"),
+    what="CPU bf16 Hessian kernel (AMX tiles)",
+    headers=(KERNEL.source.with_name("thread_scratch.h"),),
+    name="gram_bf16_amx",
+)
+ROWS_BUILDS = {AMX.entry_name}  # builds that read the rows themselves (the others their transpose)
+_FASTEST_PROBE = (1024, 512)  # rows x columns of bf16 the builds are timed on (a millisecond or two each)
+
 # "lib" -> the ctypes function, or "reason" -> why there is none; "ready" once the self-check has run
 _state: dict = {}
 
-# the kernel once built, loaded and self-checked; why not (kernel_cache.module_kernel)
-checked_kernel, unavailable_reason = kernel_cache.module_kernel(KERNEL, __name__)
+
+def fastest(fns: dict) -> str:
+    """The name of the fastest of the builds ``{name: fn}`` on a probe (best of 3, in turns)."""
+    rows, columns = _FASTEST_PROBE
+    x = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)).bfloat16()
+    h = torch.zeros(columns, columns)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(3):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            add_gram(h, [x], 1.0, fn, name)
+            best[name] = min(best[name], time.perf_counter() - start)
+    chosen = min(best, key=best.get)
+    logger.info("CPU bf16 Hessian kernel: the %s build (%s)", chosen,
+                ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in best.items()))
+    return chosen
+
+
+# the kernel once built, loaded and self-checked (the faster build where the CPU runs both); why not
+checked_kernel, unavailable_reason = kernel_cache.module_kernel(KERNEL, __name__, others=(AMX,), fastest=fastest)
 
 
 def takes(rows: torch.Tensor, h: torch.Tensor) -> bool:
@@ -58,10 +98,12 @@ def takes(rows: torch.Tensor, h: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and checked_kernel(_check) is not None)
 
 
-def add_gram(h: torch.Tensor, pieces: list[torch.Tensor], alpha: float, fn=None) -> None:
+def add_gram(h: torch.Tensor, pieces: list[torch.Tensor], alpha: float, fn=None, build: str | None = None) -> None:
     """In place, for a symmetric float32 ``h [n, n]``: ``h += alpha * X^T X``, ``X`` the concatenation of the
-    bf16 ``pieces`` (each ``[N_i, n]``), through the kernel ``fn`` (default: the checked one)."""
-    fn = fn or checked_kernel(_check)
+    bf16 ``pieces`` (each ``[N_i, n]``), through the kernel ``fn`` of the build named ``build`` (default: the
+    checked one; a build of :data:`ROWS_BUILDS` reads the rows as they are, the others their transpose)."""
+    if fn is None:
+        fn, build = checked_kernel(_check), _state.get("build")
     if not h.is_contiguous():
         raise ValueError("h must be contiguous")
     n = h.shape[0]
@@ -70,23 +112,24 @@ def add_gram(h: torch.Tensor, pieces: list[torch.Tensor], alpha: float, fn=None)
         rows = x[start : start + MAX_ROWS]
         if rows.shape[0] % 2:  # the kernel takes rows in pairs; a zero row adds nothing
             rows = torch.cat([rows, rows.new_zeros(1, n)])
-        xt = rows.t().contiguous()  # for bf16 faster than dense.transposed's chunks (5 vs 8 ms at 2048 wide)
+        # the rows themselves, or their transpose (for bf16 faster than dense.transposed's chunks)
+        operand = rows.contiguous() if build in ROWS_BUILDS else rows.t().contiguous()
         threads = 1 if rows.numel() < SERIAL_ELEMS else torch.get_num_threads()
-        rc = fn(xt.data_ptr(), xt.stride(0), n, xt.shape[1], h.data_ptr(), h.stride(0), alpha, threads)
+        rc = fn(operand.data_ptr(), operand.stride(0), n, rows.shape[0], h.data_ptr(), h.stride(0), alpha, threads)
         if rc != 0:
-            raise RuntimeError(f"{KERNEL.what} failed (code {rc}) for {xt.shape[1]} rows x {n} columns")
+            raise RuntimeError(f"{KERNEL.what} failed (code {rc}) for {rows.shape[0]} rows x {n} columns")
     for i in range(0, n - PANEL, PANEL):
         h[i + PANEL :, i : i + PANEL].copy_(h[i : i + PANEL, i + PANEL :].t())
 
 
-def _probe(fn, rows: int, columns: int, seed: int) -> str | None:
+def _probe(fn, build: str | None, rows: int, columns: int, seed: int) -> str | None:
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, columns, generator=gen) * torch.rand(columns, generator=gen) * 4).bfloat16()
     start = torch.randn(columns, columns, generator=gen)
     h = start + start.t()
     pieces = [x[: rows // 3], x[rows // 3 :]]
     expected = h.double() + 0.37 * (x.double().t() @ x.double())
-    add_gram(h, pieces, 0.37, fn)
+    add_gram(h, pieces, 0.37, fn, build)
     bound = _TOLERANCE * (1.0 + 0.37 * (x.double().abs().t() @ x.double().abs())) + 1e-6 * h.double().abs()
     if not bool(((h.double() - expected).abs() <= bound).all()):
         return f"{rows} rows x {columns} columns: max error {float((h.double() - expected).abs().max()):.3g}"
@@ -95,8 +138,11 @@ def _probe(fn, rows: int, columns: int, seed: int) -> str | None:
     return None
 
 
-def _check(fn) -> str | None:
-    """The kernel against float64 on probe matrices: an odd row count, a partial last panel, rows split into
-    pieces, an ``h`` that already holds a matrix (once per process)."""
-    probes = [lambda: _probe(fn, 301, 272, 0), lambda: _probe(fn, 64, 16, 1), lambda: _probe(fn, 1030, 528, 2)]
+def _check(fn, build: str | None = None) -> str | None:
+    """The kernel ``fn`` (of the build named ``build``; default: the one this process loaded) against float64
+    on probe matrices: an odd row count, a partial last panel, rows split into pieces, an ``h`` that already
+    holds a matrix (once per process)."""
+    build = build if build is not None else _state.get("build")
+    probes = [lambda: _probe(fn, build, 301, 272, 0), lambda: _probe(fn, build, 64, 16, 1),
+              lambda: _probe(fn, build, 1030, 528, 2)]
     return self_check(KERNEL.what, probes, "using the float32 path", logger)

@@ -1,9 +1,11 @@
-"""The bf16 Hessian kernel (ops/cpu_gram.py + csrc/gram_bf16_avx512bf16.c): bf16 rows go into the float32
+"""The bf16 Hessian kernel (ops/cpu_gram.py + csrc/gram_bf16_avx512bf16.c, csrc/gram_bf16_amx.c on AMX tiles, each
+build where the CPU has it): bf16 rows go into the float32
 Hessian without a float32 copy, to float32 summation error of the float64 matrix, exactly symmetric; rows it
 does not take keep the float32 path; a kernel that fails its self-check is never used."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -11,10 +13,37 @@ import torch
 
 from hf_vlm_gptq.ops import AsymmetricAccumulator, HessianAccumulator, cpu_gram
 from hf_vlm_gptq.ops import hessian as H
+from hf_vlm_gptq.ops import kernel_cache as KC
+
+BUILDS = (cpu_gram.KERNEL, cpu_gram.AMX)
 
 KERNEL = cpu_gram.checked_kernel(cpu_gram._check)
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"bf16 Hessian kernel unavailable: "
                                                           f"{cpu_gram._state.get('reason')}")
+
+
+@functools.cache
+def _builds() -> dict:
+    """Each build this CPU loads that passes the self-check: {entry name: its function}."""
+    found = {}
+    for build in BUILDS:
+        state: dict = {}
+        KC.load_kernel(build, state)
+        if "lib" in state and cpu_gram._check(state["lib"], build.entry_name) is None:
+            found[build.entry_name] = state["lib"]
+    return found
+
+
+@pytest.fixture(params=[b.entry_name for b in BUILDS])
+def each_build(request, monkeypatch) -> str:
+    """The kernel of one build (loaded and self-checked here) in place of the one this process picked."""
+    build = next(b for b in BUILDS if b.entry_name == request.param)
+    if not set(build.required_cpu_flags) <= KC.cpu_flags():
+        pytest.skip(f"this CPU lacks the flags of {build.entry_name}")
+    fns = _builds()
+    assert build.entry_name in fns  # built, loaded and self-checked wherever the CPU has its flags
+    monkeypatch.setattr(cpu_gram, "_state", {"lib": fns[build.entry_name], "build": build.entry_name, "ready": True})
+    return build.entry_name
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +72,10 @@ def gram_calls(monkeypatch) -> list[int]:
     calls: list[int] = []
     real = cpu_gram.add_gram
 
-    def spy(h, pieces, alpha, fn=None):
+    def spy(h, pieces, alpha, fn=None, build=None):
         if fn is None:
             calls.append(sum(p.shape[0] for p in pieces))
-        return real(h, pieces, alpha, fn)
+        return real(h, pieces, alpha, fn, build)
 
     monkeypatch.setattr(cpu_gram, "add_gram", spy)
     return calls
@@ -54,7 +83,7 @@ def gram_calls(monkeypatch) -> list[int]:
 
 @needs_kernel
 @pytest.mark.parametrize("columns", [256, 272, 528, 2048])
-def test_bf16_rows_reach_the_hessian_through_the_kernel(columns, gram_calls):
+def test_bf16_rows_reach_the_hessian_through_the_kernel(columns, each_build, gram_calls):
     """An odd row count, a partial last panel (272, 528), several flushes (2048 columns: 8M bf16 values
     collected at most), batches of uneven sizes."""
     sizes = [148, 1, 77, 2300, 1500, 9, 4000][: 7 if columns == 2048 else 4]
@@ -72,7 +101,7 @@ def test_bf16_rows_reach_the_hessian_through_the_kernel(columns, gram_calls):
 
 
 @needs_kernel
-def test_rows_beyond_one_kernel_call_go_in_chunks(monkeypatch, gram_calls):
+def test_rows_beyond_one_kernel_call_go_in_chunks(monkeypatch, each_build, gram_calls):
     """More rows than one call takes (MAX_ROWS, made small here): chunks, the odd last one padded."""
     monkeypatch.setattr(cpu_gram, "MAX_ROWS", 101)
     batches = [_rows(450, 256, seed=7)]
@@ -174,3 +203,20 @@ def test_the_choice_is_timed_once_per_thread_count(monkeypatch):
         pytest.skip("bf16 Hessian kernel unavailable")
     first = H.gram_kernel_wins()
     assert len(timed) == 3 and H.gram_kernel_wins() is first and len(timed) == 3
+
+
+@needs_kernel
+def test_any_thread_count_gives_the_same_matrix(each_build):
+    """Each block of h is summed by one thread in a fixed order, so 1, 2 or 3 threads give the same bits
+    (a ragged width: 528 columns, a half last block)."""
+    x = _rows(700, 528, seed=11)
+    threads, out = torch.get_num_threads(), []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            h = torch.zeros(528, 528)
+            cpu_gram.add_gram(h, [x], 0.5)
+            out.append(h)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out[0], h) for h in out[1:])
