@@ -52,7 +52,7 @@ KERNEL = kernel_cache.KernelSource(
     argtypes=(*cpu_fused.ARGTYPES, ctypes.c_void_p),  # then x_order (NULL: x's own column order)
     required_cpu_flags=(*cpu_fused.REQUIRED_CPU_FLAGS, "amx_tile", "amx_bf16"),
     what="AMX low-bit CPU kernel",
-    headers=(*cpu_fused.HEADERS, SOURCE.with_name("thread_scratch.h")),
+    headers=(*cpu_fused.HEADERS, SOURCE.with_name("amx_tiles.h"), SOURCE.with_name("thread_scratch.h")),
 )
 AMX_BITS = KERNEL_BITS
 # rows per kernel call: the kernel copies x into tiles (rows x in_features x 2 bytes), so longer inputs go in

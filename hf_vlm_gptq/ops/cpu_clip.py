@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -69,16 +68,8 @@ def fastest(fns: dict) -> str:
     span = x.abs().amax(1)
     scales = torch.stack([span * (1 - k / 100) / 7.5 for k in range(steps)]).contiguous()
     zeros = torch.full((steps, rows), 8.0)
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(3):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            call(fn, x, scales, zeros, 15, 2.4)
-            best[name] = min(best[name], time.perf_counter() - start)
-    chosen = min(best, key=best.get)
-    logger.info("CPU clip-search kernel: the %s build (%s)", chosen,
-                ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in best.items()))
-    return chosen
+    return kernel_cache.fastest_build(fns, lambda _name, fn: call(fn, x, scales, zeros, 15, 2.4),
+                                      "CPU clip-search kernel")
 
 
 # the kernel once built, loaded and self-checked (the faster build where the CPU runs both); why not

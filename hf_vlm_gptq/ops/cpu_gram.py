@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -59,7 +58,7 @@ AMX = kernel_cache.KernelSource(
     argtypes=KERNEL.argtypes,
     required_cpu_flags=(*KERNEL.required_cpu_flags, "amx_tile", "amx_bf16"),
     what="CPU bf16 Hessian kernel (AMX tiles)",
-    headers=(KERNEL.source.with_name("thread_scratch.h"),),
+    headers=(KERNEL.source.with_name("amx_tiles.h"), KERNEL.source.with_name("thread_scratch.h")),
     name="gram_bf16_amx",
 )
 ROWS_BUILDS = {AMX.entry_name}  # builds that read the rows themselves (the others their transpose)
@@ -74,16 +73,7 @@ def fastest(fns: dict) -> str:
     rows, columns = _FASTEST_PROBE
     x = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)).bfloat16()
     h = torch.zeros(columns, columns)
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(3):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            add_gram(h, [x], 1.0, fn, name)
-            best[name] = min(best[name], time.perf_counter() - start)
-    chosen = min(best, key=best.get)
-    logger.info("CPU bf16 Hessian kernel: the %s build (%s)", chosen,
-                ", ".join(f"{name} {t * 1e3:.2f} ms" for name, t in best.items()))
-    return chosen
+    return kernel_cache.fastest_build(fns, lambda name, fn: add_gram(h, [x], 1.0, fn, name), "CPU bf16 Hessian kernel")
 
 
 # the kernel once built, loaded and self-checked (the faster build where the CPU runs both); why not

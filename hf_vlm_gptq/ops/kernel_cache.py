@@ -328,6 +328,20 @@ def load_fastest(builds: Sequence[KernelSource], state: dict, fastest: Callable[
     state["lib"], state["build"] = found[name], name
 
 
+def fastest_build(fns: dict[str, Callable], run: Callable[[str, Callable], object], what: str) -> str:
+    """The name of the fastest of the builds ``{name: fn}`` (for :func:`load_fastest`): ``run(name, fn)`` on a
+    probe, best of 3, the builds in turns; the times are logged under ``what``."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(3):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            run(name, fn)
+            best[name] = min(best[name], time.perf_counter() - start)
+    chosen = min(best, key=best.get)
+    logger.info("%s: the %s build (%s)", what, chosen, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in best.items()))
+    return chosen
+
+
 def module_kernel(src: KernelSource, module: str, others: Sequence[KernelSource] = (),
                   fastest: Callable[[dict], str] | None = None) -> tuple[Callable, Callable]:
     """``(checked_kernel, unavailable_reason)`` for the kernel ``src`` of the module named ``module``, which keeps

@@ -19,9 +19,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx_tiles.h"
 #include "thread_scratch.h"
 
 #ifndef KR
@@ -30,27 +29,11 @@
 #define TR 16 /* rows of a tile */
 #define TK 32 /* bfloat16 columns of a tile (64 bytes a row) */
 #define TILE (TR * TK) /* bfloat16 numbers in a tile */
+/* Tiles (amx_tiles.h configures them): 0-3 the 2 x 2 float32 sums of a 32 x 32 block; 4-5 the first operand
+ * (x's columns), 6-7 the second (pairs of x's rows). */
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
-/* tiles 0-3: the 2 x 2 float32 sums of a 32 x 32 block; 4-5: xt tiles; 6-7: pair-interleaved tiles */
-static void configure_tiles(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = TR;
-    }
-    _tile_loadconfig(&cfg);
-}
 
 /* b[(g * steps + s) * TILE] row p = for c = 0..15 the pair (x[k + 2p, 16 g + c], x[k + 2p + 1, 16 g + c]),
  * k = k0 + 32 s (0 past n): the layout of tdpbf16ps's second operand */
@@ -91,11 +74,7 @@ int hvg_gram_bf16_rows(const uint16_t *x, int64_t ldx, int64_t d, int64_t n, flo
                        int threads) {
     if (d <= 0 || n < 0 || d % 16 != 0 || n % 2 != 0 || ldx < d || ldh < d || threads < 1) return 1;
     if (n == 0) return 0;
-    static volatile int amx_permitted = 0; /* the permission is per process: asked once (a race asks twice) */
-    if (!amx_permitted) {
-        if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 3;
-        amx_permitted = 1;
-    }
+    if (!amx_permitted()) return 3;
     const int64_t groups = d / 16, blocks = (groups + 1) / 2, steps_max = KR / TK;
     /* the blocks (row block i, column block j) of the panels' contract: j's 64-column panel, rows up to its end */
     int64_t pairs = 0;

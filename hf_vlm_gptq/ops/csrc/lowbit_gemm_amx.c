@@ -16,10 +16,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "lowbit_dequant.h"
+#include "amx_tiles.h"
 #include "thread_scratch.h"
 
 /* scratch_get slots (thread_scratch.h) */
@@ -43,27 +42,11 @@
 #endif
 #define TR 16 /* rows of a tile */
 #define TK 32 /* bf16 columns of an x tile (64 bytes a row) */
+/* Tiles (amx_tiles.h configures them): 0-3 the 2 x 2 float32 accumulators (rows i, columns j: tile 2 i + j);
+ * 4-5 x; 6-7 the weight. */
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
-/* Tiles 0-3: the 2 x 2 float32 accumulators (rows i, columns j: tile 2 i + j); 4-5: x; 6-7: the weight. */
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
-static void configure_tiles(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = TR;
-    }
-    _tile_loadconfig(&cfg);
-}
 
 /* xp[(mt * ks_n + ks) * TR * TK + r * TK + c] = x[16 mt + r, order[32 ks + c]] (order NULL: 32 ks + c), zero
  * outside x */
@@ -317,11 +300,7 @@ int hvg_lowbit_gemm_amx(const uint16_t *x, int64_t M, int64_t K, const int32_t *
                         int nthreads, int64_t regular_group, int bits, const int32_t *x_order) {
     if (M <= 0 || K <= 0 || N <= 0 || (K & 1) || (N & 15) || nthreads <= 0) return 1;
     if (bits != 2 && bits != 4 && bits != 8) return 1;
-    static volatile int amx_permitted = 0; /* the permission is per process: asked once (a race asks twice) */
-    if (!amx_permitted) {
-        if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return 3;
-        amx_permitted = 1;
-    }
+    if (!amx_permitted()) return 3;
     const int64_t mt_n = (M + TR - 1) / TR, ks_n = (K + TK - 1) / TK;
     uint16_t *xp = scratch_get(SLOT_XP, (size_t)(mt_n * ks_n * TR * TK * sizeof(uint16_t)));
     if (!xp) return 2;
