@@ -38,10 +38,10 @@ def bench_shape(shape: tuple[int, int], only: set[str] | None = None) -> list[di
         auto = QuantLinear.from_result(result, None, torch.bfloat16)
         dense = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
         dense.weight.copy_(auto.dequantize_weight(torch.bfloat16))
-    probe = torch.empty(1, in_f, dtype=torch.bfloat16)
     forced = {}
     for name in DISPATCH["cpu"]:
-        if (only is None or name in only) and BACKENDS[name].unavailable_reason(auto, torch.bfloat16, probe.device) is None:
+        if (only is None or name in only) and BACKENDS[name].unavailable_reason(auto, torch.bfloat16,
+                                                                                 torch.device("cpu")) is None:
             with torch.no_grad():
                 module = QuantLinear.from_result(result, None, torch.bfloat16)
             module.kernel = name

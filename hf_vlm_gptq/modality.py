@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .ops import AsymmetricAccumulator, HessianAccumulator, QuantResult
-from .ops.hessian import unfold_conv_input
+from .ops.conv_rows import unfold_conv_input
 from .ops.result import proxy_loss
 from .ops.scratch import MatrixPool
 

@@ -328,15 +328,23 @@ def load_fastest(builds: Sequence[KernelSource], state: dict, fastest: Callable[
     state["lib"], state["build"] = found[name], name
 
 
-def fastest_build(fns: dict[str, Callable], run: Callable[[str, Callable], object], what: str) -> str:
-    """The name of the fastest of the builds ``{name: fn}`` (for :func:`load_fastest`): ``run(name, fn)`` on a
-    probe, best of 3, the builds in turns; the times are logged under ``what``."""
+def best_seconds_in_turns(fns: dict[str, Callable], run: Callable[[str, Callable], object],
+                          rounds: int = 3) -> dict[str, float]:
+    """``{name: best seconds of run(name, fn)}`` over ``rounds`` rounds, the functions taken in turns (a
+    first call's set-up is outrun, and a drift of the host's load is spread over all of them)."""
     best = dict.fromkeys(fns, float("inf"))
-    for _ in range(3):
+    for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             run(name, fn)
             best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def fastest_build(fns: dict[str, Callable], run: Callable[[str, Callable], object], what: str) -> str:
+    """The name of the fastest of the builds ``{name: fn}`` (for :func:`load_fastest`): ``run(name, fn)`` on a
+    probe (:func:`best_seconds_in_turns`); the times are logged under ``what``."""
+    best = best_seconds_in_turns(fns, run)
     chosen = min(best, key=best.get)
     logger.info("%s: the %s build (%s)", what, chosen, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in best.items()))
     return chosen

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import KERNEL_MODES
+from .conv_rows import pad_conv_input
 from .dense import conv_by_patches, is_patch_conv
-from .hessian import pad_conv_input
 from .qbase import PackedWeightModule, check_positive_int
 from .result import QuantResult
 
